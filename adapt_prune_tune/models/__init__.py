@@ -6,6 +6,7 @@ from adapt_prune_tune.models._arch import (
     RopeSpec,
     arch_from_model,
 )
+from adapt_prune_tune.models._hf import arch_from_hf_config, load_hf_model
 from adapt_prune_tune.models._builders import (
     SMOLLM2_135M,
     decoder_from_arch,
@@ -17,7 +18,9 @@ __all__ = [
     "LayerArch",
     "RopeSpec",
     "SMOLLM2_135M",
+    "arch_from_hf_config",
     "arch_from_model",
+    "load_hf_model",
     "decoder_from_arch",
     "smollm2_135m",
 ]

@@ -1,0 +1,109 @@
+"""Group scores: how much the calibration loss depends on each coupled group.
+
+Default is the first-order Taylor estimate of the loss change when a group is
+zeroed (LeCun's OBD without the Hessian term), summed element-wise:
+
+    score(g) = Σ_{w ∈ g} |w · ∂L/∂w|
+
+with ∂L/∂w accumulated over all calibration batches. Alternatives: "vector"
+Taylor |Σ w·∂L/∂w| (LLM-Pruner's "vectorize"), magnitude (L1/L2 of the
+weights, no gradients needed) and random (a floor every method must beat).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from adapt_prune_tune.groups import GroupSet, group_view
+
+SCORERS = ("taylor", "taylor_vector", "magnitude_l1", "magnitude_l2", "random")
+
+
+def needs_gradients(method: str) -> bool:
+    if method not in SCORERS:
+        raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {method!r}")
+    return method.startswith("taylor")
+
+
+def _salience(weight: torch.Tensor, grad: Optional[torch.Tensor], method: str) -> torch.Tensor:
+    w = weight.float()
+    if method == "taylor":
+        return (w * grad.float()).abs()
+    if method == "taylor_vector":
+        return w * grad.float()
+    if method == "magnitude_l1":
+        return w.abs()
+    if method == "magnitude_l2":
+        return w * w
+    raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {method!r}")
+
+
+def group_scores(
+    params: Mapping[str, Tuple[torch.Tensor, Optional[torch.Tensor]]],
+    groups: GroupSet,
+    method: str = "taylor",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Score every group of a set from its coupled weights.
+
+    Args:
+        params: layer-relative name -> (full weight, full accumulated gradient or None).
+        groups: the coupled slices to score.
+        method: one of ``SCORERS``.
+        generator: randomness for ``"random"`` (seeded by the caller for repeatability).
+
+    Returns:
+        float64 tensor [groups.count]; higher means more important.
+    """
+    if method == "random":
+        return torch.rand(groups.count, generator=generator, dtype=torch.float64)
+    total = torch.zeros(groups.count, dtype=torch.float64)
+    for s in groups.slices:
+        weight, grad = params[s.param]
+        if needs_gradients(method) and grad is None:
+            raise RuntimeError(f"{s.param} has no gradient; run the calibration backward first")
+        per_group = group_view(_salience(weight, grad, method), s, groups.count).sum(dim=1)
+        total += per_group.double().cpu()
+    return total.abs() if method == "taylor_vector" else total
+
+
+def select_attention(
+    kv_scores: torch.Tensor, q_scores: torch.Tensor, num_kv: int, q_per_kv: int
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Which KV groups and query heads to keep, GQA-consistently.
+
+    Inside every KV group the best ``q_per_kv`` query heads survive; a group's
+    score is its k/v score plus those heads' scores; the best ``num_kv`` groups
+    survive. Returns (kept kv indices, kept q indices in the new head order,
+    retained score). Kept indices keep their original relative order.
+    """
+    cur_kv = kv_scores.numel()
+    cur_qpk = q_scores.numel() // cur_kv
+    per_group = q_scores.view(cur_kv, cur_qpk)
+    top_q = per_group.topk(q_per_kv, dim=1).indices.sort(dim=1).values
+    group_total = kv_scores + per_group.gather(1, top_q).sum(dim=1)
+    kv_keep = group_total.topk(num_kv).indices.sort().values
+    q_keep = (kv_keep[:, None] * cur_qpk + top_q[kv_keep]).reshape(-1)
+    return kv_keep, q_keep, float(group_total[kv_keep].sum())
+
+
+def select_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the ``width`` best MLP channels, in original order."""
+    return scores.topk(width).indices.sort().values
+
+
+def layer_scores(
+    layer_params: Mapping[str, Tuple[torch.Tensor, Optional[torch.Tensor]]],
+    sets: Dict[str, GroupSet],
+    method: str,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """Scores of every group set of one layer, keyed like ``sets``."""
+    return {kind: group_scores(layer_params, gs, method, generator) for kind, gs in sets.items()}
+
+
+def coupled_param_names(sets: Dict[str, GroupSet]) -> List[str]:
+    """Every layer-relative parameter name that appears in some group set."""
+    return sorted({s.param for gs in sets.values() for s in gs.slices})

@@ -1,0 +1,197 @@
+"""Adaptive per-layer sparsity and its translation into whole-group widths.
+
+The rule (Adapt-Pruner, as the official code applies it at every step):
+
+    s_i(k+1) = clamp(s_i(k) + Δ - A · Î_i(k), s_i(k), s_max)
+
+Δ is the step's share of the target, Î the freshly normalized layer importance
+and A the amplitude (A = 0 is uniform, LLM-Pruner-style pruning). Clamping
+alone would let the mean drift from the schedule, so we shift all layers by a
+common offset that makes the parameter-weighted mean hit the step's target
+exactly (``fit_to_budget``). Sparsities never decrease: removed weights are gone.
+
+Sparsity here is the fraction of a layer's *prunable* parameters (attention and
+MLP projections) removed relative to the unpruned model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from adapt_prune_tune.models import DecoderArch, LayerArch
+
+
+def fit_to_budget(
+    raw: torch.Tensor,
+    weights: torch.Tensor,
+    target: float,
+    lower: torch.Tensor,
+    upper: float,
+    iters: int = 200,
+) -> torch.Tensor:
+    """Shift ``raw`` by one constant so the clamped weighted mean equals ``target``.
+
+    The clamped mean is monotone in the shift, so bisection finds it; infeasible
+    targets (outside [mean(lower), upper]) raise instead of silently missing.
+    """
+    raw, weights, lower = raw.double(), weights.double(), lower.double()
+    wsum = weights.sum()
+
+    def mean_at(shift: float) -> float:
+        s = torch.minimum(torch.maximum(raw + shift, lower), torch.full_like(raw, upper))
+        return float((s * weights).sum() / wsum)
+
+    lo_mean = float((lower * weights).sum() / wsum)
+    if target < lo_mean - 1e-12 or target > upper + 1e-12:
+        raise ValueError(
+            f"Sparsity target {target:.4f} is outside what the layers allow "
+            f"[{lo_mean:.4f}, {upper:.4f}] (already pruned / max_layer_sparsity)"
+        )
+    span = float(raw.abs().max()) + 2.0
+    lo, hi = -span, span
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if mean_at(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    shift = 0.5 * (lo + hi)
+    return torch.minimum(torch.maximum(raw + shift, lower), torch.full_like(raw, upper))
+
+
+def assign_layer_sparsity(
+    current: torch.Tensor,
+    target: float,
+    importance: torch.Tensor,
+    amplitude: float,
+    max_layer_sparsity: float,
+    weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, int]:
+    """One adaptive step: new per-layer sparsities whose weighted mean is ``target``.
+
+    Args:
+        current: per-layer sparsity so far (fraction of each layer's original
+            prunable parameters already removed).
+        target: overall sparsity after this step (the schedule's value).
+        importance: normalized layer importance Î (mean 0, max |Î| = 1).
+        amplitude: A; 0 reproduces uniform pruning.
+        max_layer_sparsity: the clamp's upper end.
+        weights: original prunable parameters per layer (equal if None).
+
+    Returns:
+        (new sparsities, number of layers the raw rule pushed past a clamp).
+    """
+    current = current.double()
+    weights = torch.ones_like(current) if weights is None else weights.double()
+    increment = target - float((current * weights).sum() / weights.sum())
+    raw = current + increment - amplitude * importance.double()
+    clamped = int(((raw < current - 1e-12) | (raw > max_layer_sparsity + 1e-12)).sum())
+    return fit_to_budget(raw, weights, target, current, max_layer_sparsity), clamped
+
+
+def sparsity_schedule(target: float, steps: int, start: float = 0.0) -> List[float]:
+    """Overall sparsity after each of ``steps`` equal increments from ``start``."""
+    if steps < 1:
+        raise ValueError(f"pruning steps must be >= 1, got {steps}")
+    return [start + (target - start) * (k + 1) / steps for k in range(steps)]
+
+
+def sparsity_for_param_target(arch: DecoderArch, target_params: int) -> float:
+    """Overall prunable-parameter sparsity that brings the whole model to ``target_params``.
+
+    Embeddings and norms are never pruned, so they are subtracted first.
+    """
+    fixed = arch.num_params() - arch.prunable_params()
+    if target_params >= arch.num_params():
+        raise ValueError(
+            f"target_params={target_params:,} is not below the model's {arch.num_params():,} parameters"
+        )
+    if target_params <= fixed:
+        raise ValueError(
+            f"target_params={target_params:,} is below the {fixed:,} parameters that pruning "
+            "cannot remove (embeddings, norms); raise it"
+        )
+    return 1.0 - (target_params - fixed) / arch.prunable_params()
+
+
+def _attention_params(embed_dim: int, head_dim: int, kv: int, qpk: int, bias: bool) -> int:
+    q, k = kv * qpk * head_dim, kv * head_dim
+    return embed_dim * (2 * q + 2 * k) + ((q + 2 * k) if bias else 0)
+
+
+def choose_attention_widths(
+    base: DecoderArch,
+    orig: LayerArch,
+    current: LayerArch,
+    keep_fraction: float,
+    min_kv_heads: int = 1,
+    min_q_per_kv: int = 1,
+    retained_score: Optional[Callable[[int, int], float]] = None,
+) -> Tuple[int, int]:
+    """Pick (num_kv_heads, q_per_kv) whose size is closest to ``keep_fraction`` of the original.
+
+    GQA granularity: a layer keeps whole KV groups (k/v heads with their query
+    heads) and, inside every kept group, the same number of query heads, so
+    ``num_heads % num_kv_heads == 0`` always holds and the stock attention
+    forward runs unchanged. Among equally close sizes, the one retaining the
+    highest group score wins (``retained_score(kv, qpk)``).
+    """
+    hd, dim, bias = base.head_dim, base.embed_dim, base.attn_bias
+    orig_params = _attention_params(dim, hd, orig.num_kv_heads, orig.num_heads // orig.num_kv_heads, bias)
+    goal = keep_fraction * orig_params
+    cur_qpk = current.num_heads // current.num_kv_heads
+    best, best_key = (current.num_kv_heads, cur_qpk), None
+    for kv in range(min(min_kv_heads, current.num_kv_heads), current.num_kv_heads + 1):
+        for qpk in range(min(min_q_per_kv, cur_qpk), cur_qpk + 1):
+            params = _attention_params(dim, hd, kv, qpk, bias)
+            score = retained_score(kv, qpk) if retained_score else 0.0
+            key = (abs(params - goal), -score, -kv)
+            if best_key is None or key < best_key:
+                best, best_key = (kv, qpk), key
+    return best
+
+
+def allocate_mlp_widths(
+    base: DecoderArch,
+    attention: Sequence[Tuple[int, int]],
+    keep_params: Sequence[float],
+    current: Sequence[int],
+    min_width: int = 1,
+) -> List[int]:
+    """MLP widths so every layer's total is near its budget and the model's sum is exact.
+
+    Each layer gets round(budget - attention) / (3·dim) channels; the rounding
+    leftovers of all layers are then settled one channel at a time (largest
+    fractional remainder first), so the overall parameter target is met to
+    within one MLP channel whatever the per-layer rounding did.
+    """
+    dim, hd, bias = base.embed_dim, base.head_dim, base.attn_bias
+    per_channel = 3 * dim
+    ideal = [
+        (keep - _attention_params(dim, hd, kv, qpk, bias)) / per_channel
+        for keep, (kv, qpk) in zip(keep_params, attention)
+    ]
+    lo = [min(min_width, c) for c in current]
+    widths = [max(l, min(c, math.floor(x))) for x, c, l in zip(ideal, current, lo)]
+    attn_total = sum(_attention_params(dim, hd, kv, qpk, bias) for kv, qpk in attention)
+    deficit = round((sum(keep_params) - attn_total) / per_channel) - sum(widths)
+    order = sorted(range(len(widths)), key=lambda i: ideal[i] - math.floor(ideal[i]), reverse=True)
+    while deficit != 0:
+        moved = False
+        for i in order:
+            if deficit > 0 and widths[i] < current[i]:
+                widths[i] += 1
+                deficit -= 1
+                moved = True
+            elif deficit < 0 and widths[i] > lo[i]:
+                widths[i] -= 1
+                deficit += 1
+                moved = True
+            if deficit == 0:
+                break
+        if not moved:
+            break
+    return widths
