@@ -1,2 +1,507 @@
-"""placeholder"""
-print("adapt_prune_recipe placeholder")
+"""Adapt-Accel: adaptive structured pruning interleaved with recovery training.
+
+    tune run adapt_prune_recipe --config llama3_1/8B_adapt
+    tune run --nproc_per_node 8 adapt_prune_recipe --config llama3_1/8B_adapt
+    tune run adapt_prune_recipe --config smollm2/135M_prune      # prune only
+
+``AdaptPruneRecipe`` subclasses torchtune's ``FullFinetuneRecipeDistributed``
+and keeps one process alive through every stage. Stage k of N prunes toward
+k/N of the target in several adaptive steps (importance and sparsity measured
+afresh each step), then trains on its share of the token budget using the
+stock training loop unchanged. At every resize the model is rebuilt through
+the stock ``_setup_model`` (so FSDP2, activation checkpointing and compile are
+reapplied) and filled parameter by parameter from the old one; the optimizer
+object, its AdamW moments (sliced to the kept channels) and the LR schedule
+carry over.
+
+Distributed design: every rank runs the calibration pass on its own share of
+the calibration batches (similarity sums are all-reduced, Taylor gradients are
+reduced by FSDP), gathers one layer's weights/gradients at a time to score
+groups, and rank 0's decision is broadcast so all ranks cut identically.
+Scores are a few floats per group, so this scales with model size like one
+extra forward/backward, not with a full state dict.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torchtune
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torchtune import config, training, utils
+
+from adapt_prune_tune import checkpointing as ckpt
+from adapt_prune_tune import configs as packaged_configs
+from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
+from adapt_prune_tune.importance import normalize_importance
+from adapt_prune_tune.models import DecoderArch, arch_from_model
+from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, next_token_loss
+from adapt_prune_tune.resize import (
+    PrunedStateView,
+    gather_full_state,
+    gather_optimizer_state,
+    load_optimizer_state_,
+    optimizer_state_by_name,
+    parameter_shapes,
+    rebind_optimizer_,
+)
+from adapt_prune_tune.schedule import stage_targets, stage_train_steps
+from adapt_prune_tune.surgery import LayerKeep, full_slice_map
+
+log = utils.get_logger("INFO")
+
+
+def _load_stock_recipe():
+    """torchtune's full_finetune_distributed module, loaded from its file.
+
+    torchtune installs its recipes as a package ``recipes`` that refuses
+    imports, so the file is loaded under a private name. Two names in *our
+    copy's* namespace are then swapped (torchtune itself is untouched):
+    ``training`` for a view whose memory helpers are no-ops off CUDA (the stock
+    recipe calls CUDA-only memory stats and cache resets even on CPU), and
+    ``init_device_mesh`` for a cached one (every resize calls ``_setup_model``
+    again and must not create new process groups each time).
+    """
+    path = Path(torchtune.__file__).resolve().parent.parent / "recipes" / "full_finetune_distributed.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"torchtune's full_finetune_distributed.py not found at {path}")
+    spec = importlib.util.spec_from_file_location("_torchtune_full_finetune_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.training = _DeviceAwareTraining(module.training)
+    module.init_device_mesh = lru_cache(maxsize=None)(module.init_device_mesh)
+    return module
+
+
+class _DeviceAwareTraining:
+    """``torchtune.training`` with memory stats / cache resets guarded for CPU."""
+
+    def __init__(self, wrapped) -> None:
+        self._wrapped = wrapped
+
+    def __getattr__(self, name: str):
+        return getattr(self._wrapped, name)
+
+    def get_memory_stats(self, device: torch.device, reset_stats: bool = True) -> Dict[str, float]:
+        return self._wrapped.get_memory_stats(device, reset_stats) if device.type == "cuda" else {}
+
+    def log_memory_stats(self, stats: Dict[str, float], *args, **kwargs) -> None:
+        if stats:
+            self._wrapped.log_memory_stats(stats, *args, **kwargs)
+
+    def cleanup_before_training(self) -> None:
+        if torch.cuda.is_available():
+            self._wrapped.cleanup_before_training()
+        else:
+            import gc
+
+            gc.collect()
+
+
+_stock = _load_stock_recipe()
+FullFinetuneRecipeDistributed = _stock.FullFinetuneRecipeDistributed
+
+
+class _RecordingLogger:
+    """Forwards to torchtune's metric logger and keeps the per-step rows for the report."""
+
+    def __init__(self, inner, recipe: "AdaptPruneRecipe") -> None:
+        self._inner, self._recipe = inner, recipe
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def log_dict(self, payload: Dict[str, Any], step: int) -> None:
+        row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
+        self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
+        self._inner.log_dict(payload, step=step)
+
+
+class _RunCheckpointClient:
+    """Stands in for torchtune's CheckpointClient inside the stock training loop.
+
+    The stock loop saves at the end of every "epoch"; here an epoch is one
+    checkpoint chunk of a stage, and the save writes a full resumable run
+    checkpoint (arch, weights, optimizer, recipe state) atomically.
+    """
+
+    def __init__(self, inner, recipe: "AdaptPruneRecipe") -> None:
+        self._inner, self._recipe = inner, recipe
+
+    def load_base_checkpoint(self) -> Dict[str, Any]:
+        resumed = self._recipe._resume_state
+        return {training.MODEL_KEY: resumed["model"]} if resumed else self._inner.load_base_checkpoint()
+
+    def save_checkpoint(self, **kwargs) -> None:
+        self._recipe.save_run_checkpoint()
+
+
+class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
+    """Interleaves Adapt-Pruner stages with recovery training (see module doc)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        _refuse_unsupported(cfg)
+        self._pruning_cfg = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
+        adapt = cfg.adapt
+        self._num_stages = int(adapt.stages)
+        self._steps_per_stage = int(adapt.get("steps_per_stage", 1))
+        self._total_tokens = adapt.get("total_tokens", None)
+        self._total_steps_cfg = adapt.get("total_steps", None)
+        self._checkpoint_every = int(adapt.get("checkpoint_every_n_steps", 50))
+        self._keep_last = int(adapt.get("keep_last_checkpoints", 2))
+        self._optimizer_state_mode = adapt.get("optimizer_state", "slice")
+        if self._num_stages < 1 or self._steps_per_stage < 1:
+            raise ValueError("adapt.stages and adapt.steps_per_stage must be >= 1")
+        if (self._total_tokens is None) == (self._total_steps_cfg is None):
+            raise ValueError("adapt: set exactly one of total_tokens or total_steps (0 = prune only)")
+        if self._optimizer_state_mode not in ("slice", "reset"):
+            raise ValueError("adapt.optimizer_state must be 'slice' (carry AdamW moments) or 'reset'")
+        super().__init__(cfg)
+        self._cfg = cfg
+        self._ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        self._stage = 0
+        self._train_log: List[Dict[str, float]] = []
+        self._stage_log: List[Dict[str, Any]] = []
+        self._resume_state: Optional[Dict[str, Any]] = None
+        if self._resume_from_checkpoint:
+            latest = ckpt.latest_checkpoint(self._ckpt_root)
+            if latest is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint=True but {self._ckpt_root} holds no complete checkpoint; "
+                    "start without resume_from_checkpoint"
+                )
+            utils.log_rank_zero(log, f"Resuming from {latest}")
+            self._resume_state = ckpt.load_run_checkpoint(latest)
+            # The stock setup must not try to read torchtune recipe state.
+            self._resume_from_checkpoint = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig) -> None:
+        self._checkpoint_client = _RunCheckpointClient(self._checkpoint_client, self)
+        if self._resume_state:
+            cfg = OmegaConf.merge(cfg, {"model": _arch_component(self._resume_state["arch"])})
+        super().setup(cfg)
+        if self._is_rank_zero:
+            self._metric_logger = _RecordingLogger(self._metric_logger, self)
+        self._model_cfg_kwargs = dict(
+            enable_activation_checkpointing=self._enable_activation_checkpointing,
+            enable_activation_offloading=self._enable_activation_offloading,
+            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+            fsdp_cpu_offload=self.fsdp_cpu_offload,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            ac_mode=cfg.get("ac_mode", None),
+            ac_option=cfg.get("ac_option", None),
+        )
+        self._arch = arch_from_model(self._model)
+        state = self._resume_state
+        if state is None:
+            self._base_arch = self._arch
+        else:
+            self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
+        self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
+        self._targets = stage_targets(self._pruner.final_target, self._num_stages)
+        self._fingerprint = ckpt.run_fingerprint(
+            self._base_arch,
+            {
+                "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
+                "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
+                "batch_size": cfg.batch_size,
+                "world_size": self.world_size,
+                "gradient_accumulation_steps": self._gradient_accumulation_steps,
+            },
+        )
+        self._stage_pruned = [False] * self._num_stages
+        if state is not None:
+            self._restore(state["recipe"], state["optimizer"])
+        self._resume_state = None
+        if self._is_rank_zero:
+            log.info(
+                f"Adapt-Accel: {self._num_stages} stages × {self._steps_per_stage} prune steps to "
+                f"{self._pruner.final_target:.1%} of prunable parameters "
+                f"({self._base_arch.num_params():,} params now); training steps per stage: {self._stage_steps}"
+            )
+
+    def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
+        """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
+        stock = super()._setup_data(cfg_dataset, shuffle, batch_size, collate_fn)
+        dataset = stock.dataset
+        samples_per_step = batch_size * self._gradient_accumulation_steps * self.dp_size
+        self._samples_per_step = samples_per_step
+        self._stage_steps = stage_train_steps(self._resolve_total_steps(dataset, samples_per_step), self._num_stages)
+        self._chunks = plan_chunks(self._stage_steps, samples_per_step, self._checkpoint_every)
+        sampler = ChunkSampler(len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size)
+        calib = self._cfg.pruning.calibration
+        calib_data = config.instantiate(calib.dataset, self._tokenizer)
+        self._calib_batches = calibration_batches(
+            calib_data, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
+            seed=self.seed, rank=self.dp_rank, world_size=self.dp_size,
+        )
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=stock.collate_fn, drop_last=True
+        )
+
+    def _resolve_total_steps(self, dataset, samples_per_step: int) -> int:
+        """Optimizer steps for the whole run, from a step count or a token budget."""
+        probe = min(len(dataset), 64)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:probe]
+        mean_len = sum(len(dataset[int(i)]["tokens"]) for i in order) / max(1, probe)
+        self._mean_sample_len = mean_len
+        if self._total_steps_cfg is not None:
+            total = int(self._total_steps_cfg)
+        else:
+            total = round(int(self._total_tokens) / (samples_per_step * mean_len))
+            utils.log_rank_zero(
+                log,
+                f"adapt.total_tokens={int(self._total_tokens):,} ≈ {total} steps "
+                f"({samples_per_step} samples × ~{mean_len:.0f} tokens per step)",
+            )
+        if total < 0:
+            raise ValueError("adapt.total_tokens/total_steps must be >= 0")
+        if 0 < total < self._num_stages:
+            raise ValueError(
+                f"The token budget gives {total} optimizer steps for {self._num_stages} stages; "
+                "every stage needs at least one: raise adapt.total_tokens/total_steps or lower adapt.stages"
+            )
+        return total
+
+    def _setup_lr_scheduler(self, cfg_lr_scheduler, num_training_steps, last_epoch):
+        """One schedule over all stages' steps, not over one "epoch" of the stock loop."""
+        return super()._setup_lr_scheduler(cfg_lr_scheduler, max(1, sum(self._stage_steps)), -1)
+
+    # ------------------------------------------------------------------ run
+    def train(self) -> None:
+        """Stage loop: prune (adaptive steps), then the stock loop over the stage's chunks."""
+        for stage in range(1, self._num_stages + 1):
+            self._stage = stage
+            if not self._stage_pruned[stage - 1]:
+                self._prune_stage(stage)
+            chunk_ids = [i for i, c in enumerate(self._chunks) if c.stage == stage]
+            remaining = [i for i in chunk_ids if i >= self.epochs_run]
+            if remaining:
+                self.total_epochs = remaining[-1] + 1
+                self.max_steps_per_epoch = self._chunks[remaining[0]].steps
+                self._steps_per_epoch = self.max_steps_per_epoch
+                super().train()
+                self._stage_log[-1]["train_loss_end"] = self._last_loss()
+        self._finish()
+
+    def _last_loss(self) -> Optional[float]:
+        rows = [r for r in self._train_log if r["stage"] == self._stage and "loss" in r]
+        return rows[-1]["loss"] if rows else None
+
+    def _prune_stage(self, stage: int) -> None:
+        """Adaptive steps from the current sparsity to this stage's target; then checkpoint."""
+        t0 = time.perf_counter()
+        start = float(self._pruner.records[-1].target) if self._pruner.records else 0.0
+        goal = self._targets[stage - 1]
+        loss_before = None
+        for j in range(1, self._steps_per_stage + 1):
+            t_step = time.perf_counter()
+            target = start + (goal - start) * j / self._steps_per_stage
+            plan, calib = self._pruner.measure_and_plan(self._model, self._arch, self._calib_batches, target)
+            loss_before = calib.loss if loss_before is None else loss_before
+            keeps = _broadcast_keeps(plan.keeps)
+            self._resize(keeps, plan.arch)
+            record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
+            utils.log_rank_zero(
+                log,
+                f"stage {stage} prune step {j}/{self._steps_per_stage}: target {target:.3f}, "
+                f"params {record.params:,}, calib loss {calib.loss:.4f}, {record.seconds:.2f}s",
+            )
+        loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
+        self._stage_pruned[stage - 1] = True
+        entry = {
+            "stage": stage,
+            "tokens": round(self._stage_steps[stage - 1] * self._samples_per_step * self._mean_sample_len),
+            "train_steps": self._stage_steps[stage - 1],
+            "params": self._arch.num_params(),
+            "calib_loss_before_prune": loss_before,
+            "calib_loss_after_prune": loss_after,
+            "seconds_prune": time.perf_counter() - t0,
+            "layers": [vars(layer) for layer in self._arch.layers],
+        }
+        self._stage_log.append(entry)
+        if self._is_rank_zero:
+            self._metric_logger.log_dict(
+                {
+                    "stage": stage,
+                    "params": entry["params"],
+                    "calib_loss_before_prune": loss_before,
+                    "calib_loss_after_prune": loss_after,
+                    "prune_seconds": entry["seconds_prune"],
+                },
+                step=self.global_step,
+            )
+            log.info(
+                f"stage {stage}: {entry['params']:,} params, calib loss {loss_before:.4f} -> {loss_after:.4f}; "
+                f"widths (heads/kv/mlp): {[(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in self._arch.layers]}"
+            )
+        self.save_run_checkpoint()
+
+    def _resize(self, keeps: List[Optional[LayerKeep]], new_arch: DecoderArch) -> None:
+        """Rebuild the model at its new widths and carry weights and optimizer state."""
+        if all(k is None for k in keeps):
+            return
+        slices = full_slice_map(self._arch, keeps)
+        old_model = self._model
+        old_shapes = parameter_shapes(old_model)
+        old_state = optimizer_state_by_name(old_model, self._optimizer) if self._optimizer_state_mode == "slice" else {}
+        self._model = self._setup_model(
+            cfg_model=DictConfig(_arch_component(new_arch)),
+            model_state_dict=PrunedStateView(old_model, slices),
+            **self._model_cfg_kwargs,
+        )
+        rebind_optimizer_(self._optimizer, self._model, old_state, slices, old_shapes)
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        del old_model, old_state
+        self._arch = new_arch
+
+    # ------------------------------------------------------------------ state
+    def save_run_checkpoint(self) -> None:
+        """Gather weights/optimizer (all ranks), write atomically on rank 0."""
+        model_state = gather_full_state(self._model)
+        optim_state = gather_optimizer_state(self._model, self._optimizer)
+        if self._is_rank_zero:
+            recipe_state = {
+                "fingerprint": self._fingerprint,
+                "base_arch": self._base_arch.to_dict(),
+                "epochs_run": self.epochs_run,
+                "global_step": self.global_step,
+                "stage_pruned": self._stage_pruned,
+                "pruner": self._pruner.state_dict(),
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
+                "rng": ckpt.capture_rng(),
+                "seed": self.seed,
+                "train_log": self._train_log,
+                "stage_log": self._stage_log,
+            }
+            # Named by training step, then prune step: sorts in run order.
+            tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
+            path = ckpt.save_run_checkpoint(
+                self._ckpt_root, tag, self._arch, model_state, optim_state, recipe_state, self._keep_last
+            )
+            log.info(f"Checkpoint written to {path}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _restore(self, state: Dict[str, Any], optimizer_state: Optional[Dict[str, Any]]) -> None:
+        if state["fingerprint"] != self._fingerprint:
+            raise ValueError(
+                "resume_from_checkpoint: the checkpoint in "
+                f"{self._ckpt_root} was written by a run with another base model or other "
+                "pruning/adapt/batch settings; use a new output_dir or restore the original config"
+            )
+        self.epochs_run = state["epochs_run"]
+        self.global_step = state["global_step"]
+        self._stage_pruned = list(state["stage_pruned"])
+        self._pruner.load_state_dict(state["pruner"])
+        self._train_log = list(state["train_log"])
+        self._stage_log = list(state["stage_log"])
+        if optimizer_state is not None:
+            load_optimizer_state_(self._optimizer, self._model, optimizer_state)
+        if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ckpt.restore_rng(state["rng"])
+
+    # ------------------------------------------------------------------ end
+    def _finish(self) -> None:
+        """Write the pruned model, its spec and the run record (rank 0)."""
+        model_state = gather_full_state(self._model)
+        if self._is_rank_zero:
+            out = Path(self._cfg.output_dir) / "final"
+            out.mkdir(parents=True, exist_ok=True)
+            self._arch.save(out / "arch.json")
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors"))
+            record = self.run_record()
+            ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
+            log.info(
+                f"Done: {record['params_before']:,} -> {record['params_after']:,} parameters; "
+                f"model in {out}, record in {self._cfg.output_dir}/run_record.json"
+            )
+        if dist.is_initialized():
+            dist.barrier()
+
+    def run_record(self) -> Dict[str, Any]:
+        """Everything the run report needs, JSON-able."""
+        return {
+            "base_model": self._base_arch.meta.get("base_model", ""),
+            "command": " ".join(sys.argv),
+            "config": OmegaConf.to_container(self._cfg, resolve=True),
+            "arch_before": self._base_arch.to_dict(),
+            "arch_after": self._arch.to_dict(),
+            "params_before": self._base_arch.num_params(),
+            "params_after": self._arch.num_params(),
+            "prunable_params_before": self._base_arch.prunable_params(),
+            "prunable_params_after": self._arch.prunable_params(),
+            "prune_steps": [r.to_dict() for r in self._pruner.records],
+            "stages": self._stage_log,
+            "train_log": self._train_log,
+        }
+
+
+def _arch_component(arch: DecoderArch) -> Dict[str, Any]:
+    return {"_component_": "adapt_prune_tune.models.decoder_from_arch", "arch": arch.to_dict()}
+
+
+def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKeep]]:
+    """Rank 0's cut for everyone: identical architectures on all ranks by construction."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keeps
+    payload = [[None if k is None else k.to_dict() for k in keeps]]
+    dist.broadcast_object_list(payload, src=0)
+    return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
+
+
+def _refuse_unsupported(cfg: DictConfig) -> None:
+    """Recipe features a resize cannot carry yet: refuse before any work."""
+    problems = []
+    if cfg.get("optimizer_in_bwd", False):
+        problems.append("optimizer_in_bwd=True (per-parameter optimizers cannot be resized); set it to False")
+    if cfg.get("tensor_parallel_dim", 1) > 1:
+        problems.append("tensor_parallel_dim > 1 (pruned layers have uneven head counts); use FSDP only")
+    if cfg.get("enable_async_checkpointing", False):
+        problems.append("enable_async_checkpointing=True (run checkpoints carry per-layer shapes); set it to False")
+    for key in ("pruning", "adapt"):
+        if key not in cfg:
+            problems.append(f"missing `{key}:` section (see configs/smollm2/135M_adapt.yaml)")
+    if "pruning" in cfg and "method" not in cfg.pruning:
+        problems.append("missing `pruning.method:` (target_sparsity or target_params, amplitude, ...)")
+    if "pruning" in cfg and "calibration" not in cfg.pruning:
+        problems.append("missing `pruning.calibration:` (dataset, num_samples, seq_len, batch_size)")
+    if problems:
+        raise ValueError("adapt_prune_recipe cannot run this config:\n  - " + "\n  - ".join(problems))
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point (``tune run adapt_prune_recipe --config NAME_OR_PATH [key=value ...]``)."""
+    config.log_config(recipe_name="AdaptPruneRecipe", cfg=cfg)
+    recipe = AdaptPruneRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+def main() -> None:
+    """Resolve packaged config names (``llama3_1/8B_adapt``) to files, then run."""
+    if "--config" in sys.argv:
+        i = sys.argv.index("--config") + 1
+        if i < len(sys.argv):
+            sys.argv[i] = str(packaged_configs.resolve(sys.argv[i]))
+    sys.exit(recipe_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ from adapt_prune_tune.models._arch import (
     RopeSpec,
     arch_from_model,
 )
-from adapt_prune_tune.models._hf import arch_from_hf_config, load_hf_model
+from adapt_prune_tune.models._hf import arch_from_hf_config, decoder_from_hf_config, load_hf_model
 from adapt_prune_tune.models._builders import (
     SMOLLM2_135M,
     decoder_from_arch,
@@ -22,5 +22,6 @@ __all__ = [
     "arch_from_model",
     "load_hf_model",
     "decoder_from_arch",
+    "decoder_from_hf_config",
     "smollm2_135m",
 ]

@@ -110,3 +110,22 @@ def load_hf_model(
         if hasattr(m, "rope_init"):
             m.rope_init()
     return model, arch
+
+
+def decoder_from_hf_config(path: Union[str, Path], max_seq_len: int = None) -> nn.Module:
+    """An empty torchtune decoder shaped like an (unpruned) HF ``config.json``.
+
+    Lets a config use any local Llama/Qwen2 checkpoint without a dedicated
+    builder: ``model: {_component_: adapt_prune_tune.models.decoder_from_hf_config, path: .../config.json}``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point model.path at the checkpoint's config.json")
+    arch = arch_from_hf_config(json.loads(path.read_text()))
+    if max_seq_len is not None:
+        from dataclasses import replace
+
+        arch = replace(arch, max_seq_len=max_seq_len)
+    return decoder_from_arch(arch)

@@ -1,0 +1,123 @@
+"""Data for a resizing run: fixed calibration batches and per-stage training draws.
+
+Calibration: the same token windows at every prune step (so step-to-step
+changes in importance reflect the model, not the sample), cut from a
+torchtune dataset's tokenized samples; each rank takes its own share.
+
+Training: one seeded permutation of the dataset is consumed front to back, so
+stages draw their samples *without replacement*; a stage is split into
+checkpoint chunks, and a sampler whose ``set_epoch(e)`` selects chunk ``e``
+lets the stock recipe's epoch loop train exactly one chunk per "epoch".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def calibration_batches(
+    dataset: Dataset,
+    num_samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> List[Dict[str, torch.Tensor]]:
+    """``num_samples`` windows of ``seq_len`` tokens, batched, this rank's share.
+
+    Samples are read in a seeded order and concatenated (documents are short
+    and uneven; windows over the stream use every token). Raises if the data
+    holds fewer tokens than requested.
+    """
+    if num_samples % (batch_size * world_size) != 0:
+        raise ValueError(
+            f"pruning.calibration.num_samples ({num_samples}) must be a multiple of "
+            f"batch_size × world size ({batch_size} × {world_size}) so every rank runs "
+            "the same number of calibration batches"
+        )
+    need = num_samples * seq_len
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream: List[int] = []
+    for i in order:
+        stream.extend(dataset[i]["tokens"])
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(
+            f"Calibration data has {len(stream):,} tokens but pruning.calibration asks for "
+            f"{num_samples} × {seq_len} = {need:,}; lower num_samples/seq_len or add data"
+        )
+    windows = torch.tensor(stream[:need], dtype=torch.long).view(num_samples, seq_len)
+    batches = windows.split(batch_size)
+    return [{"tokens": b} for b in batches[rank::world_size]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of optimizer steps that ends with a checkpoint."""
+
+    stage: int  # 1-based
+    steps: int
+    start: int  # position of its first sample in the run's sample stream
+
+
+def plan_chunks(
+    stage_steps: Sequence[int], samples_per_step: int, checkpoint_every: int
+) -> List[Chunk]:
+    """Split every stage's steps into chunks of at most ``checkpoint_every`` steps."""
+    if checkpoint_every < 1:
+        raise ValueError(f"adapt.checkpoint_every_n_steps must be >= 1, got {checkpoint_every}")
+    chunks, position = [], 0
+    for stage, steps in enumerate(stage_steps, start=1):
+        done = 0
+        while done < steps:
+            n = min(checkpoint_every, steps - done)
+            chunks.append(Chunk(stage, n, position))
+            position += n * samples_per_step
+            done += n
+    return chunks
+
+
+class ChunkSampler(Sampler[int]):
+    """Yields this rank's samples of chunk ``e`` after ``set_epoch(e)``.
+
+    Positions are dealt round-robin to ranks, so the ranks together consume
+    each chunk's samples exactly once, in the same global order whatever the
+    world size.
+    """
+
+    def __init__(
+        self, dataset_len: int, chunks: Sequence[Chunk], samples_per_step: int, seed: int, rank: int, world_size: int
+    ) -> None:
+        self.dataset_len, self.chunks = dataset_len, list(chunks)
+        self.samples_per_step, self.seed = samples_per_step, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._perms: Dict[int, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.dataset_len)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.dataset_len, generator=g)
+        return int(self._perms[epoch][offset])
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.chunks:
+            return iter(())
+        chunk = self.chunks[self.epoch]
+        end = chunk.start + chunk.steps * self.samples_per_step
+        return iter(self._index(p) for p in range(chunk.start + self.rank, end, self.world_size))
+
+    def __len__(self) -> int:
+        if not self.chunks:
+            return 0
+        return self.chunks[self.epoch].steps * self.samples_per_step // self.world_size
