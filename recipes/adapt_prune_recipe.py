@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torchtune
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtune import config, training, utils
 
 from adapt_prune_tune import checkpointing as ckpt
@@ -245,7 +245,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             calib_data, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
             seed=self.seed, rank=self.dp_rank, world_size=self.dp_size,
         )
-        return DataLoader(
+        return StatefulDataLoader(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=stock.collate_fn, drop_last=True
         )
 
@@ -365,6 +365,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         del old_model, old_state
         self._arch = new_arch
+        _check_same_arch_everywhere(new_arch)
 
     # ------------------------------------------------------------------ state
     def save_run_checkpoint(self) -> None:
@@ -464,6 +465,20 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKee
     return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
 
 
+def _check_same_arch_everywhere(arch: DecoderArch) -> None:
+    """Fail loudly if ranks ever disagree on the model's shape (they must cut identically)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = json.dumps(arch.to_dict()["layers"])
+    everyone: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if any(other != mine for other in everyone):
+        raise RuntimeError("Ranks hold different architectures after a resize; refusing to continue")
+    utils.log_rank_zero(
+        log, f"architecture identical on all {len(everyone)} ranks ({arch.num_params():,} params)"
+    )
+
+
 def _refuse_unsupported(cfg: DictConfig) -> None:
     """Recipe features a resize cannot carry yet: refuse before any work."""
     problems = []
@@ -494,8 +509,30 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.cleanup()
 
 
+def _single_process_env() -> None:
+    """Let a plain ``tune run`` (no torchrun) form a world of one.
+
+    The stock recipe always initializes a process group; without torchrun's
+    variables that fails, so a one-process rendezvous on a free local port is
+    set up instead.
+    """
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+
+
 def main() -> None:
     """Resolve packaged config names (``llama3_1/8B_adapt``) to files, then run."""
+    _single_process_env()
     if "--config" in sys.argv:
         i = sys.argv.index("--config") + 1
         if i < len(sys.argv):
