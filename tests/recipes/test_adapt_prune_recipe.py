@@ -1,0 +1,271 @@
+"""End-to-end runs of ``tune run adapt_prune_recipe`` as a user would launch them.
+
+Real processes, real torchtune machinery (FSDP2 over gloo on CPU), the real
+SmolLM2 tokenizer and Python-docs data; the model is a tiny random Llama with
+SmolLM2's vocabulary so each run takes seconds to a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from adapt_prune_tune import configs
+from adapt_prune_tune.models import DecoderArch
+
+pytestmark = pytest.mark.integration
+
+
+def write_tiny_checkpoint(out: Path, tokenizer_src: Path, seed: int = 0) -> Path:
+    """A random 4-layer Llama (GQA 4/2, tied) in HF format with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tokenizer_src / name).read_bytes())
+    return out
+
+
+def write_config(tmp: Path, model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> Path:
+    """The packaged SmolLM2 config pointed at the tiny model, with test-sized budgets."""
+    cfg = OmegaConf.load(configs.resolve("smollm2/135M_adapt"))
+    cfg.model = {"_component_": "adapt_prune_tune.models.decoder_from_hf_config", "path": str(model_dir)}
+    cfg.model_dir = str(model_dir)
+    cfg.data_dir = str(data_dir)
+    cfg.output_dir = str(output_dir)
+    cfg.tokenizer.max_seq_len = 64
+    cfg.batch_size = 2
+    cfg.optimizer.lr = 1e-3
+    cfg.lr_scheduler.warmup_ratio = 0.0
+    cfg.pruning.method.target_sparsity = 0.4
+    cfg.pruning.method.amplitude = 0.05
+    cfg.pruning.calibration.num_samples = 8
+    cfg.pruning.calibration.seq_len = 32
+    cfg.pruning.calibration.batch_size = 2
+    cfg.adapt.stages = 2
+    cfg.adapt.steps_per_stage = 2
+    cfg.adapt.total_tokens = None
+    cfg.adapt.total_steps = 12
+    cfg.adapt.checkpoint_every_n_steps = 3
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    path = tmp / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tune(args: List[str], cwd: Path, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``tune run ...`` from an unrelated directory, as a user would."""
+    return subprocess.run(
+        ["tune", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def stage_losses(record: Dict) -> Dict[int, List[float]]:
+    out: Dict[int, List[float]] = {}
+    for row in record["train_log"]:
+        if "loss" in row:
+            out.setdefault(int(row["stage"]), []).append(row["loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir)
+
+
+def test_single_process_run_prunes_trains_and_reports(tmp_path, tiny_model, python_docs_dir):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
+
+    record = json.loads((out / "run_record.json").read_text())
+    before, after = DecoderArch.from_dict(record["arch_before"]), DecoderArch.from_dict(record["arch_after"])
+    achieved = 1 - after.prunable_params() / before.prunable_params()
+    assert abs(achieved - 0.4) < 0.01, achieved
+    assert len(record["prune_steps"]) == 4 and len(record["stages"]) == 2
+    assert sum(s["train_steps"] for s in record["stages"]) == 12
+    # The stage-k share of training grows linearly: 1/3 then 2/3 of 12 steps.
+    assert [s["train_steps"] for s in record["stages"]] == [4, 8]
+    # Final model: spec + weights whose shapes match it.
+    final = DecoderArch.load(out / "final" / "arch.json")
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert final == after
+    for i, layer in enumerate(final.layers):
+        assert weights[f"layers.{i}.mlp.w1.weight"].shape[0] == layer.intermediate_dim
+        assert weights[f"layers.{i}.attn.q_proj.weight"].shape[0] == layer.num_heads * final.head_dim
+    # Loss recovers after each prune: the stage's last logged loss is below its first.
+    for stage, losses in stage_losses(record).items():
+        assert losses[-1] < losses[0], (stage, losses)
+
+
+def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
+    proc = tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
+    assert_ok(proc)
+    logs = proc.stdout + proc.stderr
+    # Every resize checks that both ranks cut identically.
+    assert logs.count("architecture identical on all 2 ranks") == 4
+    record = json.loads((out / "run_record.json").read_text())
+    for stage, losses in stage_losses(record).items():
+        assert losses[-1] < losses[0], (stage, losses)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert DecoderArch.load(out / "final" / "arch.json").prunable_params() < DecoderArch.from_dict(
+        record["arch_before"]
+    ).prunable_params()
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{"adapt.total_steps": 4})
+    port = free_port()
+    launchers = [
+        subprocess.Popen(
+            ["tune", "run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "apt-test",
+             "adapt_prune_recipe", "--config", str(cfg)],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in launchers]
+    for p, text in zip(launchers, outputs):
+        assert p.returncode == 0, text[-6000:]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def _final_weights(out: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_docs_dir):
+    (tmp_path / "a").mkdir()
+    reference = tmp_path / "reference"
+    cfg = write_config(tmp_path / "a", tiny_model, python_docs_dir, reference)
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
+
+    (tmp_path / "b").mkdir()
+    killed = tmp_path / "killed"
+    cfg = write_config(tmp_path / "b", tiny_model, python_docs_dir, killed)
+    proc = subprocess.Popen(
+        ["tune", "run", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    # Kill mid-run: once the second stage's pruning has checkpointed (inside the run, between
+    # training chunks), without letting the process clean up.
+    deadline = time.time() + 600
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        names = [p.name for p in ckpts.glob("step_*") if not p.name.endswith(".tmp")] if ckpts.exists() else []
+        if any(n.endswith("prune_0003") or n.endswith("prune_0004") for n in names):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
+    ref, res = _final_weights(reference), _final_weights(killed)
+    assert ref.keys() == res.keys()
+    for name in ref:
+        assert torch.equal(ref[name], res[name]), name
+    ref_record = json.loads((reference / "run_record.json").read_text())
+    res_record = json.loads((killed / "run_record.json").read_text())
+    assert [r["loss"] for r in ref_record["train_log"] if "loss" in r] == [
+        r["loss"] for r in res_record["train_log"] if "loss" in r
+    ]
+
+
+def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
+    out = tmp_path / "run"
+    cfg = OmegaConf.load(configs.resolve("smollm2/135M_prune"))
+    cfg.model = {"_component_": "adapt_prune_tune.models.decoder_from_hf_config", "path": str(tiny_model)}
+    cfg.model_dir, cfg.data_dir, cfg.output_dir = str(tiny_model), str(python_docs_dir), str(out)
+    cfg.pruning.calibration.num_samples, cfg.pruning.calibration.seq_len = 4, 32
+    cfg.pruning.calibration.batch_size = 2
+    cfg.adapt.steps_per_stage = 5
+    path = tmp_path / "prune.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(path)], cwd=tmp_path))
+    record = json.loads((out / "run_record.json").read_text())
+    assert record["train_log"] == [] and len(record["prune_steps"]) == 5
+    assert (out / "final" / "arch.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer_in_bwd=True", "optimizer_in_bwd"),
+        ("adapt.total_steps=1", "every stage needs at least one"),
+        ("pruning.method.target_sparsity=1.5", "target_sparsity must be in [0, 1)"),
+        ("pruning.calibration.num_samples=100000", "Calibration data has"),
+    ],
+)
+def test_bad_input_fails_before_work(tmp_path, tiny_model, python_docs_dir, override, message):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg), override], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs_dir):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{"adapt.total_steps": 2})
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = tune(
+        ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "another base model or other" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_packaged_config_names_resolve_from_any_directory(tmp_path):
+    # The user's exact command shape: a config *name*, from a directory with no project files.
+    for name in configs.available():
+        assert configs.resolve(name).is_file()
+    with pytest.raises(FileNotFoundError, match="Packaged configs"):
+        configs.resolve("llama3_1/does_not_exist")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import adapt_prune_recipe"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
