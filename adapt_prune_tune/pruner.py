@@ -114,7 +114,7 @@ def resolve_target_sparsity(arch: DecoderArch, cfg: PruningConfig) -> float:
     Also checks the target is reachable given the per-layer minimum widths and
     clamp, so a bad target fails before any calibration work.
     """
-    prunable = float(prunable_per_layer(arch, cfg).sum())
+    prunable = int(prunable_per_layer(arch, cfg).sum())
     if cfg.target_sparsity is not None:
         target = cfg.target_sparsity
     else:

@@ -44,7 +44,7 @@ from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
 from adapt_prune_tune.importance import normalize_importance
 from adapt_prune_tune.models import DecoderArch, arch_from_model
-from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, next_token_loss
+from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, resolve_target_sparsity
 from adapt_prune_tune.resize import (
     PrunedStateView,
     gather_full_state,
@@ -152,6 +152,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     def __init__(self, cfg: DictConfig) -> None:
         _refuse_unsupported(cfg)
         self._pruning_cfg = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
+        _check_inputs(cfg, self._pruning_cfg)
         adapt = cfg.adapt
         self._num_stages = int(adapt.stages)
         self._steps_per_stage = int(adapt.get("steps_per_stage", 1))
@@ -466,6 +467,29 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKee
     payload = [[None if k is None else k.to_dict() for k in keeps]]
     dist.broadcast_object_list(payload, src=0)
     return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
+
+
+def _check_inputs(cfg: DictConfig, pruning: PruningConfig) -> None:
+    """Model shape, pruning target and base checkpoint files, checked before any work.
+
+    The model is built on the meta device (no memory, no weights), which is
+    enough to know whether the target is reachable at all.
+    """
+    with torch.device("meta"):
+        arch = arch_from_model(config.instantiate(cfg.model))
+    resolve_target_sparsity(arch, pruning)
+    if cfg.get("resume_from_checkpoint", False):
+        return
+    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
+    files = [ckpt_dir / f for f in cfg.checkpointer.checkpoint_files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Base checkpoint files not found: {', '.join(missing)}. Download the model first "
+            "(the config's header has the `tune download ...` command; gated models need "
+            "`huggingface-cli login` and network access) or set checkpointer.checkpoint_dir. "
+            "For the embedded SmolLM2 default run `adapt-prune-tune prepare`."
+        )
 
 
 def _check_same_arch_everywhere(arch: DecoderArch) -> None:
