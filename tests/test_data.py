@@ -1,0 +1,65 @@
+"""Calibration windows and stage draws without replacement."""
+
+import pytest
+import torch
+
+from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
+
+
+class Docs(torch.utils.data.Dataset):
+    def __init__(self, lengths):
+        self.docs = [list(range(100 * i, 100 * i + n)) for i, n in enumerate(lengths)]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        return {"tokens": self.docs[i]}
+
+
+def test_calibration_windows_are_fixed_and_sharded():
+    ds = Docs([50] * 20)
+    full = calibration_batches(ds, num_samples=8, seq_len=16, batch_size=2, seed=3)
+    again = calibration_batches(ds, num_samples=8, seq_len=16, batch_size=2, seed=3)
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(full, again))
+    assert len(full) == 4 and full[0]["tokens"].shape == (2, 16)
+    r0 = calibration_batches(ds, 8, 16, 2, seed=3, rank=0, world_size=2)
+    r1 = calibration_batches(ds, 8, 16, 2, seed=3, rank=1, world_size=2)
+    assert [b["tokens"] for b in r0 + r1] != [] and len(r0) == len(r1) == 2
+    together = torch.cat([b["tokens"] for b in r0 + r1]).sort(dim=0).values
+    assert torch.equal(together, torch.cat([b["tokens"] for b in full]).sort(dim=0).values)
+
+
+def test_calibration_errors():
+    with pytest.raises(ValueError, match="multiple of"):
+        calibration_batches(Docs([50] * 4), 3, 8, 2)
+    with pytest.raises(ValueError, match="Calibration data has"):
+        calibration_batches(Docs([5] * 4), 4, 64, 2)
+
+
+def test_chunks_cover_stages_and_positions():
+    chunks = plan_chunks([4, 8], samples_per_step=6, checkpoint_every=3)
+    assert [(c.stage, c.steps) for c in chunks] == [(1, 3), (1, 1), (2, 3), (2, 3), (2, 2)]
+    assert [c.start for c in chunks] == [0, 18, 24, 42, 60]
+
+
+def test_stages_draw_without_replacement_across_ranks():
+    n, sps = 40, 4
+    chunks = plan_chunks([3, 6], samples_per_step=sps, checkpoint_every=2)
+    seen = []
+    for rank in (0, 1):
+        s = ChunkSampler(n, chunks, sps, seed=0, rank=rank, world_size=2)
+        for e in range(len(chunks)):
+            s.set_epoch(e)
+            got = list(s)
+            assert len(got) == len(s)
+            seen += got
+    assert len(seen) == 36 and len(set(seen)) == 36  # no sample twice within one pass
+
+
+def test_stream_reshuffles_after_a_full_pass():
+    chunks = plan_chunks([5], samples_per_step=4, checkpoint_every=5)  # 20 samples from 8
+    s = ChunkSampler(8, chunks, 4, seed=0, rank=0, world_size=1)
+    s.set_epoch(0)
+    got = list(s)
+    assert sorted(got[:8]) == list(range(8)) and sorted(got[8:16]) == list(range(8))
