@@ -46,6 +46,7 @@ from adapt_prune_tune.sparsity import (
     _attention_params,
     allocate_mlp_widths,
     assign_layer_sparsity,
+    choose_attention_by_score,
     choose_attention_widths,
 )
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
@@ -71,6 +72,10 @@ class PruningConfig:
     min_kv_heads: int = 1
     min_q_per_kv: int = 1
     min_mlp_channels: int = 1
+    # How a layer's budget is split between heads and MLP channels: "proportional"
+    # (same fraction of each, LLM-Pruner's practice) or "score" (the split that keeps
+    # the most Taylor score; GQA head steps are coarse).
+    attention_allocation: str = "proportional"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +99,11 @@ class PruningConfig:
             )
         if self.scorer not in SCORERS:
             raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.attention_allocation not in ("proportional", "score"):
+            raise ValueError(
+                "pruning.attention_allocation must be 'proportional' or 'score', "
+                f"got {self.attention_allocation!r}"
+            )
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("pruning: enable prune_attention and/or prune_mlp")
 
@@ -279,6 +289,15 @@ def plan_step(
         frac = 1.0 - float(new_sparsity[i])
         kv_s, q_s = scores[i]["kv"], scores[i]["q"]
         retained = lambda kv, qpk, kv_s=kv_s, q_s=q_s: select_attention(kv_s, q_s, kv, qpk)[2]
+        if cfg.attention_allocation == "score" and cfg.prune_mlp:
+            mlp_cum = scores[i]["mlp"].sort(descending=True).values.cumsum(0)
+            attention.append(
+                choose_attention_by_score(
+                    original, cur, keep_params[i], retained, mlp_cum,
+                    cfg.min_kv_heads, cfg.min_q_per_kv, cfg.min_mlp_channels,
+                )
+            )
+            continue
         attention.append(
             choose_attention_widths(
                 original, orig, cur, frac, cfg.min_kv_heads, cfg.min_q_per_kv, retained

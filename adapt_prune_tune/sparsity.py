@@ -154,6 +154,48 @@ def choose_attention_widths(
     return best
 
 
+def choose_attention_by_score(
+    base: DecoderArch,
+    current: LayerArch,
+    keep_params: float,
+    retained_attention: Callable[[int, int], float],
+    mlp_retained: torch.Tensor,
+    min_kv_heads: int = 1,
+    min_q_per_kv: int = 1,
+    min_mlp_channels: int = 1,
+) -> Tuple[int, int]:
+    """Split one layer's budget between attention and MLP to keep the most group score.
+
+    Taylor scores of heads and channels are both first-order estimates of the
+    loss change their removal causes, so they can be added: every feasible
+    (KV groups, queries per group) is paired with the MLP width the rest of the
+    budget buys, and the pair retaining the highest total score wins. Unlike a
+    fixed equal ratio, a layer whose heads matter more than its channels keeps
+    its heads (GQA head steps are coarse: one KV group of SmolLM2 is a third of
+    its attention).
+
+    Args:
+        mlp_retained: cumulative sum of the layer's channel scores sorted in
+            descending order (retained score of the best ``w`` channels at ``w-1``).
+    """
+    dim, hd, bias = base.embed_dim, base.head_dim, base.attn_bias
+    per_channel = 3 * dim
+    cur_qpk = current.num_heads // current.num_kv_heads
+    best, best_key = (current.num_kv_heads, cur_qpk), None
+    for kv in range(min(min_kv_heads, current.num_kv_heads), current.num_kv_heads + 1):
+        for qpk in range(min(min_q_per_kv, cur_qpk), cur_qpk + 1):
+            attn = _attention_params(dim, hd, kv, qpk, bias)
+            width = math.floor((keep_params - attn) / per_channel)
+            width = min(current.intermediate_dim, width)
+            if width < min(min_mlp_channels, current.intermediate_dim):
+                continue
+            score = retained_attention(kv, qpk) + float(mlp_retained[width - 1])
+            key = (-score, abs(attn + width * per_channel - keep_params))
+            if best_key is None or key < best_key:
+                best, best_key = (kv, qpk), key
+    return best
+
+
 def allocate_mlp_widths(
     base: DecoderArch,
     attention: Sequence[Tuple[int, int]],
