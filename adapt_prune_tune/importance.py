@@ -72,8 +72,11 @@ class LayerSimilarityCollector:
         self.metric = metric
         self.enabled = True
         self._mask: Optional[torch.Tensor] = None
-        self.sums = torch.zeros(len(layers), dtype=torch.float64)
-        self.counts = torch.zeros(len(layers), dtype=torch.float64)
+        self._num_layers = len(layers)
+        # Accumulated on the activations' device: no host sync inside the forward pass
+        # (a per-layer .cpu() would stall the GPU queue once per layer and batch).
+        self._sums: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None
         self._handles = [
             layer.register_forward_hook(self._hook(i), with_kwargs=True)
             for i, layer in enumerate(layers)
@@ -86,15 +89,38 @@ class LayerSimilarityCollector:
             x = args[0] if args else kwargs["x"]
             with torch.no_grad():
                 sim = token_similarity(x.detach(), output.detach(), self.metric)
+                if self._sums is None or self._sums.device != sim.device:
+                    self._sums = self._accumulator(sim.device, self._sums)
+                    self._counts = self._accumulator(sim.device, self._counts)
+                dtype = self._sums.dtype
                 if self._mask is not None:
-                    sim = sim * self._mask
-                    count = self._mask.sum()
+                    mask = self._mask.to(sim.device)
+                    self._sums[index] += (sim * mask).sum(dtype=dtype)
+                    self._counts[index] += mask.sum(dtype=dtype)
                 else:
-                    count = torch.tensor(float(sim.numel()))
-                self.sums[index] += sim.sum().double().cpu()
-                self.counts[index] += count.double().cpu()
+                    self._sums[index] += sim.sum(dtype=dtype)
+                    self._counts[index] += sim.numel()
 
         return hook
+
+    def _accumulator(self, device: torch.device, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        fresh = torch.zeros(self._num_layers, dtype=dtype, device=device)
+        return fresh if previous is None else fresh + previous.to(device=device, dtype=dtype)
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Per-layer similarity sums so far (float64, CPU; one transfer)."""
+        if self._sums is None:
+            return torch.zeros(self._num_layers, dtype=torch.float64)
+        return self._sums.to(device="cpu", dtype=torch.float64)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Per-layer token counts so far (float64, CPU)."""
+        if self._counts is None:
+            return torch.zeros(self._num_layers, dtype=torch.float64)
+        return self._counts.to(device="cpu", dtype=torch.float64)
 
     def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
         """Only count real tokens (a [B, T] 0/1 mask), not padding."""
@@ -102,9 +128,10 @@ class LayerSimilarityCollector:
 
     def mean(self) -> torch.Tensor:
         """Mean similarity per layer over all tokens seen (summed across ranks by the caller)."""
-        if (self.counts == 0).any():
+        counts = self.counts
+        if (counts == 0).any():
             raise RuntimeError("No calibration tokens reached some layers; run a forward pass first")
-        return self.sums / self.counts
+        return self.sums / counts
 
     def remove(self) -> None:
         for handle in self._handles:

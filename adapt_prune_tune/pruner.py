@@ -75,7 +75,7 @@ class PruningConfig:
     # How a layer's budget is split between heads and MLP channels: "proportional"
     # (same fraction of each, LLM-Pruner's practice) or "score" (the split that keeps
     # the most Taylor score; GQA head steps are coarse).
-    attention_allocation: str = "proportional"
+    attention_allocation: str = "score"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -234,7 +234,11 @@ def calibrate(
 def score_layers(
     model: nn.Module, arch: DecoderArch, scorer: str, generator: Optional[torch.Generator] = None
 ) -> List[Dict[str, torch.Tensor]]:
-    """Group scores of every layer, gathering one layer's weights/grads at a time."""
+    """Group scores of every layer, gathering one layer's weights/grads at a time.
+
+    Scores stay on the model's device until all layers are done, then move to
+    the host in one transfer (no host sync per layer).
+    """
     grads = needs_gradients(scorer)
     out = []
     for i, layer in enumerate(model.layers):
@@ -245,7 +249,14 @@ def score_layers(
             p = named[name] if name in named else named[f"_checkpoint_wrapped_module.{name}"]
             g = _full(p.grad) if grads and p.grad is not None else None
             params[name] = (_full(p.detach()), g)
-        out.append(layer_scores(params, sets, scorer, generator))
+        out.append(layer_scores(params, sets, scorer, generator, to_host=False))
+        del params
+    flat = [(d, k) for d in out for k in d]
+    if any(d[k].device.type != "cpu" for d, k in flat):
+        device = next(d[k].device for d, k in flat if d[k].device.type != "cpu")
+        host = torch.cat([d[k].to(device).reshape(-1) for d, k in flat]).cpu()
+        for (d, k), t in zip(flat, host.split([d[k].numel() for d, k in flat])):
+            d[k] = t
     return out
 
 

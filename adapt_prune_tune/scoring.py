@@ -45,6 +45,7 @@ def group_scores(
     groups: GroupSet,
     method: str = "taylor",
     generator: Optional[torch.Generator] = None,
+    to_host: bool = True,
 ) -> torch.Tensor:
     """Score every group of a set from its coupled weights.
 
@@ -53,19 +54,25 @@ def group_scores(
         groups: the coupled slices to score.
         method: one of ``SCORERS``.
         generator: randomness for ``"random"`` (seeded by the caller for repeatability).
+        to_host: return a CPU tensor (else it stays on the weights' device, so a caller
+            scoring many layers can move everything to the host in one transfer).
 
     Returns:
         float64 tensor [groups.count]; higher means more important.
     """
     if method == "random":
         return torch.rand(groups.count, generator=generator, dtype=torch.float64)
-    total = torch.zeros(groups.count, dtype=torch.float64)
+    total: Optional[torch.Tensor] = None
     for s in groups.slices:
         weight, grad = params[s.param]
         if needs_gradients(method) and grad is None:
             raise RuntimeError(f"{s.param} has no gradient; run the calibration backward first")
-        per_group = group_view(_salience(weight, grad, method), s, groups.count).sum(dim=1)
-        total += per_group.double().cpu()
+        per_group = group_view(_salience(weight, grad, method), s, groups.count).sum(dim=1).double()
+        total = per_group if total is None else total + per_group.to(total.device)
+    if total is None:
+        total = torch.zeros(groups.count, dtype=torch.float64)
+    if to_host:
+        total = total.cpu()
     return total.abs() if method == "taylor_vector" else total
 
 
@@ -99,9 +106,10 @@ def layer_scores(
     sets: Dict[str, GroupSet],
     method: str,
     generator: Optional[torch.Generator] = None,
+    to_host: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Scores of every group set of one layer, keyed like ``sets``."""
-    return {kind: group_scores(layer_params, gs, method, generator) for kind, gs in sets.items()}
+    return {kind: group_scores(layer_params, gs, method, generator, to_host) for kind, gs in sets.items()}
 
 
 def coupled_param_names(sets: Dict[str, GroupSet]) -> List[str]:

@@ -1,0 +1,349 @@
+"""Model cards and Hugging Face Hub uploads for exported pruned models.
+
+``write_model_card`` documents an export (``adapt_prune_tune.export``) from the
+provenance record every export carries plus whatever the caller knows about the
+run (command, training tokens, evaluation). ``publish`` validates everything it
+can offline first (repo name, export contents, token) so that a typo or a
+missing login fails in a second, not after minutes of hashing, and it never
+modifies the export beyond writing its ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from adapt_prune_tune.export import EXPORT_RECORD
+from adapt_prune_tune.models import DecoderArch
+
+log = logging.getLogger(__name__)
+
+_REPO_PART = re.compile(r"[A-Za-z0-9._-]{1,96}")
+
+CARD_TAGS = ("pruned", "adapt-pruner", "torchtune")
+
+_METHOD = (
+    "This model was compressed with structured pruning following Adapt-Pruner: pruning proceeds "
+    "in many small steps, and at each step every decoder layer's sparsity moves by the step's "
+    "share of the target minus a term in the layer's importance (how much the layer changes its "
+    "input on calibration data), so layers that change their input least lose the most width. "
+    "Within a layer, whole attention heads (key/value heads together with their query heads, "
+    "keeping grouped-query attention consistent) and MLP channels are removed by their estimated "
+    "effect on the calibration loss (first-order Taylor scores by default). Following "
+    "Adapt-Accel, pruning is interleaved with training in stages, later stages getting more "
+    "training tokens, under one learning-rate schedule. Hidden size, head size and the number of "
+    "layers are unchanged; each layer ends up with its own number of attention heads and MLP channels."
+)
+
+
+class PublishError(RuntimeError):
+    """Publishing failed; the message says why and what to do, and the export is intact."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What ``publish`` uploaded (or, for a dry run, would upload)."""
+
+    repo_id: str
+    files: Tuple[Tuple[str, int], ...]  # (path in repo, size in bytes)
+    url: Optional[str] = None  # the commit URL; None for a dry run
+    dry_run: bool = False
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a valid ``namespace/name`` Hub model id, else a clear ValueError.
+
+    huggingface_hub's own check runs too, but it accepts a bare name and any
+    Unicode letter, which the Hub then rejects after the upload has started.
+    """
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    rules = (
+        "use ASCII letters, digits, '-', '_' and '.', at most 96 characters per part, "
+        "no '--' or '..', not starting or ending with '-' or '.', not ending with '.git'"
+    )
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(
+            f"Repository id must look like 'namespace/name' (your user or org name first), got {repo_id!r}"
+        )
+    if not all(_REPO_PART.fullmatch(part) for part in repo_id.split("/")):
+        raise ValueError(f"Invalid repository id {repo_id!r}: {rules}")
+    try:
+        hub_validate(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"Invalid repository id {repo_id!r}: {rules} ({e})") from None
+    return repo_id
+
+
+# --------------------------------------------------------------------------- card
+def _export_record(export_dir: Path) -> Dict[str, Any]:
+    path = export_dir / EXPORT_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {export_dir} is not an export written by adapt_prune_tune.export"
+        )
+    return json.loads(path.read_text())
+
+
+def _fmt_params(n: Optional[int]) -> str:
+    return "unknown" if n is None else f"{n:,} ({n / 1e6:.1f}M)"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _evaluation_table(evaluation: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> str:
+    """Rows of dicts (any columns), or ``{task: value}`` / ``{task: {column: value}}``."""
+    if isinstance(evaluation, Mapping):
+        evaluation = [
+            {"task": task, **(value if isinstance(value, Mapping) else {"score": value})}
+            for task, value in evaluation.items()
+        ]
+    header: List[str] = []
+    for row in evaluation:
+        header += [k for k in row if k not in header]
+    return _table(header, [[_cell(row.get(k)) for k in header] for row in evaluation])
+
+
+def _cell(value: Any) -> Any:
+    return f"{value:.4f}" if isinstance(value, float) else value
+
+
+def _load_snippet(repo: str, mode: str) -> str:
+    remote = ", trust_remote_code=True" if mode == "compact" else ""
+    return (
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}"{remote})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{remote})\n'
+        "```"
+    )
+
+
+def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, Any]] = None) -> str:
+    """The README.md text for an export record (see ``write_model_card`` for ``context``)."""
+    context = dict(context or {})
+    arch = DecoderArch.from_dict(record["arch"])
+    original = DecoderArch.from_dict(record["original_arch"]) if record.get("original_arch") else None
+    # The pruned spec's provenance wins; empty values (unknown) never hide the base's.
+    meta = {k: v for source in (original.meta if original else {}, arch.meta) for k, v in source.items() if v}
+    mode = record["mode"]
+    base_model = context.get("base_model") or meta.get("base_model") or None
+    license_ = context.get("license") or meta.get("license")
+    params_before = context.get("params_before") or (original.num_params() if original else None)
+    params_after = context.get("params_after") or arch.num_params()
+
+    front: Dict[str, Any] = {}
+    if license_:
+        front["license"] = license_
+    if base_model:
+        front["base_model"] = base_model
+    front.update(tags=list(CARD_TAGS), library_name="transformers", pipeline_tag="text-generation")
+
+    title = context.get("repo_id") or (f"{base_model.split('/')[-1]}, pruned" if base_model else "Pruned model")
+    parts = [f"---\n{yaml.safe_dump(front, sort_keys=False)}---", f"# {title}", "## Method", _METHOD]
+
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "Not recorded."
+    parts += ["## Base model", base_link]
+
+    size = [f"- Parameters before: {_fmt_params(params_before)}", f"- Parameters after: {_fmt_params(params_after)}"]
+    if params_before:
+        size.append(f"- Kept: {params_after / params_before:.1%} of all parameters")
+    if original is not None:
+        size.append(
+            f"- Prunable (attention + MLP) parameters: {_fmt_params(original.prunable_params())} -> "
+            f"{_fmt_params(arch.prunable_params())} ({arch.prunable_params() / original.prunable_params():.1%})"
+        )
+    if context.get("target") is not None:
+        size.insert(0, f"- Target: {context['target']}")
+    if mode == "padded":
+        size.append(
+            "- This is the **padded** export: pruned weights zero-padded to the base model's shapes so stock "
+            "transformers loads it. It computes the same outputs as the pruned model but is as large as the base."
+        )
+    parts += ["## Size", "\n".join(size)]
+
+    base_layer = original.layers[0] if original is not None and len(set(original.layers)) == 1 else None
+    header = ["Layer", "Attention heads", "KV heads", "MLP width"]
+    rows = [[i, layer.num_heads, layer.num_kv_heads, layer.intermediate_dim] for i, layer in enumerate(arch.layers)]
+    if base_layer is not None:
+        rows.append(["base (every layer)", base_layer.num_heads, base_layer.num_kv_heads, base_layer.intermediate_dim])
+    parts += ["## Per-layer widths", f"Head size {arch.head_dim}, hidden size {arch.embed_dim}.", _table(header, rows)]
+
+    if context.get("training_tokens") is not None:
+        tokens = context["training_tokens"]
+        text = f"Trained on {tokens:,} tokens during pruning." if isinstance(tokens, int) else str(tokens)
+        parts += ["## Training", text]
+    if context.get("evaluation"):
+        parts += ["## Evaluation", _evaluation_table(context["evaluation"])]
+
+    parts += ["## How to load", _load_snippet(context.get("repo_id") or "path/to/this/model", mode)]
+    if mode == "compact":
+        parts.append(
+            "The per-layer widths need the small modeling file shipped in this repository "
+            "(`modeling_adapt.py`, stock Llama/Qwen2 code with resized layers), hence `trust_remote_code=True` "
+            "(the tokenizer needs it too because transformers reads `config.json` to pick it)."
+        )
+    if context.get("command"):
+        parts += ["## Reproduce", "This model was produced by:", f"```bash\n{context['command']}\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(export_dir: Union[str, Path], context: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``README.md`` (Hub model card) into an export directory.
+
+    Args:
+        export_dir: a directory written by ``adapt_prune_tune.export.export_hf``.
+        context: what the export itself does not know, all optional:
+            ``repo_id`` (title and load snippet), ``base_model`` and ``license``
+            (default: the base model's recorded meta), ``target`` (text, e.g.
+            "50% of prunable parameters"), ``params_before``/``params_after``
+            (default: computed from the recorded architectures),
+            ``training_tokens`` (int or text), ``evaluation`` (rows of dicts, or
+            ``{task: score}`` / ``{task: {column: value}}``), ``command`` (the
+            exact command that produced the model).
+
+    Returns:
+        Path: the README.md written.
+    """
+    export_dir = Path(export_dir)
+    text = render_model_card(_export_record(export_dir), context)
+    path = export_dir / "README.md"
+    tmp = path.with_name(".README.md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """Card context from a recipe run's ``run_record.json`` (command, sizes, training tokens)."""
+    record = json.loads((Path(run_dir) / "run_record.json").read_text())
+    context: Dict[str, Any] = {
+        "command": record.get("command"),
+        "params_before": record.get("params_before"),
+        "params_after": record.get("params_after"),
+    }
+    if record.get("base_model"):
+        context["base_model"] = record["base_model"]
+    # Per-stage token counts are estimates (training steps x mean sample length).
+    stage_tokens = [stage["tokens"] for stage in record.get("stages", []) if stage.get("tokens") is not None]
+    if stage_tokens:
+        context["training_tokens"] = f"About {sum(stage_tokens):,} tokens, interleaved with pruning."
+    return context
+
+
+# --------------------------------------------------------------------------- upload
+def _files_to_upload(export_dir: Path) -> List[Tuple[str, int]]:
+    """Every file of the export except hidden ones (temporary or tool state)."""
+    files = []
+    for path in sorted(export_dir.rglob("*")):
+        rel = path.relative_to(export_dir)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files.append((rel.as_posix(), path.stat().st_size))
+    return files
+
+
+def _check_export(export_dir: Path) -> None:
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"Export directory {export_dir} does not exist")
+    if not (export_dir / "config.json").is_file() or not any(export_dir.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{export_dir} has no config.json and *.safetensors: run `adapt-prune-tune export` first"
+        )
+    _export_record(export_dir)
+
+
+def _resolve_token(token: Optional[str]) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PublishError(
+            "No Hugging Face token found. Log in with `hf auth login` (or `huggingface-cli login`), "
+            "set the HF_TOKEN environment variable, or pass a token (--token). "
+            "The token needs write access: https://huggingface.co/settings/tokens"
+        )
+    return token
+
+
+def publish(
+    export_dir: Union[str, Path],
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: bool = False,
+    dry_run: bool = False,
+    commit_message: Optional[str] = None,
+    model_card_context: Optional[Mapping[str, Any]] = None,
+    endpoint: Optional[str] = None,
+) -> PublishResult:
+    """Write the model card and upload an export to a Hub model repository.
+
+    Args:
+        export_dir: a directory written by ``export_hf``.
+        repo_id: ``namespace/name``; created if it does not exist.
+        token: a write token; default: ``HF_TOKEN`` or the cached login.
+        private: create the repository as private (an existing one keeps its visibility).
+        dry_run: write the card and print what would be uploaded; no network, no token needed.
+        commit_message: default "Upload pruned model".
+        model_card_context: see ``write_model_card``; ``repo_id`` is filled in.
+        endpoint: Hub URL; default ``$HF_ENDPOINT`` (read now, not at import) or huggingface.co.
+
+    Returns:
+        PublishResult: the files (and, unless a dry run, the commit URL).
+
+    Raises:
+        ValueError: invalid ``repo_id`` (before anything else happens).
+        FileNotFoundError: ``export_dir`` is not a complete export.
+        PublishError: no token, the Hub refused, or the network failed.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    validate_repo_id(repo_id)
+    export_dir = Path(export_dir)
+    _check_export(export_dir)
+    if not dry_run:
+        token = _resolve_token(token)
+    write_model_card(export_dir, {**dict(model_card_context or {}), "repo_id": repo_id})
+    files = tuple(_files_to_upload(export_dir))
+    if dry_run:
+        print(f"Dry run: would upload {len(files)} files ({sum(s for _, s in files):,} bytes) to {repo_id}:")
+        for name, size in files:
+            print(f"  {size:>15,}  {name}")
+        return PublishResult(repo_id, files, dry_run=True)
+
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=export_dir,
+            repo_type="model",
+            commit_message=commit_message or "Upload pruned model",
+            allow_patterns=[name for name, _ in files],
+        )
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = " Check that the token has write access to this namespace." if status in (401, 403) else ""
+        raise PublishError(f"The Hub refused the upload to {repo_id} (HTTP {status}): {e}.{hint}") from e
+    except Exception as e:
+        # Transport errors come from whichever HTTP client this huggingface_hub
+        # uses (requests, httpx, httpx2): no common base class to name here.
+        raise PublishError(
+            f"Uploading to {repo_id} via {api.endpoint} failed ({type(e).__name__}: {e}). Check the network "
+            "connection, proxy settings, HF_ENDPOINT and HF_HUB_OFFLINE; the export is unchanged."
+        ) from e
+    log.info(f"Published {export_dir} to {commit.commit_url}")
+    return PublishResult(repo_id, files, url=commit.commit_url)
