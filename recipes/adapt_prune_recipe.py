@@ -28,6 +28,7 @@ import importlib.util
 import json
 import sys
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -205,12 +206,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             ac_mode=cfg.get("ac_mode", None),
             ac_option=cfg.get("ac_option", None),
         )
-        self._arch = arch_from_model(self._model)
         state = self._resume_state
         if state is None:
+            # Provenance travels with every spec (arch.json of checkpoints and exports).
+            meta = {"base_model": str(cfg.checkpointer.checkpoint_dir), "model_type": cfg.checkpointer.get("model_type")}
+            self._arch = replace(arch_from_model(self._model), meta=meta)
             self._base_arch = self._arch
         else:
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
+            self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
         self._fingerprint = ckpt.run_fingerprint(
@@ -431,6 +435,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors"))
             record = self.run_record()
             ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
+            try:  # the model and record are already on disk; a plotting failure must not lose them
+                from adapt_prune_tune.report import write_report
+
+                log.info(f"Report: {write_report(record, self._cfg.output_dir)}")
+            except Exception as e:  # noqa: BLE001 - report is best effort, the run succeeded
+                log.warning(f"Run report could not be written ({e}); run_record.json has the data")
             log.info(
                 f"Done: {record['params_before']:,} -> {record['params_after']:,} parameters; "
                 f"model in {out}, record in {self._cfg.output_dir}/run_record.json"
