@@ -1,0 +1,233 @@
+"""The iterative driver end to end on tiny random models, and its up-front errors."""
+
+import copy
+from typing import Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+from adapt_prune_tune.models import DecoderArch, RopeSpec, arch_from_model, decoder_from_arch
+from adapt_prune_tune.pruner import (
+    AdaptivePruner,
+    PruningConfig,
+    calibrate,
+    next_token_loss,
+    prunable_per_layer,
+    prune,
+)
+
+VOCAB = 64
+ARCH = DecoderArch.uniform(vocab_size=VOCAB, embed_dim=48, num_layers=4, num_heads=6, num_kv_heads=3,
+                           intermediate_dim=64, max_seq_len=64, rope=RopeSpec("default", 1e5),
+                           tie_word_embeddings=True)
+PER_CHANNEL = 3 * ARCH.embed_dim
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = decoder_from_arch(ARCH)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def batches(n: int = 2, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"tokens": torch.randint(0, VOCAB, (2, 17), generator=g)} for _ in range(n)]
+
+
+def test_end_to_end_steps_records_and_target() -> None:
+    model = tiny()
+    cfg = PruningConfig(target_sparsity=0.5, steps=4, amplitude=0.05)
+    arch, pruner = prune(model, ARCH, batches(), cfg)
+    assert [r.step for r in pruner.records] == [1, 2, 3, 4]
+    assert [r.target for r in pruner.records] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert all(len(r.layer_importance) == 4 and len(r.layer_sparsity) == 4 for r in pruner.records)
+    assert all(r.seconds > 0 and r.calib_loss > 0 for r in pruner.records)
+    # params shrink every step and end at the target (within one MLP channel overall)
+    params = [r.params for r in pruner.records]
+    assert params == sorted(params, reverse=True) and params[-1] == arch.num_params()
+    removed = ARCH.prunable_params() - arch.prunable_params()
+    assert abs(removed - 0.5 * ARCH.prunable_params()) <= PER_CHANNEL
+    # the model is physically that architecture and still runs
+    assert arch_from_model(model) == arch
+    assert sum(p.numel() for p in model.parameters()) == arch.num_params()
+    assert all(layer.num_heads % layer.num_kv_heads == 0 for layer in arch.layers)
+    loss, _ = next_token_loss(model, batches(1, seed=5)[0])
+    assert torch.isfinite(loss)
+    # the per-layer sparsity the pruner tracks is the achieved one, and it never decreases
+    achieved = 1 - prunable_per_layer(arch, cfg) / prunable_per_layer(ARCH, cfg)
+    assert torch.allclose(pruner.sparsity, achieved)
+    per_step = torch.tensor([r.layer_sparsity for r in pruner.records])
+    assert bool((per_step[1:] >= per_step[:-1] - 1e-12).all())
+
+
+def test_param_count_target() -> None:
+    target = ARCH.num_params() - 30_000
+    arch, _ = prune(tiny(1), ARCH, batches(), PruningConfig(target_params=target, steps=2, amplitude=0.02))
+    assert abs(arch.num_params() - target) <= PER_CHANNEL
+
+
+def test_amplitude_zero_prunes_every_layer_alike() -> None:
+    arch, pruner = prune(tiny(2), ARCH, batches(), PruningConfig(target_sparsity=0.4, steps=3, amplitude=0.0))
+    attention = {arch.layer_attention_params(i) for i in range(arch.num_layers)}
+    assert len(attention) == 1
+    widths = [layer.intermediate_dim for layer in arch.layers]
+    assert max(widths) - min(widths) <= 1  # only the budget's last rounded channel differs
+    assert max(pruner.records[-1].layer_sparsity) - min(pruner.records[-1].layer_sparsity) < 0.01
+
+
+def test_adaptive_prunes_the_layer_that_changes_its_input_least_the_most() -> None:
+    model = tiny(3)
+    with torch.no_grad():  # layer 2 barely writes to the residual stream: output ~ input
+        model.layers[2].attn.output_proj.weight.mul_(1e-3)
+        model.layers[2].mlp.w2.weight.mul_(1e-3)
+    unpruned = copy.deepcopy(model)
+    arch, pruner = prune(model, ARCH, batches(), PruningConfig(target_sparsity=0.3, steps=3, amplitude=0.1))
+    first = pruner.records[0].layer_importance
+    assert first[2] == pytest.approx(-1.0)  # least important, normalized to -1
+    final = pruner.records[-1].layer_sparsity
+    assert final[2] == max(final) and final[2] > 0.3 + 0.1
+    uniform, _ = prune(unpruned, ARCH, batches(), PruningConfig(target_sparsity=0.3, steps=3, amplitude=0.0))
+    assert arch.layers != uniform.layers
+
+
+def test_large_amplitude_reports_clamped_layers_and_still_meets_the_budget() -> None:
+    cfg = PruningConfig(target_sparsity=0.4, steps=3, amplitude=0.5, max_layer_sparsity=0.6)
+    arch, pruner = prune(tiny(4), ARCH, batches(), cfg)
+    assert sum(r.clamped_layers for r in pruner.records) > 0
+    assert max(pruner.records[-1].layer_sparsity) <= 0.6 + 0.05  # whole groups round a little
+    removed = ARCH.prunable_params() - arch.prunable_params()
+    assert abs(removed - 0.4 * ARCH.prunable_params()) <= PER_CHANNEL
+
+
+def test_mlp_only_leaves_heads_alone() -> None:
+    cfg = PruningConfig(target_sparsity=0.5, steps=2, prune_attention=False)
+    arch, _ = prune(tiny(5), ARCH, batches(), cfg)
+    assert all((layer.num_heads, layer.num_kv_heads) == (6, 3) for layer in arch.layers)
+    assert sum(layer.intermediate_dim for layer in arch.layers) == 4 * 64 // 2
+
+
+@pytest.mark.parametrize("scorer", ["magnitude_l2", "random", "taylor_vector"])
+def test_other_scorers_run(scorer: str) -> None:
+    arch, _ = prune(tiny(6), ARCH, batches(1), PruningConfig(target_sparsity=0.3, steps=2, scorer=scorer))
+    assert abs(ARCH.prunable_params() - arch.prunable_params() - 0.3 * ARCH.prunable_params()) <= PER_CHANNEL
+
+
+def test_random_scorer_is_reproducible_with_the_seed() -> None:
+    cfg = PruningConfig(target_sparsity=0.3, steps=2, scorer="random", seed=3)
+    m1, m2 = tiny(7), tiny(7)
+    prune(m1, ARCH, batches(1), cfg)
+    prune(m2, ARCH, batches(1), cfg)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_calibrate_matches_a_manual_loss() -> None:
+    model, data = tiny(8), batches(3)
+    calib = calibrate(model, data)
+    with torch.no_grad():
+        losses = [next_token_loss(model, b) for b in data]
+    expected = sum(float(l) * n for l, n in losses) / sum(n for _, n in losses)
+    assert calib.loss == pytest.approx(expected, rel=1e-5)
+    assert calib.tokens == 3 * 2 * 16
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("sparsity", [1.0, 1.5, -0.1])
+def test_sparsity_outside_unit_interval(sparsity: float) -> None:
+    with pytest.raises(ValueError, match=r"target_sparsity must be in \[0, 1\)"):
+        PruningConfig(target_sparsity=sparsity)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        PruningConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        PruningConfig(target_sparsity=0.2, target_params=10)
+    with pytest.raises(ValueError, match="steps"):
+        PruningConfig(target_sparsity=0.2, steps=0)
+    with pytest.raises(ValueError, match="amplitude"):
+        PruningConfig(target_sparsity=0.2, amplitude=-0.01)
+    with pytest.raises(ValueError, match="scorer"):
+        PruningConfig(target_sparsity=0.2, scorer="hessian")
+    with pytest.raises(ValueError, match="similarity"):
+        PruningConfig(target_sparsity=0.2, similarity="dot")
+    with pytest.raises(ValueError, match="prune_attention and/or prune_mlp"):
+        PruningConfig(target_sparsity=0.2, prune_attention=False, prune_mlp=False)
+
+
+def test_param_targets_outside_the_model() -> None:
+    with pytest.raises(ValueError, match="not below"):
+        AdaptivePruner(PruningConfig(target_params=ARCH.num_params() + 1), ARCH)
+    embeddings = ARCH.vocab_size * ARCH.embed_dim
+    with pytest.raises(ValueError, match="cannot prune"):
+        AdaptivePruner(PruningConfig(target_params=embeddings), ARCH)
+
+
+def test_target_below_minimum_widths_fails_before_any_work() -> None:
+    model = tiny(9)
+    before = copy.deepcopy(model.state_dict())
+    cfg = PruningConfig(target_sparsity=0.95 - 1e-3, max_layer_sparsity=0.99, min_kv_heads=3, min_q_per_kv=2)
+    with pytest.raises(ValueError, match="exceeds what the minimum widths"):
+        prune(model, ARCH, batches(), cfg)
+    cfg = PruningConfig(target_sparsity=0.7, max_layer_sparsity=0.6)
+    with pytest.raises(ValueError, match="max_layer_sparsity"):
+        prune(model, ARCH, batches(), cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_empty_calibration() -> None:
+    with pytest.raises(ValueError, match="Calibration data is empty"):
+        prune(tiny(), ARCH, [], PruningConfig(target_sparsity=0.2, steps=1))
+
+
+def test_non_gated_mlp_is_rejected_before_work() -> None:
+    from torchtune.modules import FeedForward
+
+    model = tiny()
+    model.layers[1].mlp = FeedForward(gate_proj=nn.Linear(48, 64, bias=False), down_proj=nn.Linear(64, 48, bias=False))
+    with pytest.raises(TypeError, match="gated"):
+        arch_from_model(model)
+    with pytest.raises(TypeError, match="gated"):
+        prune(model, ARCH, batches(), PruningConfig(target_sparsity=0.2, steps=1))
+
+
+def test_lora_linear_is_rejected_before_work() -> None:
+    from torchtune.modules.peft import LoRALinear
+
+    model = tiny()
+    model.layers[0].attn.q_proj = LoRALinear(48, 48, rank=4, alpha=8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="LoRA"):
+        arch_from_model(model)
+    # the driver checks the model itself, not just the spec it is handed
+    with pytest.raises(TypeError, match="LoRA"):
+        prune(model, ARCH, batches(), PruningConfig(target_sparsity=0.2, steps=1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_spec_that_does_not_match_the_model_is_rejected() -> None:
+    model = tiny()
+    wrong = ARCH.with_layers([ARCH.layers[0]] * 3 + [type(ARCH.layers[0])(6, 3, 32)])
+    with pytest.raises(ValueError, match="does not match"):
+        prune(model, wrong, batches(), PruningConfig(target_sparsity=0.2, steps=1))
+
+
+def test_pruner_state_round_trip_resumes_identically() -> None:
+    cfg = PruningConfig(target_sparsity=0.4, steps=2, scorer="random", amplitude=0.05, seed=1)
+    model = tiny(10)
+    pruner = AdaptivePruner(cfg, ARCH)
+    plan, calib = pruner.measure_and_plan(model, ARCH, batches(1), 0.2)
+    pruner.commit(plan, calib, 0.2, stage=1, seconds=0.0)
+    state = copy.deepcopy(pruner.state_dict())
+    resumed = AdaptivePruner(cfg, ARCH)
+    resumed.load_state_dict(state)
+    a, _ = pruner.measure_and_plan(copy.deepcopy(model), ARCH, batches(1), 0.4)
+    b, _ = resumed.measure_and_plan(copy.deepcopy(model), ARCH, batches(1), 0.4)
+    assert a.arch == b.arch
+    assert all((x is None and y is None) or x.to_dict() == y.to_dict() for x, y in zip(a.keeps, b.keeps))
