@@ -33,7 +33,7 @@ from adapt_prune_tune.importance import (
     importance_from_similarity,
     normalize_importance,
 )
-from adapt_prune_tune.models import DecoderArch, LayerArch
+from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_model
 from adapt_prune_tune.scoring import (
     SCORERS,
     coupled_param_names,
@@ -423,6 +423,23 @@ class AdaptivePruner:
         self._generator.set_state(state["generator"])
 
 
+def check_model_matches(model: nn.Module, arch: DecoderArch) -> None:
+    """Fail before any work if ``model`` cannot be pruned or is not shaped like ``arch``.
+
+    ``arch_from_model`` rejects modules surgery would mishandle (LoRA or
+    quantized projections, non-gated MLPs, q/k norms); a spec of another shape
+    would slice the wrong rows.
+    """
+    found = arch_from_model(model)
+    shared = ("embed_dim", "head_dim", "attn_bias", "vocab_size")
+    if found.layers != arch.layers or any(getattr(found, k) != getattr(arch, k) for k in shared):
+        raise ValueError(
+            "The architecture spec does not match the model: spec layers "
+            f"{[tuple(vars(l).values()) for l in arch.layers]} vs model "
+            f"{[tuple(vars(l).values()) for l in found.layers]}"
+        )
+
+
 def prune(
     model: nn.Module,
     arch: DecoderArch,
@@ -434,6 +451,7 @@ def prune(
 
     Returns the final spec and the pruner (its ``records`` describe every step).
     """
+    check_model_matches(model, arch)
     pruner = AdaptivePruner(cfg, arch)
     for k in range(cfg.steps):
         t0 = time.perf_counter()

@@ -129,6 +129,7 @@ def rebind_optimizer_(
     state_source: Mapping[str, Mapping[str, Any]],
     slices: SliceMap,
     old_shapes: Mapping[str, torch.Size],
+    consume: bool = False,
 ) -> None:
     """Point ``optimizer`` at ``new_model``'s parameters and install sliced state.
 
@@ -137,6 +138,9 @@ def rebind_optimizer_(
     full tensors); moments shaped like their parameter are gathered, sliced
     like the parameter and re-sharded like the new parameter. An empty source
     resets the state (the official code's behaviour, kept for comparison).
+    With ``consume`` (a mutable ``state_source`` the caller no longer needs), each
+    old entry is removed once re-bound, so old moments are freed as new ones
+    are made instead of both sets living until the end.
     """
     if len(optimizer.param_groups) != 1:
         raise NotImplementedError(
@@ -145,7 +149,7 @@ def rebind_optimizer_(
     new_params = named_parameters(new_model)
     new_state: Dict[torch.Tensor, Dict[str, Any]] = defaultdict(dict)
     for name, p in new_params.items():
-        entry = state_source.get(name)
+        entry = state_source.pop(name, None) if consume else state_source.get(name)
         if not entry:
             continue
         for key, value in sorted(entry.items()):

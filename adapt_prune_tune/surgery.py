@@ -102,6 +102,11 @@ def prune_layer_(layer: nn.Module, current: LayerArch, keep: LayerKeep, head_dim
         setattr(parent, attr, _narrow_linear(old, weight, b))
     layer.attn.num_heads = int(keep.q.numel())
     layer.attn.num_kv_heads = int(keep.kv.numel())
+    _drop_kv_cache(layer)
+
+
+def _drop_kv_cache(layer: nn.Module) -> None:
+    layer = getattr(layer, "_checkpoint_wrapped_module", layer)
     if getattr(layer.attn, "kv_cache", None) is not None:
         layer.attn.kv_cache = None
         layer.attn.cache_enabled = False
@@ -119,6 +124,11 @@ def prune_decoder_(model: nn.Module, arch: DecoderArch, keeps: List[Optional[Lay
             continue
         prune_layer_(model.layers[i], arch.layers[i], keep, arch.head_dim)
         layers[i] = keep.arch()
+    if any(keep is not None for keep in keeps):
+        # Untouched layers drop theirs too: a half-cached model would silently
+        # keep updating the remaining caches in a later uncached forward.
+        for layer in model.layers:
+            _drop_kv_cache(layer)
     return arch.with_layers(layers)
 
 

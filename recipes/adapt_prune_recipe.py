@@ -24,10 +24,12 @@ extra forward/backward, not with a full state dict.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
 import time
+from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -215,6 +217,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         else:
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
             self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
+        _fit_compile_caches(self._compile, self._arch)
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
         self._fingerprint = ckpt.run_fingerprint(
@@ -312,20 +315,29 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         start = float(self._pruner.records[-1].target) if self._pruner.records else 0.0
         goal = self._targets[stage - 1]
         loss_before = None
-        for j in range(1, self._steps_per_stage + 1):
-            t_step = time.perf_counter()
-            target = start + (goal - start) * j / self._steps_per_stage
-            plan, calib = self._pruner.measure_and_plan(self._model, self._arch, self._calib_batches, target)
-            loss_before = calib.loss if loss_before is None else loss_before
-            keeps = _broadcast_keeps(plan.keeps)
-            self._resize(keeps, plan.arch)
-            record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
-            utils.log_rank_zero(
-                log,
-                f"stage {stage} prune step {j}/{self._steps_per_stage}: target {target:.3f}, "
-                f"params {record.params:,}, calib loss {calib.loss:.4f}, {record.seconds:.2f}s",
-            )
-        loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
+        if self._compile:
+            import torch._dynamo
+
+            # Graphs of the previous widths can never match again after the cut.
+            torch._dynamo.reset()
+        # With compile: True, every resize changes the layers' shapes; compiling the calibration
+        # passes would build graphs for widths that live for one step. Prune steps run eager and
+        # only the stage's final widths are compiled, by its first training step.
+        with _eager_if(self._compile):
+            for j in range(1, self._steps_per_stage + 1):
+                t_step = time.perf_counter()
+                target = start + (goal - start) * j / self._steps_per_stage
+                plan, calib = self._pruner.measure_and_plan(self._model, self._arch, self._calib_batches, target)
+                loss_before = calib.loss if loss_before is None else loss_before
+                keeps = _broadcast_keeps(plan.keeps)
+                self._resize(keeps, plan.arch)
+                record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
+                utils.log_rank_zero(
+                    log,
+                    f"stage {stage} prune step {j}/{self._steps_per_stage}: target {target:.3f}, "
+                    f"params {record.params:,}, calib loss {calib.loss:.4f}, {record.seconds:.2f}s",
+                )
+            loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
         self._stage_pruned[stage - 1] = True
         entry = {
             "stage": stage,
@@ -363,16 +375,22 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         old_model = self._model
         old_shapes = parameter_shapes(old_model)
         old_state = optimizer_state_by_name(old_model, self._optimizer) if self._optimizer_state_mode == "slice" else {}
+        # The old moments now live only in `old_state`, which the rebind consumes entry by entry,
+        # and the old model is dropped before it: a resize peaks at old + new weights + one set
+        # of moments, below a training step (weights, grads, moments, activations).
+        self._optimizer.state = defaultdict(dict)
         self._model = self._setup_model(
             cfg_model=DictConfig(_arch_component(new_arch)),
             model_state_dict=PrunedStateView(old_model, slices),
             **self._model_cfg_kwargs,
         )
-        rebind_optimizer_(self._optimizer, self._model, old_state, slices, old_shapes)
+        del old_model
+        rebind_optimizer_(self._optimizer, self._model, old_state, slices, old_shapes, consume=True)
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        del old_model, old_state
+        del old_state
         self._arch = new_arch
+        _fit_compile_caches(self._compile, new_arch)
         _check_same_arch_everywhere(new_arch)
 
     # ------------------------------------------------------------------ state
@@ -464,6 +482,37 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "stages": self._stage_log,
             "train_log": self._train_log,
         }
+
+
+def _eager_if(enabled: bool):
+    """Run compiled modules eagerly (no new graphs) inside the block when ``enabled``."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if enabled and set_stance is not None:
+        return set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def _fit_compile_caches(compiled: bool, arch: DecoderArch) -> None:
+    """Let dynamo keep one graph per distinct layer shape (torchtune compiles layer by layer).
+
+    All layers share one code object, whose cache holds ``recompile_limit`` (default 8) graphs;
+    pruned layers have distinct widths, and past the limit dynamo silently runs the remaining
+    layers eagerly. Room for every shape (twice: a varying sequence length adds a dynamic
+    variant) plus torchtune's margin keeps all layers compiled.
+    """
+    if not compiled:
+        return
+    import torch._dynamo
+
+    shapes = len({(layer.num_heads, layer.num_kv_heads, layer.intermediate_dim) for layer in arch.layers})
+    need = 2 * shapes + 8
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < need:
+            setattr(cfg, name, need)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 4 * need:
+            setattr(cfg, name, 4 * need)
 
 
 def _arch_component(arch: DecoderArch) -> Dict[str, Any]:
