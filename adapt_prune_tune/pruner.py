@@ -291,29 +291,37 @@ def plan_step(
     keep_params = ((1.0 - new_sparsity) * weights).tolist()
     dim, hd, bias = original.embed_dim, original.head_dim, original.attn_bias
 
-    attention: List[Tuple[int, int]] = []
+    # Per layer: the preferred head widths, and the smallest ones the layer's current
+    # MLP can make up for (removed channels never come back, so a layer whose heads
+    # drop by more than its share of this step ends below its budget).
+    preferred: List[Tuple[int, int]] = []
+    feasible: List[Tuple[int, int]] = []
+    retained_at: List[Callable[[Tuple[int, int]], float]] = []
     for i, (orig, cur) in enumerate(zip(original.layers, current.layers)):
         cur_qpk = cur.num_heads // cur.num_kv_heads
         if not cfg.prune_attention:
-            attention.append((cur.num_kv_heads, cur_qpk))
+            preferred.append((cur.num_kv_heads, cur_qpk))
+            feasible.append(preferred[-1])
+            retained_at.append(lambda choice: 0.0)
             continue
         frac = 1.0 - float(new_sparsity[i])
         kv_s, q_s = scores[i]["kv"], scores[i]["q"]
         retained = lambda kv, qpk, kv_s=kv_s, q_s=q_s: select_attention(kv_s, q_s, kv, qpk)[2]
+        retained_at.append(lambda choice, retained=retained: retained(*choice))
+        min_attention = keep_params[i] - 3 * dim * cur.intermediate_dim if cfg.prune_mlp else 0.0
         if cfg.attention_allocation == "score" and cfg.prune_mlp:
             mlp_cum = scores[i]["mlp"].sort(descending=True).values.cumsum(0)
-            attention.append(
-                choose_attention_by_score(
-                    original, cur, keep_params[i], retained, mlp_cum,
-                    cfg.min_kv_heads, cfg.min_q_per_kv, cfg.min_mlp_channels,
-                )
+            choose = lambda m, cur=cur, i=i, retained=retained, mlp_cum=mlp_cum: choose_attention_by_score(
+                original, cur, keep_params[i], retained, mlp_cum,
+                cfg.min_kv_heads, cfg.min_q_per_kv, cfg.min_mlp_channels, min_params=m,
             )
-            continue
-        attention.append(
-            choose_attention_widths(
-                original, orig, cur, frac, cfg.min_kv_heads, cfg.min_q_per_kv, retained
+        else:
+            choose = lambda m, orig=orig, cur=cur, frac=frac, retained=retained: choose_attention_widths(
+                original, orig, cur, frac, cfg.min_kv_heads, cfg.min_q_per_kv, retained, min_params=m
             )
-        )
+        preferred.append(choose(0.0))
+        feasible.append(choose(min_attention) if min_attention > 0 else preferred[-1])
+    attention = _settle_attention(original, current, keep_params, preferred, feasible, retained_at, cfg.prune_mlp)
 
     current_mlp = [layer.intermediate_dim for layer in current.layers]
     if cfg.prune_mlp:
@@ -340,6 +348,42 @@ def plan_step(
     new_arch = current.with_layers(layers)
     achieved = 1.0 - prunable_per_layer(new_arch, cfg) / weights
     return StepPlan(keeps, new_arch, achieved, importance, clamped)
+
+
+def _settle_attention(
+    original: DecoderArch,
+    current: DecoderArch,
+    keep_params: Sequence[float],
+    preferred: Sequence[Tuple[int, int]],
+    feasible: Sequence[Tuple[int, int]],
+    retained_at: Sequence[Callable[[Tuple[int, int]], float]],
+    prune_mlp: bool,
+) -> List[Tuple[int, int]]:
+    """Preferred head widths, with just enough head drops undone to meet the model budget.
+
+    When every layer crosses a head boundary in the same step (uniform sparsity
+    does this), their MLPs cannot grow back to absorb the overshoot and the model
+    would land below its parameter target. Layers then keep their heads one at a
+    time, the one whose dropped heads score highest first, until the current MLP
+    widths can carry the rest of the budget; the others still drop theirs.
+    """
+    attention = list(preferred)
+    if not prune_mlp:
+        return attention
+    dim, hd, bias = original.embed_dim, original.head_dim, original.attn_bias
+    size = lambda choice: _attention_params(dim, hd, choice[0], choice[1], bias)
+    capacity = sum(size(a) + 3 * dim * cur.intermediate_dim for a, cur in zip(attention, current.layers))
+    shortfall = sum(keep_params) - capacity
+    if shortfall <= 1e-6:
+        return attention
+    candidates = [i for i in range(len(attention)) if size(feasible[i]) > size(preferred[i])]
+    candidates.sort(key=lambda i: retained_at[i](feasible[i]) - retained_at[i](preferred[i]), reverse=True)
+    for i in candidates:
+        if shortfall <= 1e-6:
+            break
+        shortfall -= size(feasible[i]) - size(preferred[i])
+        attention[i] = feasible[i]
+    return attention
 
 
 # --------------------------------------------------------------------------- driver

@@ -130,6 +130,7 @@ def choose_attention_widths(
     min_kv_heads: int = 1,
     min_q_per_kv: int = 1,
     retained_score: Optional[Callable[[int, int], float]] = None,
+    min_params: float = 0.0,
 ) -> Tuple[int, int]:
     """Pick (num_kv_heads, q_per_kv) whose size is closest to ``keep_fraction`` of the original.
 
@@ -138,6 +139,11 @@ def choose_attention_widths(
     ``num_heads % num_kv_heads == 0`` always holds and the stock attention
     forward runs unchanged. Among equally close sizes, the one retaining the
     highest group score wins (``retained_score(kv, qpk)``).
+
+    ``min_params``: smallest attention size allowed. The caller passes the
+    layer's budget minus its current MLP size: removed channels never come
+    back, so a smaller attention would leave the layer (and, when every layer
+    rounds the same way, the model) below its parameter budget.
     """
     hd, dim, bias = base.head_dim, base.embed_dim, base.attn_bias
     orig_params = _attention_params(dim, hd, orig.num_kv_heads, orig.num_heads // orig.num_kv_heads, bias)
@@ -147,6 +153,8 @@ def choose_attention_widths(
     for kv in range(min(min_kv_heads, current.num_kv_heads), current.num_kv_heads + 1):
         for qpk in range(min(min_q_per_kv, cur_qpk), cur_qpk + 1):
             params = _attention_params(dim, hd, kv, qpk, bias)
+            if params < min_params - 1e-6 and (kv, qpk) != (current.num_kv_heads, cur_qpk):
+                continue
             score = retained_score(kv, qpk) if retained_score else 0.0
             key = (abs(params - goal), -score, -kv)
             if best_key is None or key < best_key:
@@ -163,6 +171,7 @@ def choose_attention_by_score(
     min_kv_heads: int = 1,
     min_q_per_kv: int = 1,
     min_mlp_channels: int = 1,
+    min_params: float = 0.0,
 ) -> Tuple[int, int]:
     """Split one layer's budget between attention and MLP to keep the most group score.
 
@@ -177,6 +186,7 @@ def choose_attention_by_score(
     Args:
         mlp_retained: cumulative sum of the layer's channel scores sorted in
             descending order (retained score of the best ``w`` channels at ``w-1``).
+        min_params: smallest attention size allowed (see ``choose_attention_widths``).
     """
     dim, hd, bias = base.embed_dim, base.head_dim, base.attn_bias
     per_channel = 3 * dim
@@ -185,6 +195,8 @@ def choose_attention_by_score(
     for kv in range(min(min_kv_heads, current.num_kv_heads), current.num_kv_heads + 1):
         for qpk in range(min(min_q_per_kv, cur_qpk), cur_qpk + 1):
             attn = _attention_params(dim, hd, kv, qpk, bias)
+            if attn < min_params - 1e-6 and (kv, qpk) != (current.num_kv_heads, cur_qpk):
+                continue
             width = math.floor((keep_params - attn) / per_channel)
             width = min(current.intermediate_dim, width)
             if width < min(min_mlp_channels, current.intermediate_dim):

@@ -329,13 +329,19 @@ def measure_overhead(
     plain_forward_backward(model, batches, device)  # warm-up (allocator, lazy inits)
     rows = []
     for k in range(iterations):
+        c0 = time.process_time()
         fb = plain_forward_backward(model, batches, device)
+        c1 = time.process_time()
         target = pruner.final_target * (k + 1) / steps
         arch, parts = prune_iteration(pruner, model, arch, batches, target, device)
-        rows.append({"fb": fb, **parts, "ratio": parts["total"] / fb})
+        c2 = time.process_time()
+        # CPU seconds of this process (all its threads): less sensitive to other load on a
+        # shared machine than wall time; meaningless for GPU work (wall time is the figure there).
+        rows.append({"fb": fb, **parts, "ratio": parts["total"] / fb,
+                     "fb_cpu": c1 - c0, "iteration_cpu": c2 - c1, "ratio_cpu": (c2 - c1) / max(c1 - c0, 1e-9)})
         log(f"  [{shape}] iteration {k + 1}/{iterations}: fwd+bwd {fb:.3f}s, iteration {parts['total']:.3f}s "
             f"(calib {parts['calibrate']:.3f} score {parts['score']:.3f} plan {parts['plan']:.3f} "
-            f"surgery {parts['surgery']:.3f}), ratio {parts['total'] / fb:.3f}")
+            f"surgery {parts['surgery']:.3f}), ratio {parts['total'] / fb:.3f} (cpu time {rows[-1]['ratio_cpu']:.3f})")
     tokens = sum(int(b["tokens"][:, 1:].numel()) for b in batches)
     return {
         "shape": shape,
@@ -348,6 +354,7 @@ def measure_overhead(
         "fb_seconds": median(r["fb"] for r in rows),
         "iteration_seconds": median(r["total"] for r in rows),
         "ratio": median(r["ratio"] for r in rows),
+        "ratio_cpu_time": median(r["ratio_cpu"] for r in rows),
         "parts_seconds": {p: median(r[p] for r in rows) for p in ("calibrate", "score", "plan", "surgery")},
         "rows": rows,
         "_model": model,
@@ -659,9 +666,13 @@ def worker_recipe_overhead(cfg_path: Path, iterations: int) -> Dict[str, Any]:
     rows = []
     final = recipe._pruner.final_target
     for k in range(iterations):
+        c0 = time.process_time()
         fb = _recipe_fb(recipe)
+        c1 = time.process_time()
         parts = _recipe_prune_step(apr, recipe, final * (k + 1) / iterations)
-        rows.append({"fb": fb, **parts, "ratio": parts["total"] / fb})
+        c2 = time.process_time()
+        rows.append({"fb": fb, **parts, "ratio": parts["total"] / fb,
+                     "ratio_cpu": (c2 - c1) / max(c1 - c0, 1e-9)})
     out = {
         "world_size": recipe.world_size,
         "fsdp": recipe.world_size > 1,
@@ -670,6 +681,7 @@ def worker_recipe_overhead(cfg_path: Path, iterations: int) -> Dict[str, Any]:
         "fb_seconds": median(r["fb"] for r in rows),
         "iteration_seconds": median(r["total"] for r in rows),
         "ratio": median(r["ratio"] for r in rows),
+        "ratio_cpu_time": median(r["ratio_cpu"] for r in rows),
         "parts_seconds": {p: median(r[p] for r in rows)
                           for p in ("measure_and_plan", "resize", "rebuild_model", "rebind_optimizer")},
         "rows": rows,
@@ -751,7 +763,7 @@ def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=
     run_cmd(cmd, cwd=work)
     res = json.loads(out_json.read_text())
     res["shape"] = shape
-    log(f"  recipe path [{shape}, {nproc} proc]: ratio {res['ratio']:.3f} "
+    log(f"  recipe path [{shape}, {nproc} proc]: ratio {res['ratio']:.3f} (cpu time {res['ratio_cpu_time']:.3f}) "
         f"(fwd+bwd {res['fb_seconds']:.3f}s, step {res['iteration_seconds']:.3f}s: {res['parts_seconds']})")
     return res
 
@@ -765,7 +777,10 @@ def section_memory(shape: str, work: Path, calib_batch_sizes: Sequence[int], ord
             cfg = recipe_config(model_dir, work / f"mem_{shape}", shape, **{"pruning.calibration.batch_size": cbs})
             path = write_config(cfg, work / f"mem_{shape}_{cbs}.yaml")
             out_json = work / f"mem_{shape}_{cbs}_{order}.json"
-            run_cmd(worker_cmd("memory", str(path), order, str(out_json)), cwd=work)
+            # A fixed mmap threshold makes glibc return every large tensor to the OS when it is
+            # freed, so maxrss follows the live-tensor peak instead of heap fragmentation.
+            run_cmd(worker_cmd("memory", str(path), order, str(out_json)), cwd=work,
+                    env={"MALLOC_MMAP_THRESHOLD_": "131072"})
             r = json.loads(out_json.read_text())
             r["calib_batch_size"] = cbs
             if order == "train_first":
@@ -846,12 +861,6 @@ def section_throughput(shape: str, work: Path, steps: int, repeats: int, log=pri
     res["ratio"] = res["ours_tokens_per_s"] / res["stock_tokens_per_s"]
     log(f"  throughput [{shape}]: ratio {res['ratio']:.3f}")
     return res
-
-
-def _first_step_excess(rows: List[Dict[str, float]], tokens_per_step: float) -> List[float]:
-    """Seconds the first step of each run of steps took beyond the steady step time (compile)."""
-    secs = [tokens_per_step / r["tokens_per_second_per_gpu"] for r in rows if "tokens_per_second_per_gpu" in r]
-    return secs
 
 
 def _dynamo_summary(run: Dict[str, Any]) -> Dict[str, Any]:

@@ -327,7 +327,7 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=None)
     parser.add_argument("--amplitude", type=float, default=0.02)
     parser.add_argument("--sweep", type=float, nargs="*", default=None)
-    parser.add_argument("--methods", nargs="+", default=["adaptive", "uniform", "magnitude", "random"])
+    parser.add_argument("--methods", nargs="*", default=["adaptive", "uniform", "magnitude", "random"])
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--mlp-only", dest="mlp_only", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--mlp-only-steps", type=int, default=10)
@@ -335,11 +335,14 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=128)
     parser.add_argument("--calib-batch", type=int, default=8)
     parser.add_argument("--max-layer-sparsity", type=float, default=0.9)
-    parser.add_argument("--attention-allocation", choices=("proportional", "score"), default="proportional",
-                        help="how a layer's budget is split between heads and MLP channels")
+    parser.add_argument("--attention-allocation", choices=("proportional", "score"), default=None,
+                        help="how a layer's budget is split between heads and MLP channels "
+                             "(default: PruningConfig's)")
     parser.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default="cosine")
     parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="held-out tokens (smoke tests only)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--original-from", type=Path, default=None,
+                        help="reuse the unpruned perplexity measured in another results file")
     parser.add_argument("--resume", action="store_true", help="keep finished runs of --out with the same settings")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = parser.parse_args()
@@ -350,13 +353,14 @@ def main() -> None:
     args.sweep = args.sweep if args.sweep is not None else ([] if quick else [0.0, 0.005, 0.01, 0.02, 0.04])
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
     args.mlp_only = args.mlp_only if args.mlp_only is not None else not quick
+    args.attention_allocation = args.attention_allocation or PruningConfig(target_sparsity=0.1).attention_allocation
     if args.threads:
         torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads", "original_from")}
     t_start = time.perf_counter()
     model_dir = prepare_smollm2()
     data_dir = prepare_python_docs(tokenizer_path=model_dir)
@@ -391,6 +395,10 @@ def main() -> None:
         "results": {},
         "total_reduction": {},
     }
+    if not payload["original"] and args.original_from is not None:
+        other = json.loads(args.original_from.read_text())
+        if other["settings"].get("eval_tokens", EVAL_TOKENS) == args.eval_tokens:
+            payload["original"] = other["original"]
     if not payload["original"]:
         t0 = time.perf_counter()
         payload["original"] = {"perplexity": perplexity(base, windows), "params": arch.num_params(),

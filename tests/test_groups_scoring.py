@@ -1,6 +1,6 @@
 """Coupled groups and their scores, checked against loops over hand-made weights."""
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 import torch
@@ -15,6 +15,16 @@ from adapt_prune_tune.scoring import (
     select_attention,
     select_channels,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 DIM, HD = 6, 3
 LAYER = LayerArch(num_heads=4, num_kv_heads=2, intermediate_dim=5)

@@ -1,6 +1,6 @@
 """Layer importance: per-token similarity, signs, normalization and the forward-hook collector."""
 
-from typing import List
+from typing import Iterator, List
 
 import pytest
 import torch
@@ -15,6 +15,15 @@ from adapt_prune_tune.importance import (
     token_similarity,
 )
 from adapt_prune_tune.models import DecoderArch, RopeSpec, decoder_from_arch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Affine(nn.Module):

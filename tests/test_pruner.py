@@ -1,7 +1,7 @@
 """The iterative driver end to end on tiny random models, and its up-front errors."""
 
 import copy
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 import torch
@@ -16,6 +16,16 @@ from adapt_prune_tune.pruner import (
     prunable_per_layer,
     prune,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 VOCAB = 64
 ARCH = DecoderArch.uniform(vocab_size=VOCAB, embed_dim=48, num_layers=4, num_heads=6, num_kv_heads=3,

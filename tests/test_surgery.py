@@ -9,7 +9,7 @@ KV heads after re-indexing.
 
 import copy
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 import torch
@@ -26,6 +26,16 @@ from adapt_prune_tune.surgery import (
     prune_state_dict,
     slice_tensor,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 VOCAB, DIM, LAYERS, SEQ = 64, 48, 3, 64
 
@@ -260,3 +270,12 @@ def test_surgery_through_activation_checkpoint_wrappers() -> None:
     prune_decoder_(model, arch, keeps)
     with torch.no_grad():
         assert torch.allclose(model(tokens), plain(tokens), atol=1e-6)
+
+
+def test_the_three_families_are_what_they_claim() -> None:
+    specs = {family: arch_from_model(build(family)) for family in FAMILIES}
+    assert specs["llama3"].rope.kind == "llama3_scaled" and not specs["llama3"].tie_word_embeddings
+    assert specs["qwen2"].rope.kind == "qwen2" and specs["qwen2"].attn_bias and specs["qwen2"].tie_word_embeddings
+    assert specs["smollm2"].rope == RopeSpec("default", 1e5) and specs["smollm2"].tie_word_embeddings
+    assert {f: (s.layers[0].num_heads, s.layers[0].num_kv_heads) for f, s in specs.items()} == {
+        "llama3": (6, 2), "qwen2": (6, 2), "smollm2": (6, 3)}
