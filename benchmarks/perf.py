@@ -768,30 +768,41 @@ def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=
     return res
 
 
+# Activations small next to weights (short windows, activation checkpointing): the regime of
+# big models, where a resize holding two copies of the AdamW moments would set the peak.
+SMALL_ACTIVATIONS = {
+    "pruning.calibration.seq_len": 32, "pruning.calibration.num_samples": 4,
+    "tokenizer.max_seq_len": 32, "batch_size": 1, "enable_activation_checkpointing": True,
+}
+
+
 def section_memory(shape: str, work: Path, calib_batch_sizes: Sequence[int], orders: Sequence[str],
-                   log=print) -> Dict[str, Any]:
+                   log=print, variant: str = "default") -> Dict[str, Any]:
     model_dir = model_dir_for(shape, work)
     results = []
+    extra = SMALL_ACTIVATIONS if variant == "small_activations" else {}
     for cbs in calib_batch_sizes:
         for order in orders:
-            cfg = recipe_config(model_dir, work / f"mem_{shape}", shape, **{"pruning.calibration.batch_size": cbs})
-            path = write_config(cfg, work / f"mem_{shape}_{cbs}.yaml")
-            out_json = work / f"mem_{shape}_{cbs}_{order}.json"
+            cfg = recipe_config(model_dir, work / f"mem_{shape}", shape,
+                                **{**extra, "pruning.calibration.batch_size": cbs})
+            path = write_config(cfg, work / f"mem_{shape}_{variant}_{cbs}.yaml")
+            out_json = work / f"mem_{shape}_{variant}_{cbs}_{order}.json"
             # A fixed mmap threshold makes glibc return every large tensor to the OS when it is
             # freed, so maxrss follows the live-tensor peak instead of heap fragmentation.
             run_cmd(worker_cmd("memory", str(path), order, str(out_json)), cwd=work,
                     env={"MALLOC_MMAP_THRESHOLD_": "131072"})
             r = json.loads(out_json.read_text())
             r["calib_batch_size"] = cbs
+            r["variant"] = variant
             if order == "train_first":
                 r["prune_extra_mb"] = r["after_prune_mb"] - r["after_train_mb"]
             else:
                 r["train_extra_mb"] = r["after_train_mb"] - r["after_prune_mb"]
             results.append(r)
-            log(f"  memory [{shape}, calib batch {cbs} ({r['calib_tokens_per_batch']} tok) vs train batch "
+            log(f"  memory [{shape}, {variant}, calib batch {cbs} ({r['calib_tokens_per_batch']} tok) vs train batch "
                 f"{r['train_tokens_per_batch']} tok, {order}]: " + ", ".join(
                     f"{k} {v:.0f}" for k, v in r.items() if k.endswith("_mb")))
-    return {"shape": shape, "runs": results}
+    return {"shape": shape, "variant": variant, "runs": results}
 
 
 def _our_run(shape: str, work: Path, tag: str, steps: int, compile_: bool, env=None, **over) -> Dict[str, Any]:
@@ -875,8 +886,13 @@ def _dynamo_summary(run: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=None) -> Dict[str, Any]:
-    """compile: True — uniform first-step compile vs after each resize; graphs; eager fallbacks."""
+def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=None,
+                    dynamic_widths: bool = False, with_stock: bool = True) -> Dict[str, Any]:
+    """compile: True — uniform first-step compile vs after each resize; graphs; eager fallbacks.
+
+    ``dynamic_widths`` runs ours with ``adapt.compile_dynamic_widths: True``; ``with_stock``
+    adds the stock recipe on the uniform model and on the pruned widths.
+    """
     from adapt_prune_tune.models import DecoderArch
 
     def env(tag):
@@ -885,8 +901,11 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
         return {"TORCHINDUCTOR_CACHE_DIR": str(d), "TORCH_LOGS": "recompiles", **(env_extra or {})}
 
     stages = 2
-    ours = _our_run(shape, work, f"cc_{shape}", 3 * steps, True, env=env("ours"),
-                    **{"adapt.stages": stages, "adapt.steps_per_stage": 2, "adapt.checkpoint_every_n_steps": 10_000})
+    tag = f"cc_{shape}" + ("_dyn" if dynamic_widths else "")
+    over = {"adapt.stages": stages, "adapt.steps_per_stage": 2, "adapt.checkpoint_every_n_steps": 10_000}
+    if dynamic_widths:
+        over["adapt.compile_dynamic_widths"] = True
+    ours = _our_run(shape, work, tag, 3 * steps, True, env=env(tag), **over)
     model_dir = model_dir_for(shape, work)
     base = DecoderArch.from_dict(ours["record"]["arch_before"])
     tokens = int(ours["cfg"].batch_size) * int(ours["cfg"].tokenizer.max_seq_len)
@@ -898,6 +917,17 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
     for stage, tps in sorted(stage_rows.items()):
         secs = [tokens / t for t in tps]  # approximate: full-length batches
         ours_compile.append(secs[0] - median(secs[1:]) if len(secs) > 1 else float("nan"))
+    final = DecoderArch.from_dict(ours["record"]["arch_after"])
+    distinct = len({(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in final.layers})
+    if not with_stock:
+        res = {"shape": shape, "dynamic_widths": dynamic_widths, "num_layers": base.num_layers,
+               "distinct_layer_shapes_final": distinct, "ours_stage_first_step_compile_s": ours_compile,
+               "steady_step_s": {"pruned_ours": median(tokens / t for t in stage_rows.get(stages, [float("nan")])[1:])},
+               "dynamo": {"ours": _dynamo_summary(ours)},
+               "ours_prune_seconds": [s["seconds_prune"] for s in ours["record"]["stages"]]}
+        log(f"  compile [{shape}, dynamic widths {dynamic_widths}]: ours after each resize "
+            f"{[round(x, 1) for x in ours_compile]}s; dynamo {res['dynamo']}")
+        return res
     # Uniform model, stock recipe, compile: the HF base checkpoint through the stock HF checkpointer.
     uni_ckpt = work / f"uniform_ckpt_{shape}"
     uni_ckpt.mkdir(parents=True, exist_ok=True)
@@ -916,10 +946,9 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
 
     uni_excess, uni_step = excess(uniform["rows"])
     pr_excess, pr_step = excess(pruned["rows"])
-    final = DecoderArch.from_dict(ours["record"]["arch_after"])
-    distinct = len({(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in final.layers})
     res = {
         "shape": shape,
+        "dynamic_widths": dynamic_widths,
         "num_layers": base.num_layers,
         "distinct_layer_shapes_final": distinct,
         "uniform_first_step_compile_s": uni_excess,
@@ -1259,10 +1288,11 @@ def targets_table(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             ex["qwen2.5_0.5B_config(K=50,C=512x64,T=1e9,N=5)"], "prune_share_paper_budget", "share")
         rows.append({"figure": "prune share, demo budget (measured)", "value": result["share"]["share_of_wall"],
                      "target": "<= 0.03", "met": result["share"]["share_of_wall"] <= 0.03, "where": "share"})
-    for r in result.get("memory", {}).get("runs", []):
-        if "prune_extra_mb" in r:
-            add(f"prune-step peak RSS above training (calib batch {r['calib_batch_size']})",
-                max(0.0, r["prune_extra_mb"]), "prune_peak_extra_mb", "memory")
+    for section in ("memory", "memory_small_activations"):
+        for r in result.get(section, {}).get("runs", []):
+            if "prune_extra_mb" in r:
+                add(f"prune-step peak RSS above training ({r.get('variant', 'default')}, calib batch "
+                    f"{r['calib_batch_size']})", max(0.0, r["prune_extra_mb"]), "prune_peak_extra_mb", section)
     return rows
 
 
@@ -1286,15 +1316,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", default="", help="comma list of sections (default: all; compile is skipped by --quick)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out file")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s] or [
         "overhead", "recipe", "profile", "scaling", "memory", "throughput", "share"
-    ] + ([] if args.quick else ["compile"])
+    ] + ([] if args.quick else ["memory_small", "compile"])
     work = Path(args.work or tempfile.mkdtemp(prefix="perf_"))
     work.mkdir(parents=True, exist_ok=True)
     q = args.quick
-    result: Dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "machine": machine_info(), "quick": q, "sections": sections}
+    result: Dict[str, Any] = {}
+    if args.merge and Path(args.out).is_file():
+        result = json.loads(Path(args.out).read_text())
+        result.setdefault("merged_runs", []).append(
+            {"command": result.get("command"), "sections": result.get("sections"), "machine": result.get("machine")})
+    result.update({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   "machine": machine_info(), "quick": q, "sections": sections})
     started = time.time()
 
     def log(s):
@@ -1339,6 +1375,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["memory"] = section_memory("smollm2", work, [8] if q else [8, 4],
                                           ["train_first"] if q else ["train_first", "prune_first"], log)
         save()
+    if "memory_small" in sections:
+        log("== peak memory, small activations (short windows + activation checkpointing): the resize's share")
+        result["memory_small_activations"] = section_memory("smollm2", work, [1], ["train_first"], log,
+                                                            variant="small_activations")
+        save()
     if "throughput" in sections:
         log("== recovery-training throughput: ours vs stock full_finetune_distributed, same widths")
         result["throughput"] = {}
@@ -1348,6 +1389,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "compile" in sections:
         log("== compile: True (12-layer model; inductor on CPU)")
         result["compile"] = section_compile("small", work, 6, log)
+        save()
+    if "compile_dynamic" in sections:
+        log("== compile: True with adapt.compile_dynamic_widths (symbolic widths: graphs shared across widths)")
+        result["compile_dynamic"] = section_compile("small", work, 6, log, dynamic_widths=True, with_stock=False)
         save()
     if "share" in sections:
         log("== prune share of a real Adapt-Accel run (SmolLM2-135M, demo budget)")
