@@ -48,7 +48,10 @@ from adapt_prune_tune.sparsity import (
     assign_layer_sparsity,
     choose_attention_by_score,
     choose_attention_widths,
+    sparsity_for_param_target,
+    sparsity_schedule,
 )
+from adapt_prune_tune.resize import full_tensor, named_parameters
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]]
@@ -128,19 +131,7 @@ def resolve_target_sparsity(arch: DecoderArch, cfg: PruningConfig) -> float:
     if cfg.target_sparsity is not None:
         target = cfg.target_sparsity
     else:
-        total = arch.num_params()
-        if cfg.target_params >= total:
-            raise ValueError(
-                f"pruning.target_params={cfg.target_params:,} is not below the model's "
-                f"{total:,} parameters"
-            )
-        fixed = total - prunable
-        if cfg.target_params <= fixed:
-            raise ValueError(
-                f"pruning.target_params={cfg.target_params:,} is below the {fixed:,} parameters "
-                "this configuration cannot prune (embeddings, norms, disabled group kinds)"
-            )
-        target = 1.0 - (cfg.target_params - fixed) / prunable
+        target = sparsity_for_param_target(arch, cfg.target_params, prunable)
     floor = minimum_arch(arch, cfg)
     reachable = 1.0 - float(prunable_per_layer(floor, cfg).sum()) / prunable
     reachable = min(reachable, cfg.max_layer_sparsity)
@@ -176,11 +167,6 @@ def next_token_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[t
     targets = tokens[:, 1:]
     loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
     return loss, targets.numel()
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a possibly FSDP2-sharded DTensor (a collective)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @dataclass
@@ -243,12 +229,12 @@ def score_layers(
     out = []
     for i, layer in enumerate(model.layers):
         sets = layer_group_sets(arch.layers[i], arch.head_dim, arch.attn_bias)
-        named = dict(layer.named_parameters())
+        named = named_parameters(layer)
         params = {}
         for name in coupled_param_names(sets):
-            p = named[name] if name in named else named[f"_checkpoint_wrapped_module.{name}"]
-            g = _full(p.grad) if grads and p.grad is not None else None
-            params[name] = (_full(p.detach()), g)
+            p = named[name]
+            g = full_tensor(p.grad) if grads and p.grad is not None else None
+            params[name] = (full_tensor(p.detach()), g)
         out.append(layer_scores(params, sets, scorer, generator, to_host=False))
         del params
     flat = [(d, k) for d in out for k in d]
@@ -497,9 +483,8 @@ def prune(
     """
     check_model_matches(model, arch)
     pruner = AdaptivePruner(cfg, arch)
-    for k in range(cfg.steps):
+    for target in sparsity_schedule(pruner.final_target, cfg.steps):
         t0 = time.perf_counter()
-        target = pruner.final_target * (k + 1) / cfg.steps
         plan, calib = pruner.measure_and_plan(model, arch, batches, target)
         arch = prune_decoder_(model, arch, plan.keeps)
         record = pruner.commit(plan, calib, target, stage=1, seconds=time.perf_counter() - t0)

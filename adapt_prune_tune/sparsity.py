@@ -99,22 +99,27 @@ def sparsity_schedule(target: float, steps: int, start: float = 0.0) -> List[flo
     return [start + (target - start) * (k + 1) / steps for k in range(steps)]
 
 
-def sparsity_for_param_target(arch: DecoderArch, target_params: int) -> float:
+def sparsity_for_param_target(arch: DecoderArch, target_params: int, prunable: Optional[int] = None) -> float:
     """Overall prunable-parameter sparsity that brings the whole model to ``target_params``.
 
-    Embeddings and norms are never pruned, so they are subtracted first.
+    Embeddings and norms are never pruned, so they are subtracted first; so are
+    group kinds a configuration leaves alone (``prunable``: the parameters it may
+    prune, all attention + MLP projections by default).
     """
-    fixed = arch.num_params() - arch.prunable_params()
-    if target_params >= arch.num_params():
+    total = arch.num_params()
+    prunable = arch.prunable_params() if prunable is None else prunable
+    fixed = total - prunable
+    if target_params >= total:
         raise ValueError(
-            f"target_params={target_params:,} is not below the model's {arch.num_params():,} parameters"
+            f"pruning.target_params={target_params:,} is not below the model's {total:,} parameters"
         )
     if target_params <= fixed:
         raise ValueError(
-            f"target_params={target_params:,} is below the {fixed:,} parameters that pruning "
-            "cannot remove (embeddings, norms); raise it"
+            f"pruning.target_params={target_params:,} is below the {fixed:,} parameters this "
+            "configuration cannot prune (embeddings, norms, disabled group kinds): pruning cannot "
+            "remove them; raise it"
         )
-    return 1.0 - (target_params - fixed) / arch.prunable_params()
+    return 1.0 - (target_params - fixed) / prunable
 
 
 def _attention_params(embed_dim: int, head_dim: int, kv: int, qpk: int, bias: bool) -> int:

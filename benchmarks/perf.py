@@ -33,9 +33,7 @@ share        prune stages' share of a real ``tune run adapt_prune_recipe`` on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import io
 import json
 import math
 import os

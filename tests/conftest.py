@@ -6,8 +6,10 @@ from there afterwards, so a fresh machine needs no set-up step before ``pytest``
 """
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 
 from adapt_prune_tune import assets, corpus
 
@@ -22,3 +24,17 @@ def smollm2_dir() -> Path:
 def python_docs_dir(smollm2_dir: Path) -> Path:
     """The Python-docs corpus directory, token counts by the SmolLM2 tokenizer."""
     return corpus.prepare_python_docs(tokenizer_path=smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module of tiny-model tests on one intra-op thread.
+
+    Their matrices are so small that OpenMP synchronization dominates: on a busy
+    two-core machine a tiny forward took about a second with two threads and
+    milliseconds with one. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

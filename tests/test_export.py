@@ -36,18 +36,7 @@ FLAVORS = {
 PRUNED = (LayerArch(4, 2, 96), LayerArch(2, 1, 40), LayerArch(4, 4, 7), LayerArch(8, 4, 128))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run these small models on one thread.
-
-    Their matrices are so small that OpenMP synchronization dominates: on a
-    busy two-core machine every tiny forward took about a second with two
-    threads and milliseconds with one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base_arch(flavor: str) -> DecoderArch:

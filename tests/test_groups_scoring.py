@@ -1,6 +1,6 @@
 """Coupled groups and their scores, checked against loops over hand-made weights."""
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -17,13 +17,7 @@ from adapt_prune_tune.scoring import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DIM, HD = 6, 3

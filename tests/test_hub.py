@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
-import torch
 import yaml
 
 from adapt_prune_tune.export import export_hf
@@ -36,18 +35,7 @@ CONTEXT = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run these small models on one thread.
-
-    Their matrices are so small that OpenMP synchronization dominates: on a
-    busy two-core machine every tiny forward took about a second with two
-    threads and milliseconds with one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base() -> DecoderArch:

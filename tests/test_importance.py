@@ -1,6 +1,6 @@
 """Layer importance: per-token similarity, signs, normalization and the forward-hook collector."""
 
-from typing import Iterator, List
+from typing import List
 
 import pytest
 import torch
@@ -17,13 +17,7 @@ from adapt_prune_tune.importance import (
 from adapt_prune_tune.models import DecoderArch, RopeSpec, decoder_from_arch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Affine(nn.Module):

@@ -1,7 +1,7 @@
 """The iterative driver end to end on tiny random models, and its up-front errors."""
 
 import copy
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import pytest
 import torch
@@ -18,13 +18,7 @@ from adapt_prune_tune.pruner import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB = 64

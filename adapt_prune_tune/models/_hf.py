@@ -9,8 +9,9 @@ torchtune's ``FullModelHFCheckpointer`` would load.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file
@@ -86,22 +87,25 @@ def hf_to_torchtune(state: Dict[str, torch.Tensor], arch: DecoderArch) -> Dict[s
     return out
 
 
-def load_hf_model(
-    checkpoint_dir: Union[str, Path], dtype: torch.dtype = torch.float32, max_seq_len: int = None
-) -> Tuple[nn.Module, DecoderArch]:
-    """Build the torchtune decoder of an HF checkpoint directory and load its weights."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config_path = checkpoint_dir / "config.json"
+def read_hf_arch(path: Union[str, Path], max_seq_len: Optional[int] = None) -> DecoderArch:
+    """Spec of an HF checkpoint given its directory or its ``config.json``."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path} not found: expected a Hugging Face checkpoint directory "
-            "(config.json + *.safetensors)"
+            "(config.json + *.safetensors) or the path of its config.json"
         )
     arch = arch_from_hf_config(json.loads(config_path.read_text()))
-    if max_seq_len is not None:
-        from dataclasses import replace
+    return arch if max_seq_len is None else replace(arch, max_seq_len=max_seq_len)
 
-        arch = replace(arch, max_seq_len=max_seq_len)
+
+def load_hf_model(
+    checkpoint_dir: Union[str, Path], dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None
+) -> Tuple[nn.Module, DecoderArch]:
+    """Build the torchtune decoder of an HF checkpoint directory and load its weights."""
+    checkpoint_dir = Path(checkpoint_dir)
+    arch = read_hf_arch(checkpoint_dir, max_seq_len)
     state = hf_to_torchtune(load_hf_state_dict(checkpoint_dir), arch)
     with torch.device("meta"):
         model = decoder_from_arch(arch)
@@ -112,20 +116,10 @@ def load_hf_model(
     return model, arch
 
 
-def decoder_from_hf_config(path: Union[str, Path], max_seq_len: int = None) -> nn.Module:
+def decoder_from_hf_config(path: Union[str, Path], max_seq_len: Optional[int] = None) -> nn.Module:
     """An empty torchtune decoder shaped like an (unpruned) HF ``config.json``.
 
     Lets a config use any local Llama/Qwen2 checkpoint without a dedicated
     builder: ``model: {_component_: adapt_prune_tune.models.decoder_from_hf_config, path: .../config.json}``.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: point model.path at the checkpoint's config.json")
-    arch = arch_from_hf_config(json.loads(path.read_text()))
-    if max_seq_len is not None:
-        from dataclasses import replace
-
-        arch = replace(arch, max_seq_len=max_seq_len)
-    return decoder_from_arch(arch)
+    return decoder_from_arch(read_hf_arch(path, max_seq_len))
