@@ -385,15 +385,20 @@ def _read_jsonl(path: Path) -> Iterator[Dict]:
             yield json.loads(line)
 
 
-def heldout_text(cache_dir: Optional[Path] = None, prefix: str = HELDOUT_PREFIX) -> str:
+def heldout_text(
+    cache_dir: Optional[Path] = None, prefix: str = HELDOUT_PREFIX, data_dir: Optional[Path] = None
+) -> str:
     """The held-out documents under ``prefix`` (default: the tutorial), whole and in sorted
     path order, joined by blank lines: a fixed text for perplexity benchmarks.
+
+    ``data_dir`` names the corpus directory directly (as configs do); otherwise it is
+    :func:`python_docs_dir` of ``cache_dir``.
 
     Raises:
         FileNotFoundError: if the corpus has not been prepared.
         ValueError: if no held-out document starts with ``prefix``.
     """
-    eval_file = python_docs_dir(cache_dir) / split_file("eval")
+    eval_file = (Path(data_dir) if data_dir else python_docs_dir(cache_dir)) / split_file("eval")
     if not eval_file.is_file():
         raise FileNotFoundError(
             f"{eval_file} not found; prepare the corpus first with "

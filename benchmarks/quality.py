@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import random
 import sys
@@ -46,6 +45,7 @@ from torch import nn
 from adapt_prune_tune.assets import prepare_smollm2
 from adapt_prune_tune.corpus import heldout_text, prepare_python_docs
 from adapt_prune_tune.models import DecoderArch, load_hf_model
+from adapt_prune_tune.perplexity import perplexity, text_windows
 from adapt_prune_tune.pruner import (
     AdaptivePruner,
     Calibration,
@@ -108,26 +108,6 @@ def calibration_batches(data_dir: Path, tok, samples: int, seq_len: int, batch: 
         raise RuntimeError(f"calibration.jsonl has only {len(picked)} chunks of >= {seq_len} tokens")
     t = torch.tensor(picked)
     return [{"tokens": t[i : i + batch]} for i in range(0, samples, batch)]
-
-
-def eval_windows(tok, tokens: int = EVAL_TOKENS, window: int = EVAL_WINDOW) -> torch.Tensor:
-    ids = tok.encode(heldout_text(), add_bos=False, add_eos=False)
-    if len(ids) < tokens:
-        raise RuntimeError(f"held-out text has only {len(ids)} tokens, need {tokens}")
-    return torch.tensor(ids[:tokens]).view(tokens // window, window)
-
-
-@torch.inference_mode()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
-    """exp(mean next-token NLL) over all windows (each window predicts its last window-1 tokens)."""
-    model.eval()
-    nll, count = 0.0, 0
-    for i in range(0, windows.size(0), batch):
-        x = windows[i : i + batch]
-        logits = model(x[:, :-1]).float()
-        nll += float(nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 # --------------------------------------------------------------------------- pruning
@@ -365,7 +345,7 @@ def main() -> None:
     model_dir = prepare_smollm2()
     data_dir = prepare_python_docs(tokenizer_path=model_dir)
     tok = smollm2_tokenizer(str(model_dir))
-    windows = eval_windows(tok, args.eval_tokens)
+    windows = text_windows(tok, heldout_text(), args.eval_tokens, EVAL_WINDOW)
     base, arch = load_hf_model(model_dir, dtype=torch.float32, max_seq_len=1024)
 
     previous: Dict[str, Any] = {}

@@ -45,8 +45,8 @@ from torchtune import config, training, utils
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
-from adapt_prune_tune.importance import normalize_importance
 from adapt_prune_tune.models import DecoderArch, arch_from_model
+from adapt_prune_tune.perplexity import perplexity, text_windows
 from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, resolve_target_sparsity
 from adapt_prune_tune.resize import (
     PrunedStateView,
@@ -58,6 +58,7 @@ from adapt_prune_tune.resize import (
     rebind_optimizer_,
 )
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
+from adapt_prune_tune.sparsity import sparsity_schedule
 from adapt_prune_tune.surgery import LayerKeep, full_slice_map
 
 log = utils.get_logger("INFO")
@@ -176,6 +177,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._stage = 0
         self._train_log: List[Dict[str, float]] = []
         self._stage_log: List[Dict[str, Any]] = []
+        self._heldout_original: Optional[float] = None
         self._resume_state: Optional[Dict[str, Any]] = None
         if self._resume_from_checkpoint:
             latest = ckpt.latest_checkpoint(self._ckpt_root)
@@ -218,6 +220,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
             self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
         _fit_compile_caches(self._compile, self._arch)
+        self._heldout = self._setup_heldout(cfg.get("heldout", None))
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
         self._fingerprint = ckpt.run_fingerprint(
@@ -240,6 +243,26 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 f"{self._pruner.final_target:.1%} of prunable parameters "
                 f"({self._base_arch.num_params():,} params now); training steps per stage: {self._stage_steps}"
             )
+
+    def _setup_heldout(self, cfg_heldout: Optional[DictConfig]) -> Optional[torch.Tensor]:
+        """Token windows of the held-out text, identical on every rank (None: no evaluation)."""
+        if cfg_heldout is None:
+            return None
+        self._heldout_batch_size = int(cfg_heldout.get("batch_size", 4))
+        text = config.instantiate(cfg_heldout.text)
+        return text_windows(self._tokenizer, text, int(cfg_heldout.num_tokens), int(cfg_heldout.window))
+
+    def _heldout_ppl(self) -> Optional[float]:
+        """Held-out perplexity of the current model (all ranks), logged as ``heldout_ppl``."""
+        if self._heldout is None:
+            return None
+        t0 = time.perf_counter()
+        with _eager_if(self._compile):  # no graphs for an eval-only shape and grad mode
+            ppl = perplexity(self._model, self._heldout, self._heldout_batch_size)
+        if self._is_rank_zero:
+            self._metric_logger.log_dict({"heldout_ppl": ppl}, step=self.global_step)
+            log.info(f"held-out perplexity {ppl:.3f} ({time.perf_counter() - t0:.1f}s)")
+        return ppl
 
     def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
         """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
@@ -291,6 +314,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     # ------------------------------------------------------------------ run
     def train(self) -> None:
         """Stage loop: prune (adaptive steps), then the stock loop over the stage's chunks."""
+        if self._heldout_original is None and not any(self._stage_pruned):
+            self._heldout_original = self._heldout_ppl()
         for stage in range(1, self._num_stages + 1):
             self._stage = stage
             if not self._stage_pruned[stage - 1]:
@@ -301,8 +326,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self.total_epochs = remaining[-1] + 1
                 self.max_steps_per_epoch = self._chunks[remaining[0]].steps
                 self._steps_per_epoch = self.max_steps_per_epoch
+                t0 = time.perf_counter()
                 super().train()
-                self._stage_log[-1]["train_loss_end"] = self._last_loss()
+                entry = self._stage_log[-1]
+                entry["train_loss_end"] = self._last_loss()
+                # Time spent training this stage in this process (a resumed stage: since the resume).
+                entry["seconds_train"] = entry.get("seconds_train", 0.0) + time.perf_counter() - t0
+            entry = self._stage_log[-1]
+            if self._stage_steps[stage - 1] > 0 and entry.get("heldout_ppl_after_train") is None:
+                entry["heldout_ppl_after_train"] = self._heldout_ppl()
         self._finish()
 
     def _last_loss(self) -> Optional[float]:
@@ -324,9 +356,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # passes would build graphs for widths that live for one step. Prune steps run eager and
         # only the stage's final widths are compiled, by its first training step.
         with _eager_if(self._compile):
-            for j in range(1, self._steps_per_stage + 1):
+            for j, target in enumerate(sparsity_schedule(goal, self._steps_per_stage, start), start=1):
                 t_step = time.perf_counter()
-                target = start + (goal - start) * j / self._steps_per_stage
                 plan, calib = self._pruner.measure_and_plan(self._model, self._arch, self._calib_batches, target)
                 loss_before = calib.loss if loss_before is None else loss_before
                 keeps = _broadcast_keeps(plan.keeps)
@@ -338,6 +369,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                     f"params {record.params:,}, calib loss {calib.loss:.4f}, {record.seconds:.2f}s",
                 )
             loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
+        seconds_prune = time.perf_counter() - t0
+        heldout_ppl = self._heldout_ppl()
         self._stage_pruned[stage - 1] = True
         entry = {
             "stage": stage,
@@ -346,7 +379,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "params": self._arch.num_params(),
             "calib_loss_before_prune": loss_before,
             "calib_loss_after_prune": loss_after,
-            "seconds_prune": time.perf_counter() - t0,
+            "seconds_prune": seconds_prune,
+            "heldout_ppl_after_prune": heldout_ppl,
             "layers": [vars(layer) for layer in self._arch.layers],
         }
         self._stage_log.append(entry)
@@ -411,6 +445,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "seed": self.seed,
                 "train_log": self._train_log,
                 "stage_log": self._stage_log,
+                "heldout_original": self._heldout_original,
             }
             # Named by training step, then prune step: sorts in run order.
             tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
@@ -434,6 +469,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._pruner.load_state_dict(state["pruner"])
         self._train_log = list(state["train_log"])
         self._stage_log = list(state["stage_log"])
+        self._heldout_original = state.get("heldout_original")
         if optimizer_state is not None:
             load_optimizer_state_(self._optimizer, self._model, optimizer_state)
         if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -481,7 +517,19 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "prune_steps": [r.to_dict() for r in self._pruner.records],
             "stages": self._stage_log,
             "train_log": self._train_log,
+            **self._perplexity_record(),
         }
+
+    def _perplexity_record(self) -> Dict[str, Any]:
+        """Original, pruned (last stage's cut, before its training) and recovered perplexity."""
+        if self._heldout is None or not self._stage_log:
+            return {}
+        last = self._stage_log[-1]
+        ppl = {"original": self._heldout_original, "pruned": last.get("heldout_ppl_after_prune")}
+        if last.get("heldout_ppl_after_train") is not None:
+            ppl["recovered"] = last["heldout_ppl_after_train"]
+        heldout = OmegaConf.to_container(self._cfg.heldout, resolve=True)
+        return {"perplexity": ppl, "heldout": {k: v for k, v in heldout.items() if k != "text"}}
 
 
 def _eager_if(enabled: bool):

@@ -8,6 +8,7 @@ SmolLM2's vocabulary so each run takes seconds to a minute on 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -68,6 +69,7 @@ def write_config(tmp: Path, model_dir: Path, data_dir: Path, output_dir: Path, *
     cfg.adapt.total_tokens = None
     cfg.adapt.total_steps = 12
     cfg.adapt.checkpoint_every_n_steps = 3
+    cfg.heldout.num_tokens, cfg.heldout.window = 9 * 64, 64  # 9 windows: uneven over 2 ranks
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     path = tmp / "config.yaml"
@@ -129,6 +131,14 @@ def test_single_process_run_prunes_trains_and_reports(tmp_path, tiny_model, pyth
     # Loss recovers after each prune: the stage's last logged loss is below its first.
     for stage, losses in stage_losses(record).items():
         assert losses[-1] < losses[0], (stage, losses)
+    # Held-out perplexity: original, after every prune and every stage's training.
+    ppl = record["perplexity"]
+    assert ppl["original"] > 0 and ppl["pruned"] == record["stages"][-1]["heldout_ppl_after_prune"]
+    assert ppl["recovered"] == record["stages"][-1]["heldout_ppl_after_train"]
+    for stage in record["stages"]:  # training on real text helps a random model on held-out text
+        assert stage["heldout_ppl_after_train"] < stage["heldout_ppl_after_prune"], stage
+        assert stage["seconds_train"] > 0
+    assert "held-out ppl after training" in (out / "report.md").read_text()
 
 
 def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
@@ -142,6 +152,8 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
     record = json.loads((out / "run_record.json").read_text())
     for stage, losses in stage_losses(record).items():
         assert losses[-1] < losses[0], (stage, losses)
+    # Held-out windows split over the ranks (one rank has more): every rank joined every forward.
+    assert all(math.isfinite(v) for v in record["perplexity"].values())
     final = load_file(str(out / "final" / "model.safetensors"))
     assert DecoderArch.load(out / "final" / "arch.json").prunable_params() < DecoderArch.from_dict(
         record["arch_before"]
@@ -224,6 +236,7 @@ def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
     assert_ok(tune(["adapt_prune_recipe", "--config", str(path)], cwd=tmp_path))
     record = json.loads((out / "run_record.json").read_text())
     assert record["train_log"] == [] and len(record["prune_steps"]) == 5
+    assert set(record["perplexity"]) == {"original", "pruned"}  # no training: nothing recovered
     assert (out / "final" / "arch.json").is_file()
 
 

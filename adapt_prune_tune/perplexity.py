@@ -1,0 +1,90 @@
+"""Held-out perplexity over fixed token windows, inside a run and in the benchmarks.
+
+A pruning run needs one cheap number that moves with what a cut costs and what recovery
+training gives back. The calibration loss cannot be it: the same windows steer every prune
+step, so it is measured on data the pruner has fitted. Perplexity on a fixed held-out text,
+cut into fixed non-overlapping windows, is comparable between the original model, every stage
+of a run, a prune-only run and the quality benchmark, because all of them read the same
+tokens the same way.
+
+Under FSDP every rank must run the same number of forward passes (each one all-gathers the
+layers' shards), so the windows are dealt round-robin to the ranks, short ranks repeat a batch
+with zero weight, and the summed NLL and token counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, List, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def jsonl_text(data_files: Union[str, Path], column: str = "text") -> str:
+    """The ``column`` of every row of a JSONL file, in file order, joined by blank lines."""
+    rows = Path(data_files).read_text(encoding="utf-8").splitlines()
+    return "\n\n".join(json.loads(line)[column] for line in rows if line.strip())
+
+
+def text_windows(tokenizer: Any, text: str, num_tokens: int, window: int) -> torch.Tensor:
+    """The first ``num_tokens`` tokens of ``text`` (no BOS/EOS) as ``[num_tokens // window, window]``.
+
+    Raises:
+        ValueError: if ``num_tokens`` is not a positive multiple of ``window`` or the text is
+            shorter than ``num_tokens`` tokens.
+    """
+    if window < 2 or num_tokens < window or num_tokens % window:
+        raise ValueError(
+            f"heldout.num_tokens ({num_tokens}) must be a positive multiple of heldout.window ({window}), "
+            "and window >= 2"
+        )
+    ids = tokenizer.encode(text, add_bos=False, add_eos=False)
+    if len(ids) < num_tokens:
+        raise ValueError(
+            f"The held-out text has {len(ids):,} tokens, fewer than heldout.num_tokens={num_tokens:,}; "
+            "lower heldout.num_tokens or point heldout.text at a longer text"
+        )
+    return torch.tensor(ids[:num_tokens]).view(num_tokens // window, window)
+
+
+def _logits(output: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+    """torchtune decoders return a list of sequence chunks when chunked output is on."""
+    return torch.cat(output, dim=1) if isinstance(output, list) else output
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL): every window predicts its last ``window - 1`` tokens.
+
+    Collective under ``torch.distributed``: call it on every rank with the same windows; all
+    ranks get the same value. The model's train/eval mode is restored afterwards.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = windows[rank::world]
+    batches = math.ceil(math.ceil(windows.size(0) / world) / batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed NLL, predicted tokens
+    try:
+        for b in range(batches):
+            x = mine[b * batch_size : (b + 1) * batch_size]
+            weight = 1.0
+            if x.size(0) == 0:  # this rank ran out: keep the collectives in step, count nothing
+                x, weight = windows[:1], 0.0
+            x = x.to(device)
+            logits = _logits(model(x[:, :-1])).float()
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            totals[0] += weight * nll.double()
+            totals[1] += weight * x[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(totals)
+    return math.exp(float(totals[0] / totals[1]))

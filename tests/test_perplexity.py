@@ -1,0 +1,102 @@
+"""Held-out perplexity: windows, the value itself, chunked output and the multi-rank split."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from adapt_prune_tune.models import DecoderArch, decoder_from_arch
+from adapt_prune_tune.perplexity import jsonl_text, perplexity, text_windows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 50
+
+
+class CharTokenizer:
+    """One token per character (mod VOCAB): enough of the model-tokenizer API for windows."""
+
+    def encode(self, text, add_bos=True, add_eos=True):
+        return [ord(c) % VOCAB for c in text]
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    arch = DecoderArch.uniform(vocab_size=VOCAB, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_dim=32, max_seq_len=64)
+    return decoder_from_arch(arch).eval()
+
+
+def direct_perplexity(model, windows) -> float:
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    return math.exp(float(F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1))))
+
+
+def test_windows_are_the_first_tokens_in_order():
+    windows = text_windows(CharTokenizer(), "abcdefghij" * 3, num_tokens=12, window=4)
+    assert windows.shape == (3, 4)
+    assert windows.flatten().tolist() == [ord(c) % VOCAB for c in ("abcdefghij" * 3)[:12]]
+
+
+@pytest.mark.parametrize("num_tokens, window", [(10, 4), (2, 4), (4, 1)])
+def test_windows_refuse_bad_sizes(num_tokens, window):
+    with pytest.raises(ValueError, match="heldout.num_tokens"):
+        text_windows(CharTokenizer(), "x" * 100, num_tokens, window)
+
+
+def test_windows_refuse_short_text():
+    with pytest.raises(ValueError, match="fewer than heldout.num_tokens=64"):
+        text_windows(CharTokenizer(), "x" * 20, 64, 16)
+
+
+def test_jsonl_text_joins_rows_in_order(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(["one", "two"])))
+    assert jsonl_text(path) == "one\n\ntwo"
+
+
+def test_perplexity_matches_direct_computation_and_restores_mode():
+    model = tiny_model().train()
+    windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(1))
+    expected = direct_perplexity(model, windows)
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-6)
+    assert model.training
+
+
+def test_perplexity_reads_chunked_output():
+    model = tiny_model()
+    windows = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(2))
+    expected = perplexity(model, windows)
+    model.set_num_output_chunks(4)
+    assert perplexity(model, windows) == pytest.approx(expected, rel=1e-6)
+
+
+def _rank_perplexity(rank: int, world: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(3))
+        value = perplexity(tiny_model(), windows, batch_size=2)
+        with open(f"{out_file}.{rank}", "w") as f:
+            f.write(repr(value))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_uneven_windows_agree_with_one_process(tmp_path):
+    """5 windows on 2 ranks: rank 1 has fewer and must still join every collective."""
+    windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(3))
+    expected = perplexity(tiny_model(), windows)
+    out = str(tmp_path / "ppl")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_rank_perplexity, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    values = [float(open(f"{out}.{rank}").read()) for rank in range(2)]
+    assert values[0] == values[1] == pytest.approx(expected, rel=1e-6)
