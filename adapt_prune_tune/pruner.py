@@ -18,6 +18,7 @@ only how the cut is applied differs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -55,6 +56,8 @@ from adapt_prune_tune.resize import full_tensor, named_parameters
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -438,6 +441,15 @@ class AdaptivePruner:
             clamped_layers=plan.clamped_layers,
         )
         self.records.append(record)
+        if plan.clamped_layers and not any(r.clamped_layers for r in self.records[:-1]):
+            log.warning(
+                f"Prune step {record.step}: the adaptive rule pushed {plan.clamped_layers} layer(s) past a "
+                f"clamp (a layer never regains width and none passes max_layer_sparsity="
+                f"{self.cfg.max_layer_sparsity}); they were held at the clamp and the other layers took "
+                f"their share, so the overall budget is still exact. Amplitude A={self.cfg.amplitude} "
+                f"exceeds what some steps' increment allows: lower pruning.method.amplitude or raise the "
+                f"number of steps to avoid it. Said once; clamped_layers per step is in the run record."
+            )
         return record
 
     def state_dict(self) -> Dict:

@@ -884,12 +884,10 @@ def _dynamo_summary(run: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=None,
-                    dynamic_widths: bool = False, with_stock: bool = True) -> Dict[str, Any]:
+def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=None) -> Dict[str, Any]:
     """compile: True — uniform first-step compile vs after each resize; graphs; eager fallbacks.
 
-    ``dynamic_widths`` runs ours with ``adapt.compile_dynamic_widths: True``; ``with_stock``
-    adds the stock recipe on the uniform model and on the pruned widths.
+    Ours runs two stages; the stock recipe runs the uniform model and the pruned widths.
     """
     from adapt_prune_tune.models import DecoderArch
 
@@ -899,10 +897,8 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
         return {"TORCHINDUCTOR_CACHE_DIR": str(d), "TORCH_LOGS": "recompiles", **(env_extra or {})}
 
     stages = 2
-    tag = f"cc_{shape}" + ("_dyn" if dynamic_widths else "")
+    tag = f"cc_{shape}"
     over = {"adapt.stages": stages, "adapt.steps_per_stage": 2, "adapt.checkpoint_every_n_steps": 10_000}
-    if dynamic_widths:
-        over["adapt.compile_dynamic_widths"] = True
     ours = _our_run(shape, work, tag, 3 * steps, True, env=env(tag), **over)
     model_dir = model_dir_for(shape, work)
     base = DecoderArch.from_dict(ours["record"]["arch_before"])
@@ -917,15 +913,6 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
         ours_compile.append(secs[0] - median(secs[1:]) if len(secs) > 1 else float("nan"))
     final = DecoderArch.from_dict(ours["record"]["arch_after"])
     distinct = len({(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in final.layers})
-    if not with_stock:
-        res = {"shape": shape, "dynamic_widths": dynamic_widths, "num_layers": base.num_layers,
-               "distinct_layer_shapes_final": distinct, "ours_stage_first_step_compile_s": ours_compile,
-               "steady_step_s": {"pruned_ours": median(tokens / t for t in stage_rows.get(stages, [float("nan")])[1:])},
-               "dynamo": {"ours": _dynamo_summary(ours)},
-               "ours_prune_seconds": [s["seconds_prune"] for s in ours["record"]["stages"]]}
-        log(f"  compile [{shape}, dynamic widths {dynamic_widths}]: ours after each resize "
-            f"{[round(x, 1) for x in ours_compile]}s; dynamo {res['dynamo']}")
-        return res
     # Uniform model, stock recipe, compile: the HF base checkpoint through the stock HF checkpointer.
     uni_ckpt = work / f"uniform_ckpt_{shape}"
     uni_ckpt.mkdir(parents=True, exist_ok=True)
@@ -946,7 +933,6 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
     pr_excess, pr_step = excess(pruned["rows"])
     res = {
         "shape": shape,
-        "dynamic_widths": dynamic_widths,
         "num_layers": base.num_layers,
         "distinct_layer_shapes_final": distinct,
         "uniform_first_step_compile_s": uni_excess,
@@ -965,16 +951,23 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
     return res
 
 
-def section_share(work: Path, quick: bool, log=print) -> Dict[str, Any]:
-    """A real `tune run adapt_prune_recipe --config smollm2/135M_adapt` (demo budget): prune share of wall time."""
-    out = work / "share_run"
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = [f"output_dir={out}"]
-    if quick:
-        overrides += ["adapt.total_tokens=12000"]
-    cmd = ["tune", "run", "adapt_prune_recipe", "--config", "smollm2/135M_adapt", *overrides]
-    proc, wall = run_cmd(cmd, cwd=work)
-    record = json.loads((out / "run_record.json").read_text())
+def section_share(work: Path, quick: bool, log=print, run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """A real `tune run adapt_prune_recipe --config smollm2/135M_adapt` (demo budget): prune share of wall time.
+
+    ``run_dir``: read a finished run's ``run_record.json`` instead (wall time = its ``seconds_run``).
+    """
+    if run_dir is None:
+        out = work / "share_run"
+        shutil.rmtree(out, ignore_errors=True)
+        overrides = [f"output_dir={out}"]
+        if quick:
+            overrides += ["adapt.total_tokens=12000"]
+        cmd = ["tune", "run", "adapt_prune_recipe", "--config", "smollm2/135M_adapt", *overrides]
+        proc, wall = run_cmd(cmd, cwd=work)
+        record = json.loads((out / "run_record.json").read_text())
+    else:
+        record = json.loads((Path(run_dir) / "run_record.json").read_text())
+        cmd, wall = record["command"].split(), record["seconds_run"]
     prune_s = sum(s["seconds_prune"] for s in record["stages"])
     steps = record["prune_steps"]
     step_s = [s["seconds"] for s in steps]
@@ -1315,6 +1308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out file")
+    p.add_argument("--share-from", default=None, help="share: a finished SmolLM2 run's output_dir instead of a new run")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s] or [
         "overhead", "recipe", "profile", "scaling", "memory", "throughput", "share"
@@ -1388,13 +1382,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("== compile: True (12-layer model; inductor on CPU)")
         result["compile"] = section_compile("small", work, 6, log)
         save()
-    if "compile_dynamic" in sections:
-        log("== compile: True with adapt.compile_dynamic_widths (symbolic widths: graphs shared across widths)")
-        result["compile_dynamic"] = section_compile("small", work, 6, log, dynamic_widths=True, with_stock=False)
-        save()
     if "share" in sections:
         log("== prune share of a real Adapt-Accel run (SmolLM2-135M, demo budget)")
-        result["share"] = section_share(work, q, log)
+        result["share"] = section_share(work, q, log, args.share_from)
         save()
     save()
     print_table(result["targets"])

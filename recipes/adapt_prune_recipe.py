@@ -154,6 +154,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     """Interleaves Adapt-Pruner stages with recovery training (see module doc)."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        self._t_start = time.perf_counter()
         _refuse_unsupported(cfg)
         self._pruning_cfg = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
         _check_inputs(cfg, self._pruning_cfg)
@@ -517,6 +518,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "prune_steps": [r.to_dict() for r in self._pruner.records],
             "stages": self._stage_log,
             "train_log": self._train_log,
+            "seconds_run": time.perf_counter() - self._t_start,  # this process: setup to the end
             **self._perplexity_record(),
         }
 

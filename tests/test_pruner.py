@@ -98,10 +98,13 @@ def test_adaptive_prunes_the_layer_that_changes_its_input_least_the_most() -> No
     assert arch.layers != uniform.layers
 
 
-def test_large_amplitude_reports_clamped_layers_and_still_meets_the_budget() -> None:
+def test_large_amplitude_reports_clamped_layers_and_still_meets_the_budget(caplog) -> None:
     cfg = PruningConfig(target_sparsity=0.4, steps=3, amplitude=0.5, max_layer_sparsity=0.6)
-    arch, pruner = prune(tiny(4), ARCH, batches(), cfg)
+    with caplog.at_level("WARNING", logger="adapt_prune_tune.pruner"):
+        arch, pruner = prune(tiny(4), ARCH, batches(), cfg)
     assert sum(r.clamped_layers for r in pruner.records) > 0
+    warnings = [r.getMessage() for r in caplog.records if "past a clamp" in r.getMessage()]
+    assert len(warnings) == 1 and "pruning.method.amplitude" in warnings[0]  # said once, with the fix
     assert max(pruner.records[-1].layer_sparsity) <= 0.6 + 0.05  # whole groups round a little
     removed = ARCH.prunable_params() - arch.prunable_params()
     assert abs(removed - 0.4 * ARCH.prunable_params()) <= PER_CHANNEL
