@@ -31,6 +31,7 @@ from adapt_prune_tune.models import DecoderArch
 WIDTHS_PNG = "layer_widths.png"
 PRUNE_STEPS_PNG = "prune_steps.png"
 TRAINING_PNG = "training.png"
+HELDOUT_PNG = "heldout.png"
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +229,31 @@ def plot_training(train_log: Sequence[Mapping[str, Any]], path: Path) -> None:
         )
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def heldout_curve(record: Mapping[str, Any]) -> List[Tuple[str, float]]:
+    """Held-out perplexity in run order: original, then each stage's cut and its training."""
+    points = []
+    original = record.get("perplexity", {}).get("original")
+    if original is not None:
+        points.append(("original", original))
+    for stage in record.get("stages", []):
+        for key, what in (("heldout_ppl_after_prune", "pruned"), ("heldout_ppl_after_train", "trained")):
+            if stage.get(key) is not None:
+                points.append((f"stage {stage['stage']} {what}", stage[key]))
+    return points
+
+
+def plot_heldout(points: Sequence[Tuple[str, float]], path: Path) -> None:
+    """The saw-tooth of a run: each cut raises held-out perplexity, each stage's training lowers it."""
+    figure = Figure(figsize=(9, 3.5))
+    ax = figure.subplots()
+    ax.plot(range(len(points)), [value for _, value in points], marker="o", lw=1)
+    ax.set_xticks(range(len(points)), [label for label, _ in points], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
     _save(figure, path)
 
 
@@ -435,6 +461,16 @@ def write_report(record: Mapping[str, Any], out_dir: Union[str, Path]) -> Path:
         )
     if record.get("stages"):
         sections.append(("Stages", _stages_section(record["stages"])))
+    curve = heldout_curve(record)
+    if len(curve) > 1:
+        plot_heldout(curve, out_dir / HELDOUT_PNG)
+        settings = record.get("heldout", {})
+        sections.append((
+            "Held-out perplexity",
+            f"![held-out perplexity through the run]({HELDOUT_PNG})\n\n"
+            f"{settings.get('num_tokens', '?')} held-out tokens in windows of {settings.get('window', '?')}: "
+            + ", ".join(f"{label} {_number(value)}" for label, value in curve) + ".\n",
+        ))
     if record.get("train_log"):
         plot_training(record["train_log"], out_dir / TRAINING_PNG)
         sections.append(("Training", _training_section(record["train_log"], TRAINING_PNG)))

@@ -7,10 +7,12 @@ import pytest
 
 from adapt_prune_tune.models import DecoderArch, LayerArch, decoder_from_arch
 from adapt_prune_tune.report import (
+    HELDOUT_PNG,
     PRUNE_STEPS_PNG,
     TRAINING_PNG,
     WIDTHS_PNG,
     format_count,
+    heldout_curve,
     measure_throughput,
     stage_starts,
     write_report,
@@ -82,6 +84,8 @@ def _record():
                 "train_loss_end": 2.9,
                 "seconds_prune": 1.5,
                 "seconds_train": 12.0,
+                "heldout_ppl_after_prune": 30.0 + k,
+                "heldout_ppl_after_train": 20.0 + k,
             }
             for k in range(3)
         ],
@@ -126,11 +130,12 @@ def test_full_record_renders_every_section(tmp_path):
         "## Architecture",
         "## Prune steps",
         "## Stages",
+        "## Held-out perplexity",
         "## Training",
         "## Evaluation",
     ):
         assert section in text
-    for png in (WIDTHS_PNG, PRUNE_STEPS_PNG, TRAINING_PNG):
+    for png in (WIDTHS_PNG, PRUNE_STEPS_PNG, TRAINING_PNG, HELDOUT_PNG):
         assert f"]({png})" in text
         _assert_png(tmp_path / "out" / png)
 
@@ -149,6 +154,19 @@ def test_full_record_renders_every_section(tmp_path):
     assert "| heldout_perplexity | word_perplexity | 25.30 | 40.10 |" in text
     assert '"target_sparsity": 0.5' in text
     assert "`tune run adapt_prune_recipe --config tiny.yaml`" in text
+
+
+def test_heldout_curve_follows_the_run_order():
+    record = _record()
+    curve = heldout_curve(record)
+    assert curve[0] == ("original", 13.2)
+    assert curve[1:3] == [("stage 0 pruned", 30.0), ("stage 0 trained", 20.0)]
+    assert len(curve) == 1 + 2 * len(record["stages"])
+    # A prune-only run has no "trained" points; a run without held-out data has no curve.
+    for stage in record["stages"]:
+        stage.pop("heldout_ppl_after_train")
+    assert [label for label, _ in heldout_curve(record)][-1] == "stage 2 pruned"
+    assert heldout_curve({"stages": [{"stage": 1}]}) == []
 
 
 def test_minimal_record_has_only_architecture_sections(tmp_path):
