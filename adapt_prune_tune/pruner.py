@@ -446,9 +446,10 @@ class AdaptivePruner:
                 f"Prune step {record.step}: the adaptive rule pushed {plan.clamped_layers} layer(s) past a "
                 f"clamp (a layer never regains width and none passes max_layer_sparsity="
                 f"{self.cfg.max_layer_sparsity}); they were held at the clamp and the other layers took "
-                f"their share, so the overall budget is still exact. Amplitude A={self.cfg.amplitude} "
-                f"exceeds what some steps' increment allows: lower pruning.method.amplitude or raise the "
-                f"number of steps to avoid it. Said once; clamped_layers per step is in the run record."
+                f"their share, so the overall budget is still exact. This happens when A·importance "
+                f"(A={self.cfg.amplitude}) exceeds a step's increment, and it is how the most important "
+                f"layers get protected; to avoid it, lower pruning.method.amplitude or prune in fewer, "
+                f"larger steps. Said once; clamped_layers per step is in the run record."
             )
         return record
 

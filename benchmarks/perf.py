@@ -1321,7 +1321,7 @@ def targets_table(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         for r in result.get(section, {}).get("runs", []):
             if "prune_extra_mb" in r:
                 add(f"prune-step peak RSS above training ({r.get('variant', 'default')}, calib batch "
-                    f"{r['calib_batch_size']}, {r['order']})", r["prune_extra_mb"], "prune_peak_extra_mb", section)
+                    f"{r['calib_batch_size']}" + (f", {r['order']})" if "order" in r else ")"), r["prune_extra_mb"], "prune_peak_extra_mb", section)
     return rows
 
 
