@@ -162,14 +162,25 @@ def minimum_arch(arch: DecoderArch, cfg: PruningConfig) -> DecoderArch:
 
 
 def next_token_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy of a ``{"tokens": [B, T]}`` batch."""
+    """Mean next-token cross-entropy of a ``{"tokens": [B, T]}`` batch.
+
+    With chunked output (CEWithChunkedOutputLoss setups) the loss is summed chunk by chunk:
+    concatenating the chunks would hold a second copy of the full logits during the pass.
+    """
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1])
-    if isinstance(logits, list):  # chunked output (CEWithChunkedOutputLoss setups)
-        logits = torch.cat(logits, dim=1)
     targets = tokens[:, 1:]
-    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    return loss, targets.numel()
+    chunks = logits if isinstance(logits, list) else [logits]
+    bounds = [0]
+    for chunk in chunks:
+        bounds.append(bounds[-1] + chunk.size(1))
+    total = sum(
+        nn.functional.cross_entropy(
+            chunk.float().reshape(-1, chunk.size(-1)), targets[:, a:b].reshape(-1), reduction="sum"
+        )
+        for chunk, a, b in zip(chunks, bounds[:-1], bounds[1:])
+    )
+    return total / targets.numel(), targets.numel()
 
 
 @dataclass

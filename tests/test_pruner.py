@@ -142,6 +142,16 @@ def test_calibrate_matches_a_manual_loss() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)
 
 
+def test_loss_over_chunked_output_equals_the_plain_loss() -> None:
+    model, batch = tiny(9), batches(1)[0]
+    with torch.no_grad():
+        logits = model(batch["tokens"][:, :-1])
+        manual = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch["tokens"][:, 1:].reshape(-1))
+        model.set_num_output_chunks(3)  # 16 positions in chunks of 6, 6, 4
+        chunked, n = next_token_loss(model, batch)
+    assert n == 2 * 16 and float(chunked) == pytest.approx(float(manual), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
