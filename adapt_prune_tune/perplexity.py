@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, List, Union
+from typing import Any, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from adapt_prune_tune.pruner import next_token_nll
 
 
 def jsonl_text(data_files: Union[str, Path], column: str = "text") -> str:
@@ -51,11 +53,6 @@ def text_windows(tokenizer: Any, text: str, num_tokens: int, window: int) -> tor
     return torch.tensor(ids[:num_tokens]).view(num_tokens // window, window)
 
 
-def _logits(output: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
-    """torchtune decoders return a list of sequence chunks when chunked output is on."""
-    return torch.cat(output, dim=1) if isinstance(output, list) else output
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL): every window predicts its last ``window - 1`` tokens.
@@ -76,13 +73,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
             weight = 1.0
             if x.size(0) == 0:  # this rank ran out: keep the collectives in step, count nothing
                 x, weight = windows[:1], 0.0
-            x = x.to(device)
-            logits = _logits(model(x[:, :-1])).float()
-            nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
-            )
+            nll, count = next_token_nll(model, x.to(device))
             totals[0] += weight * nll.double()
-            totals[1] += weight * x[:, 1:].numel()
+            totals[1] += weight * count
     finally:
         model.train(was_training)
     if world > 1:

@@ -161,13 +161,12 @@ def minimum_arch(arch: DecoderArch, cfg: PruningConfig) -> DecoderArch:
 # --------------------------------------------------------------------------- measuring
 
 
-def next_token_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy of a ``{"tokens": [B, T]}`` batch.
+def next_token_nll(model: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of ``tokens`` [B, T] and the number of predictions.
 
-    With chunked output (CEWithChunkedOutputLoss setups) the loss is summed chunk by chunk:
+    With chunked output (CEWithChunkedOutputLoss setups) the sum is taken chunk by chunk:
     concatenating the chunks would hold a second copy of the full logits during the pass.
     """
-    tokens = batch["tokens"]
     logits = model(tokens[:, :-1])
     targets = tokens[:, 1:]
     chunks = logits if isinstance(logits, list) else [logits]
@@ -180,7 +179,13 @@ def next_token_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[t
         )
         for chunk, a, b in zip(chunks, bounds[:-1], bounds[1:])
     )
-    return total / targets.numel(), targets.numel()
+    return total, targets.numel()
+
+
+def next_token_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy of a ``{"tokens": [B, T]}`` batch."""
+    total, count = next_token_nll(model, batch["tokens"])
+    return total / count, count
 
 
 @dataclass
