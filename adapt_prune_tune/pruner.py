@@ -7,7 +7,8 @@ back-propagated for Taylor scores), then
 1. normalizes layer importance and moves every layer's sparsity by the step's
    share minus A·Î (``sparsity.assign_layer_sparsity``),
 2. turns sparsities into whole-group widths (GQA-consistent heads, MLP
-   channels; the model-wide parameter budget is settled exactly),
+   channels in multiples of ``round_to``; the model-wide parameter budget is
+   settled to within half a rounding unit),
 3. keeps the best-scoring groups and removes the rest physically.
 
 The measuring and planning functions work on plain and FSDP2-sharded models
@@ -29,6 +30,7 @@ from torch import nn
 
 from adapt_prune_tune.groups import layer_group_sets
 from adapt_prune_tune.importance import (
+    IMPORTANCE_NORMALIZATIONS,
     SIMILARITY_METRICS,
     collect_layer_similarity,
     importance_from_similarity,
@@ -49,6 +51,7 @@ from adapt_prune_tune.sparsity import (
     assign_layer_sparsity,
     choose_attention_by_score,
     choose_attention_widths,
+    smallest_mlp_width,
     sparsity_for_param_target,
     sparsity_schedule,
 )
@@ -71,6 +74,9 @@ class PruningConfig:
     steps: int = 50  # paper: 50 iterations to the target
     amplitude: float = 0.02  # A; paper's best 0.02 at 50 steps; 0 = uniform (LLM-Pruner)
     similarity: str = "cosine"  # or "euclidean" / "manhattan"
+    # How layer importance is scaled before A multiplies it: "max" (paper: mean 0,
+    # max |Î| = 1), "zscore", "mad" (robust: median/MAD) or "rank"; see importance.py.
+    importance_normalization: str = "max"
     scorer: str = "taylor"  # |W·∂L/∂W| element-wise, summed per group
     max_layer_sparsity: float = 0.9  # official clamp is 0.99; 0.9 keeps every layer alive
     prune_attention: bool = True
@@ -78,6 +84,9 @@ class PruningConfig:
     min_kv_heads: int = 1
     min_q_per_kv: int = 1
     min_mlp_channels: int = 1
+    # MLP widths kept at multiples of this (tensor-core / FP8 friendly shapes); the
+    # model-wide budget is then met to within half of round_to channels of one layer.
+    round_to: int = 1
     # How a layer's budget is split between heads and MLP channels: "proportional"
     # (same fraction of each, LLM-Pruner's practice) or "score" (the split that keeps
     # the most Taylor score; GQA head steps are coarse).
@@ -102,6 +111,16 @@ class PruningConfig:
         if self.similarity not in SIMILARITY_METRICS:
             raise ValueError(
                 f"pruning.similarity must be one of {SIMILARITY_METRICS}, got {self.similarity!r}"
+            )
+        if self.importance_normalization not in IMPORTANCE_NORMALIZATIONS:
+            raise ValueError(
+                f"pruning.importance_normalization must be one of {tuple(IMPORTANCE_NORMALIZATIONS)}, "
+                f"got {self.importance_normalization!r}"
+            )
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(
+                f"pruning.round_to must be an integer >= 1 (MLP widths are kept at multiples of it; "
+                f"1 = any width), got {self.round_to!r}"
             )
         if self.scorer not in SCORERS:
             raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {self.scorer!r}")
@@ -148,12 +167,14 @@ def resolve_target_sparsity(arch: DecoderArch, cfg: PruningConfig) -> float:
 
 
 def minimum_arch(arch: DecoderArch, cfg: PruningConfig) -> DecoderArch:
+    """The narrowest architecture the configured minimum widths (and ``round_to``) allow."""
+    smallest = smallest_mlp_width(cfg.min_mlp_channels, cfg.round_to)
     layers = []
     for layer in arch.layers:
         kv, qpk = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
         if cfg.prune_attention:
             kv, qpk = min(kv, cfg.min_kv_heads), min(qpk, cfg.min_q_per_kv)
-        mlp = min(layer.intermediate_dim, cfg.min_mlp_channels) if cfg.prune_mlp else layer.intermediate_dim
+        mlp = min(layer.intermediate_dim, smallest) if cfg.prune_mlp else layer.intermediate_dim
         layers.append(LayerArch(kv * qpk, kv, mlp))
     return arch.with_layers(layers)
 
@@ -277,6 +298,7 @@ class StepPlan:
     sparsity: torch.Tensor  # achieved per-layer sparsity after the cut
     importance: torch.Tensor  # normalized Î used for the decision
     clamped_layers: int
+    planned: torch.Tensor  # the adaptive rule's per-layer sparsity, before rounding to whole groups
 
 
 def plan_step(
@@ -288,7 +310,15 @@ def plan_step(
     importance: torch.Tensor,
     scores: Sequence[Dict[str, torch.Tensor]],
 ) -> StepPlan:
-    """Decide one step's cut from measured importance and group scores (no model needed)."""
+    """Decide one step's cut from measured importance and group scores (no model needed).
+
+    ``sparsity`` is the rule's state: the previous step's ``StepPlan.planned``
+    (``AdaptivePruner`` passes it). Achieved sparsities also work, but then
+    every step's rounding to whole groups is baked into the next step's start:
+    with coarse units (``round_to`` = 64 against a per-step share of a dozen
+    channels) the same tie-broken layers would lose a unit step after step.
+    Planned sparsities keep the rounding error of each layer within one unit.
+    """
     weights = prunable_per_layer(original, cfg)
     new_sparsity, clamped = assign_layer_sparsity(
         sparsity, target, importance, cfg.amplitude, cfg.max_layer_sparsity, weights
@@ -318,7 +348,7 @@ def plan_step(
             mlp_cum = scores[i]["mlp"].sort(descending=True).values.cumsum(0)
             choose = lambda m, cur=cur, i=i, retained=retained, mlp_cum=mlp_cum: choose_attention_by_score(
                 original, cur, keep_params[i], retained, mlp_cum,
-                cfg.min_kv_heads, cfg.min_q_per_kv, cfg.min_mlp_channels, min_params=m,
+                cfg.min_kv_heads, cfg.min_q_per_kv, cfg.min_mlp_channels, min_params=m, round_to=cfg.round_to,
             )
         else:
             choose = lambda m, orig=orig, cur=cur, frac=frac, retained=retained: choose_attention_widths(
@@ -335,7 +365,9 @@ def plan_step(
             k + (0 if cfg.prune_attention else _attention_params(dim, hd, kv, qpk, bias))
             for k, (kv, qpk) in zip(keep_params, attention)
         ]
-        widths = allocate_mlp_widths(original, attention, mlp_budget, current_mlp, cfg.min_mlp_channels)
+        widths = allocate_mlp_widths(
+            original, attention, mlp_budget, current_mlp, cfg.min_mlp_channels, cfg.round_to
+        )
     else:
         widths = current_mlp
 
@@ -352,7 +384,7 @@ def plan_step(
         keeps.append(LayerKeep(q_keep, kv_keep, select_channels(scores[i]["mlp"], widths[i])))
     new_arch = current.with_layers(layers)
     achieved = 1.0 - prunable_per_layer(new_arch, cfg) / weights
-    return StepPlan(keeps, new_arch, achieved, importance, clamped)
+    return StepPlan(keeps, new_arch, achieved, importance, clamped, new_sparsity)
 
 
 def _settle_attention(
@@ -414,15 +446,21 @@ class StepRecord:
 
 @dataclass
 class AdaptivePruner:
-    """Stateful side of the method: per-layer sparsity so far and the step history."""
+    """Stateful side of the method: per-layer sparsity so far and the step history.
+
+    ``sparsity`` is what the cuts achieved; ``planned`` is the adaptive rule's
+    own, unrounded state, which the next step continues from (see ``plan_step``).
+    """
 
     cfg: PruningConfig
     original: DecoderArch
     sparsity: torch.Tensor = field(init=False)
+    planned: torch.Tensor = field(init=False)
     records: List[StepRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.sparsity = torch.zeros(self.original.num_layers, dtype=torch.float64)
+        self.planned = torch.zeros(self.original.num_layers, dtype=torch.float64)
         self.final_target = resolve_target_sparsity(self.original, self.cfg)
         self._generator = torch.Generator().manual_seed(self.cfg.seed)
 
@@ -436,15 +474,19 @@ class AdaptivePruner:
     ) -> Tuple[StepPlan, Calibration]:
         """Calibrate, score and decide one step toward overall sparsity ``target``."""
         calib = calibrate(model, batches, self.cfg.similarity, needs_gradients(self.cfg.scorer), loss_fn)
-        importance = normalize_importance(importance_from_similarity(calib.mean_similarity, self.cfg.similarity))
+        importance = normalize_importance(
+            importance_from_similarity(calib.mean_similarity, self.cfg.similarity),
+            self.cfg.importance_normalization,
+        )
         scores = score_layers(model, arch, self.cfg.scorer, self._generator)
         model.zero_grad(set_to_none=True)
-        plan = plan_step(self.cfg, self.original, arch, self.sparsity, target, importance, scores)
+        plan = plan_step(self.cfg, self.original, arch, self.planned, target, importance, scores)
         return plan, calib
 
     def commit(self, plan: StepPlan, calib: Calibration, target: float, stage: int, seconds: float) -> StepRecord:
         """Record a step whose cut has been applied."""
         self.sparsity = plan.sparsity.clone()
+        self.planned = plan.planned.clone()
         record = StepRecord(
             step=len(self.records) + 1,
             stage=stage,
@@ -472,12 +514,15 @@ class AdaptivePruner:
     def state_dict(self) -> Dict:
         return {
             "sparsity": self.sparsity.tolist(),
+            "planned_sparsity": self.planned.tolist(),
             "records": [r.to_dict() for r in self.records],
             "generator": self._generator.get_state(),
         }
 
     def load_state_dict(self, state: Dict) -> None:
         self.sparsity = torch.tensor(state["sparsity"], dtype=torch.float64)
+        # States saved before the rule kept its own: continue from the achieved sparsities.
+        self.planned = torch.tensor(state.get("planned_sparsity", state["sparsity"]), dtype=torch.float64)
         self.records = [StepRecord(**r) for r in state["records"]]
         self._generator.set_state(state["generator"])
 

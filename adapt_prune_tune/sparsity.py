@@ -76,7 +76,9 @@ def assign_layer_sparsity(
         current: per-layer sparsity so far (fraction of each layer's original
             prunable parameters already removed).
         target: overall sparsity after this step (the schedule's value).
-        importance: normalized layer importance Î (mean 0, max |Î| = 1).
+        importance: normalized layer importance Î (mean 0, about [-1, 1]; see
+            ``importance.normalize_importance``). A constant offset would not
+            change the result: the common shift absorbs it.
         amplitude: A; 0 reproduces uniform pruning.
         max_layer_sparsity: the clamp's upper end.
         weights: original prunable parameters per layer (equal if None).
@@ -177,6 +179,7 @@ def choose_attention_by_score(
     min_q_per_kv: int = 1,
     min_mlp_channels: int = 1,
     min_params: float = 0.0,
+    round_to: int = 1,
 ) -> Tuple[int, int]:
     """Split one layer's budget between attention and MLP to keep the most group score.
 
@@ -192,6 +195,9 @@ def choose_attention_by_score(
         mlp_retained: cumulative sum of the layer's channel scores sorted in
             descending order (retained score of the best ``w`` channels at ``w-1``).
         min_params: smallest attention size allowed (see ``choose_attention_widths``).
+        round_to: MLP widths are multiples of it (or the current width), as in
+            ``allocate_mlp_widths``; each choice is scored with the widest such MLP
+            its remaining budget buys.
     """
     dim, hd, bias = base.embed_dim, base.head_dim, base.attn_bias
     per_channel = 3 * dim
@@ -203,8 +209,10 @@ def choose_attention_by_score(
             if attn < min_params - 1e-6 and (kv, qpk) != (current.num_kv_heads, cur_qpk):
                 continue
             width = math.floor((keep_params - attn) / per_channel)
+            if width < current.intermediate_dim:
+                width = round_to * (width // round_to)
             width = min(current.intermediate_dim, width)
-            if width < min(min_mlp_channels, current.intermediate_dim):
+            if width < min(smallest_mlp_width(min_mlp_channels, round_to), current.intermediate_dim):
                 continue
             score = retained_attention(kv, qpk) + float(mlp_retained[width - 1])
             key = (-score, abs(attn + width * per_channel - keep_params))
@@ -213,44 +221,93 @@ def choose_attention_by_score(
     return best
 
 
+def smallest_mlp_width(min_channels: int, round_to: int = 1) -> int:
+    """Narrowest MLP a pruned layer may have: ``min_channels`` rounded up to a multiple of ``round_to``.
+
+    At least one unit (``round_to`` channels, so never an empty MLP). A layer
+    that is already narrower (a base width below it) simply keeps its width.
+    """
+    return round_to * max(1, math.ceil(min_channels / round_to))
+
+
+def _nearest_allowed_width(ideal: float, current: int, lowest: int, round_to: int) -> int:
+    """The allowed width nearest ``ideal``: ``current`` or a multiple of ``round_to`` in [lowest, current]."""
+    if ideal >= current:
+        return current
+    if ideal <= lowest:
+        return lowest
+    down = round_to * math.floor(ideal / round_to)  # >= lowest: lowest is a multiple below ideal
+    up = min(current, down + round_to)
+    return up if up - ideal <= ideal - down else down
+
+
+def _next_width(width: int, grow: bool, current: int, round_to: int) -> int:
+    """The allowed width next to ``width``: one unit up (at most ``current``) or down.
+
+    Down from a base width that is not a multiple of ``round_to``, the next is
+    the multiple below it (a step of less than a unit).
+    """
+    if grow:
+        return min(current, round_to * (width // round_to + 1))
+    return round_to * ((width - 1) // round_to)
+
+
 def allocate_mlp_widths(
     base: DecoderArch,
     attention: Sequence[Tuple[int, int]],
     keep_params: Sequence[float],
     current: Sequence[int],
     min_width: int = 1,
+    round_to: int = 1,
 ) -> List[int]:
-    """MLP widths so every layer's total is near its budget and the model's sum is exact.
+    """MLP widths, multiples of ``round_to``, whose model-wide sum meets the budget.
 
-    Each layer gets round(budget - attention) / (3·dim) channels; the rounding
-    leftovers of all layers are then settled one channel at a time (largest
-    fractional remainder first), so the overall parameter target is met to
-    within one MLP channel whatever the per-layer rounding did.
+    Allowed widths of a layer: its current width (removed channels never come
+    back, and a base width that is not a multiple of ``round_to`` may stay
+    until first pruned) and the multiples of ``round_to`` between
+    ``smallest_mlp_width(min_width, round_to)`` and it. A layer already at or
+    below that smallest width keeps its width.
+
+    Largest remainder, in whole units: every layer first takes the allowed
+    width nearest its own budget, ``(budget - attention) / (3·dim)``
+    channels; the rounding leftover of the whole model is then settled by
+    moving one allowed step (a unit of ``round_to`` channels, or the remainder
+    of a non-multiple base width) at a time, up for the layers furthest below
+    their budgets first, down for those furthest above, while a move brings the
+    total closer. Unless bounds (current or smallest widths) bind, every layer
+    ends within one unit of its own budget, so the ranking the adaptive
+    sparsity chose survives, and the model's MLP channels end within half a
+    unit of the model's budget: |Σ widths - Σ budgets| <= round_to / 2
+    channels, i.e. at most round_to · 3 · dim / 2 parameters (half of
+    ``round_to`` channels of one layer; round_to = 1: within half a channel).
+    Where bounds bind, the other layers absorb the difference (several units
+    each if need be) and the total stays that close if they can.
     """
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
     dim, hd, bias = base.embed_dim, base.head_dim, base.attn_bias
     per_channel = 3 * dim
     ideal = [
         (keep - _attention_params(dim, hd, kv, qpk, bias)) / per_channel
         for keep, (kv, qpk) in zip(keep_params, attention)
     ]
-    lo = [min(min_width, c) for c in current]
-    widths = [max(l, min(c, math.floor(x))) for x, c, l in zip(ideal, current, lo)]
-    attn_total = sum(_attention_params(dim, hd, kv, qpk, bias) for kv, qpk in attention)
-    deficit = round((sum(keep_params) - attn_total) / per_channel) - sum(widths)
-    order = sorted(range(len(widths)), key=lambda i: ideal[i] - math.floor(ideal[i]), reverse=True)
-    while deficit != 0:
+    smallest = smallest_mlp_width(min_width, round_to)
+    lo = [min(smallest, c) for c in current]
+    widths = [_nearest_allowed_width(x, c, l, round_to) for x, c, l in zip(ideal, current, lo)]
+    deficit = sum(ideal) - sum(widths)  # channels still to give (> 0) or take (< 0)
+    while True:
+        grow = deficit > 0
+        candidates = [i for i in range(len(widths)) if (widths[i] < current[i] if grow else widths[i] > lo[i])]
+        # furthest below its budget first when growing, furthest above first when shrinking
+        candidates.sort(key=lambda i: ideal[i] - widths[i], reverse=grow)
         moved = False
-        for i in order:
-            if deficit > 0 and widths[i] < current[i]:
-                widths[i] += 1
-                deficit -= 1
-                moved = True
-            elif deficit < 0 and widths[i] > lo[i]:
-                widths[i] -= 1
-                deficit += 1
-                moved = True
-            if deficit == 0:
+        for i in candidates:
+            new = _next_width(widths[i], grow, current[i], round_to)
+            step = new - widths[i]
+            if abs(deficit - step) >= abs(deficit):  # would not bring the total closer
+                continue
+            widths[i], deficit, moved = new, deficit - step, True
+            if grow != (deficit > 0):
                 break
         if not moved:
-            break
-    return widths
+            return widths

@@ -45,3 +45,13 @@ def test_score_split_respects_minimum_mlp_width():
                                        min_mlp_channels=4)
     kv, qpk = choice
     assert tiny_budget - attn(kv, qpk) >= 3 * 64 * 4
+
+
+def test_score_split_scores_mlp_widths_in_whole_units():
+    budget = attn(2, 3) + 3 * 64 * 40  # all heads leave 40 channels: less than one unit of 64
+    heads_valuable = lambda kv, qpk: 10.0 * kv * qpk
+    mlp = torch.ones(100).cumsum(0)
+    assert choose_attention_by_score(BASE, LAYER, budget, heads_valuable, mlp) == (2, 3)
+    kv, qpk = choose_attention_by_score(BASE, LAYER, budget, heads_valuable, mlp, round_to=64)
+    assert budget - attn(kv, qpk) >= 3 * 64 * 64  # the heads kept still leave one whole unit
+    assert kv * qpk == 3  # the most heads that do (1 group of 3 beats 2 groups of 1)

@@ -98,6 +98,48 @@ def test_adaptive_prunes_the_layer_that_changes_its_input_least_the_most() -> No
     assert arch.layers != uniform.layers
 
 
+def test_configured_normalization_is_what_the_rule_sees() -> None:
+    cfg = PruningConfig(target_sparsity=0.3, steps=2, amplitude=0.05, importance_normalization="rank")
+    _, pruner = prune(tiny(3), ARCH, batches(), cfg)
+    for record in pruner.records:  # 4 layers: ranks -> -1, -1/3, 1/3, 1
+        assert sorted(record.layer_importance) == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+
+
+@pytest.mark.parametrize("normalization", ["zscore", "mad", "rank"])
+def test_alternative_normalizations_prune_to_the_target(normalization: str) -> None:
+    cfg = PruningConfig(target_sparsity=0.4, steps=3, amplitude=0.05, importance_normalization=normalization)
+    arch, pruner = prune(tiny(5), ARCH, batches(), cfg)
+    assert all(abs(sum(r.layer_importance)) < 1e-9 for r in pruner.records)
+    removed = ARCH.prunable_params() - arch.prunable_params()
+    assert abs(removed - 0.4 * ARCH.prunable_params()) <= PER_CHANNEL
+
+
+def test_round_to_end_to_end() -> None:
+    model = tiny(7)
+    cfg = PruningConfig(target_sparsity=0.5, steps=4, amplitude=0.05, round_to=16)
+    arch, pruner = prune(model, ARCH, batches(), cfg)
+    assert all(layer.intermediate_dim % 16 == 0 for layer in arch.layers)
+    assert arch_from_model(model) == arch
+    removed = ARCH.prunable_params() - arch.prunable_params()
+    assert abs(removed - 0.5 * ARCH.prunable_params()) <= 16 * PER_CHANNEL / 2
+    # the rule continues from its own unrounded sparsities; the record keeps the achieved ones
+    assert not torch.allclose(pruner.planned, pruner.sparsity)
+    assert pruner.records[-1].layer_sparsity == pytest.approx(pruner.sparsity.tolist())
+    assert float((pruner.planned - pruner.sparsity).abs().max()) < 0.25
+
+
+def test_round_to_wider_than_the_mlp_prunes_only_heads() -> None:
+    model = tiny(8)
+    cfg = PruningConfig(target_sparsity=0.25, steps=2, amplitude=0.02, round_to=128)
+    arch, _ = prune(model, ARCH, batches(), cfg)
+    assert [layer.intermediate_dim for layer in arch.layers] == [64] * 4
+    assert arch.prunable_params() < ARCH.prunable_params()
+    assert torch.isfinite(next_token_loss(model, batches(1, seed=5)[0])[0])
+    # heads alone cannot remove 45% of the prunable weights: said before any work
+    with pytest.raises(ValueError, match="exceeds what the minimum widths"):
+        prune(tiny(8), ARCH, batches(), PruningConfig(target_sparsity=0.45, steps=2, round_to=128))
+
+
 def test_large_amplitude_reports_clamped_layers_and_still_meets_the_budget(caplog) -> None:
     cfg = PruningConfig(target_sparsity=0.4, steps=3, amplitude=0.5, max_layer_sparsity=0.6)
     with caplog.at_level("WARNING", logger="adapt_prune_tune.pruner"):
@@ -176,6 +218,10 @@ def test_config_errors() -> None:
         PruningConfig(target_sparsity=0.2, similarity="dot")
     with pytest.raises(ValueError, match="prune_attention and/or prune_mlp"):
         PruningConfig(target_sparsity=0.2, prune_attention=False, prune_mlp=False)
+    with pytest.raises(ValueError, match=r"importance_normalization must be one of \('max', 'zscore', 'mad', 'rank'\)"):
+        PruningConfig(target_sparsity=0.2, importance_normalization="minmax")
+    with pytest.raises(ValueError, match="round_to must be an integer >= 1"):
+        PruningConfig(target_sparsity=0.2, round_to=0)
 
 
 def test_param_targets_outside_the_model() -> None:
@@ -248,3 +294,13 @@ def test_pruner_state_round_trip_resumes_identically() -> None:
     b, _ = resumed.measure_and_plan(copy.deepcopy(model), ARCH, batches(1), 0.4)
     assert a.arch == b.arch
     assert all((x is None and y is None) or x.to_dict() == y.to_dict() for x, y in zip(a.keeps, b.keeps))
+    assert torch.equal(resumed.planned, pruner.planned)
+
+
+def test_state_saved_before_planned_sparsity_resumes_from_the_achieved() -> None:
+    pruner = AdaptivePruner(PruningConfig(target_sparsity=0.4, steps=2), ARCH)
+    state = pruner.state_dict()
+    del state["planned_sparsity"]
+    state["sparsity"] = [0.1, 0.2, 0.3, 0.2]
+    pruner.load_state_dict(state)
+    assert pruner.planned.tolist() == [0.1, 0.2, 0.3, 0.2]

@@ -6,13 +6,20 @@ import pytest
 import torch
 
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_model
-from adapt_prune_tune.pruner import PruningConfig, plan_step, prunable_per_layer, resolve_target_sparsity
+from adapt_prune_tune.pruner import (
+    PruningConfig,
+    minimum_arch,
+    plan_step,
+    prunable_per_layer,
+    resolve_target_sparsity,
+)
 from adapt_prune_tune.sparsity import (
     _attention_params,
     allocate_mlp_widths,
     assign_layer_sparsity,
     choose_attention_widths,
     fit_to_budget,
+    smallest_mlp_width,
     sparsity_for_param_target,
     sparsity_schedule,
 )
@@ -235,3 +242,165 @@ def test_every_step_meets_the_budget_when_heads_drop(allocation: str, amplitude:
         goal = base.num_params() - target * base.prunable_params()
         assert abs(current.num_params() - goal) <= 3 * base.embed_dim / 2 + 1, f"step {k + 1}"
     assert min(layer.num_heads for layer in current.layers) < 9  # heads were pruned on the way
+
+
+# --------------------------------------------------------------------------- round_to
+
+
+def _budgets(channels: List[float], attention=((2, 4),) * 4) -> List[float]:
+    """Layer budgets (parameters) that leave ``channels`` MLP channels after ``attention``."""
+    return [_attention_params(64, BASE.head_dim, kv, q, False) + c * 3 * BASE.embed_dim
+            for (kv, q), c in zip(attention, channels)]
+
+
+def test_smallest_mlp_width() -> None:
+    assert smallest_mlp_width(1) == 1
+    assert smallest_mlp_width(0) == 1  # never an empty MLP
+    assert smallest_mlp_width(1, 64) == 64
+    assert smallest_mlp_width(64, 64) == 64
+    assert smallest_mlp_width(100, 64) == 128
+
+
+def test_rounded_widths_are_multiples_and_meet_the_total_within_half_a_unit() -> None:
+    base = DecoderArch.uniform(vocab_size=16, embed_dim=64, num_layers=4, num_heads=8, num_kv_heads=2,
+                               intermediate_dim=1024, max_seq_len=16)
+    attention = [(2, 4)] * 4
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        channels = (torch.rand(4, generator=g, dtype=F64) * 900 + 100).tolist()
+        for round_to in (8, 64, 128):
+            widths = allocate_mlp_widths(base, attention, _budgets(channels), [1024] * 4, round_to=round_to)
+            assert all(w % round_to == 0 for w in widths)
+            assert abs(sum(widths) - sum(channels)) <= round_to / 2 + 1e-9
+            assert all(abs(w - c) < round_to + 1e-9 for w, c in zip(widths, channels))
+
+
+def test_largest_remainders_get_the_units() -> None:
+    # 90 + 88 + 92 + 35 = 305 channels: each layer's nearest multiple of 64 is 64, 256 in all,
+    # 49 short (over half a unit); the unit goes to the layer furthest below its budget (92)
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([90.0, 88.0, 92.0, 35.0]), [200] * 4, round_to=64)
+    assert widths == [64, 64, 128, 64]
+    # 24 short is less than half a unit: no move would bring the total closer
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([80.0, 75.0, 90.0, 35.0]), [200] * 4, round_to=64)
+    assert widths == [64] * 4
+    # equal residuals: ties go to the first layers (deterministic); 384 is 24 from 360
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([90.0] * 4), [200] * 4, round_to=64)
+    assert widths == [128, 128, 64, 64]
+
+
+def test_rounding_keeps_the_order_of_layer_budgets() -> None:
+    channels = [300.0, 180.0, 700.0, 520.0]  # adaptive budgets: layer 2 most important
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets(channels), [1024] * 4, round_to=64)
+    assert torch.argsort(torch.tensor(widths)).tolist() == torch.argsort(torch.tensor(channels)).tolist()
+
+
+def test_base_width_that_is_not_a_multiple_stays_until_first_pruned() -> None:
+    # 100 channels, round_to 64: the allowed widths are 100 and 64
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([95.0, 90.0, 70.0, 100.0]), [100] * 4, round_to=64)
+    assert set(widths) <= {64, 100}
+    assert widths[3] == 100 and widths[2] == 64
+    assert abs(sum(widths) - 355) <= 32
+    # never below the smallest width: min_width 3 still means one whole unit
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([1.0, 2.0, 100.0, 100.0]), [100] * 4, min_width=3,
+                                 round_to=64)
+    assert widths[:2] == [64, 64]
+
+
+def test_widths_never_grow_and_narrow_layers_keep_their_width() -> None:
+    current = [192, 256, 48, 100]
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([150.0, 200.0, 40.0, 10.0]), current, round_to=64)
+    assert widths == [128, 192, 48, 64]  # 48: narrower than one unit, cannot be pruned; 100 drops to 64, not below
+    # budgets above what the layers still have: every layer stays at its current width (the
+    # 10-channel layer included, taking what the capped layers cannot), none grows
+    widths = allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([500.0, 300.0, 40.0, 10.0]), current, round_to=64)
+    assert widths == current
+
+
+def test_round_to_is_validated() -> None:
+    with pytest.raises(ValueError, match="round_to"):
+        allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([50.0] * 4), [100] * 4, round_to=0)
+    for bad in (0, -64, 1.5, True, "64"):
+        with pytest.raises(ValueError, match=r"pruning.round_to must be an integer >= 1"):
+            PruningConfig(target_sparsity=0.2, round_to=bad)
+
+
+def test_minimum_arch_and_reachable_target_follow_round_to() -> None:
+    cfg = PruningConfig(target_sparsity=0.2, min_mlp_channels=1, round_to=64)
+    assert {layer.intermediate_dim for layer in minimum_arch(BASE, cfg).layers} == {64}
+    narrow = DecoderArch.uniform(vocab_size=16, embed_dim=64, num_layers=4, num_heads=8, num_kv_heads=2,
+                                 intermediate_dim=48, max_seq_len=16)
+    assert {layer.intermediate_dim for layer in minimum_arch(narrow, cfg).layers} == {48}
+    # 48-channel MLPs cannot be pruned at round_to 64: only attention is left to remove
+    attention_share = narrow.layer_attention_params(0) / (narrow.layer_attention_params(0) + narrow.layer_mlp_params(0))
+    with pytest.raises(ValueError, match="exceeds what the minimum widths"):
+        resolve_target_sparsity(narrow, PruningConfig(target_sparsity=attention_share, round_to=64))
+    assert resolve_target_sparsity(narrow, PruningConfig(target_sparsity=attention_share, round_to=16)) > 0
+
+
+def _run_steps(base: DecoderArch, cfg: PruningConfig, importance: torch.Tensor, target: float, steps: int):
+    """Plan ``steps`` steps on random scores as the pruner does (continuing from the planned sparsity)."""
+    g = torch.Generator().manual_seed(0)
+    current, planned = base, torch.zeros(base.num_layers, dtype=F64)
+    history = [base]
+    for k in range(steps):
+        goal = target * (k + 1) / steps
+        scores = [{"kv": torch.rand(la.num_kv_heads, generator=g, dtype=F64),
+                   "q": torch.rand(la.num_heads, generator=g, dtype=F64),
+                   "mlp": torch.rand(la.intermediate_dim, generator=g, dtype=F64)} for la in current.layers]
+        plan = plan_step(cfg, base, current, planned, goal, importance, scores)
+        current, planned = plan.arch, plan.planned
+        history.append(current)
+        unit = cfg.round_to * 3 * base.embed_dim
+        expected = base.num_params() - goal * float(prunable_per_layer(base, cfg).sum())
+        assert abs(current.num_params() - expected) <= unit / 2 + 1, f"step {k + 1}"
+    return history, plan
+
+
+@pytest.mark.parametrize("prune_attention", [True, False])
+@pytest.mark.parametrize("target", [0.2, 0.4, 0.6])
+def test_rounded_steps_meet_every_budget_and_keep_the_adaptive_order(target: float, prune_attention: bool) -> None:
+    from adapt_prune_tune.models import SMOLLM2_135M as base
+
+    importance = torch.linspace(1, -1, base.num_layers, dtype=F64)  # layer 0 most important
+    cfg = PruningConfig(target_sparsity=target, steps=8, amplitude=0.03, round_to=64, prune_attention=prune_attention)
+    history, plan = _run_steps(base, cfg, importance, target, 8)
+    for before, after in zip(history, history[1:]):
+        for b, a in zip(before.layers, after.layers):
+            assert a.intermediate_dim <= b.intermediate_dim  # never grow back
+            assert a.intermediate_dim % 64 == 0
+    # rounding does not undo the adaptive rule: each layer ends within one unit (plus a layer's
+    # coarse head steps) of the sparsity the rule planned, so the importance order survives
+    achieved, planned = plan.sparsity, plan.planned
+    mlp_unit = 64 * 3 * base.embed_dim / float(prunable_per_layer(base, cfg)[0])
+    slack = 0.05 if prune_attention else 0.0
+    assert float((achieved - planned).abs().max()) <= mlp_unit + slack + 1e-9
+    widths = torch.tensor([layer.intermediate_dim for layer in plan.arch.layers], dtype=F64)
+    thirds = widths.view(3, 10).mean(dim=1)
+    assert thirds[0] > thirds[1] > thirds[2]
+
+
+def test_rounding_at_amplitude_zero_stays_uniform_across_steps() -> None:
+    """Many small steps against a coarse unit (12 channels a step, 64 a unit): each step's
+    rounding must not be baked into the next step's start, or the same tie-broken layers
+    would lose a unit every step."""
+    from adapt_prune_tune.models import SMOLLM2_135M as base
+
+    cfg = PruningConfig(target_sparsity=0.4, steps=20, amplitude=0.0, round_to=64, prune_attention=False)
+    history, plan = _run_steps(base, cfg, torch.zeros(base.num_layers, dtype=F64), 0.4, 20)
+    widths = [layer.intermediate_dim for layer in plan.arch.layers]
+    assert max(widths) - min(widths) <= 64
+
+
+@pytest.mark.parametrize("target", [376_100_000, 420_000_000, 460_000_000])
+def test_param_targets_with_round_to(qwen05: DecoderArch, target: int) -> None:
+    for steps in (1, 4):
+        cfg = PruningConfig(target_params=target, steps=steps, amplitude=0.02, round_to=64)
+        s = resolve_target_sparsity(qwen05, cfg)
+        planned, current = torch.zeros(24, dtype=F64), qwen05
+        importance = torch.linspace(-1, 1, 24, dtype=F64)
+        for k in range(steps):
+            plan = plan_step(cfg, qwen05, current, planned, s * (k + 1) / steps, importance,
+                             _uniform_scores(current))
+            current, planned = plan.arch, plan.planned
+        assert abs(current.num_params() - target) <= 64 * 3 * qwen05.embed_dim / 2 + 1
+        assert all(layer.intermediate_dim % 64 == 0 for layer in current.layers)
