@@ -26,6 +26,10 @@ the Hugging Face rotary layout in torchtune already and are not permuted.
 Every export is written into a temporary sibling directory and renamed into
 place only when complete, so a failure never leaves a half-written export or
 touches an existing one.
+
+``quantize`` (``--quantize int8wo``/``int8da8w``) stores the compact export's
+decoder projections as torchao int8 tensors, still in safetensors; see
+``adapt_prune_tune.quantize`` for why it needs the compact mode.
 """
 
 from __future__ import annotations
@@ -491,6 +495,7 @@ def export_state_dict(
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
     dtype: Union[None, str, torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> Path:
     """Write a torchtune state dict of shape ``arch`` as a Hugging Face model directory.
 
@@ -509,6 +514,8 @@ def export_state_dict(
         max_shard_size: safetensors shard limit, as in ``save_pretrained``.
         overwrite: replace a non-empty ``out_dir`` (only once the new export is complete).
         dtype: cast floating-point weights (``"bfloat16"``, ``torch.float16``, ...).
+        quantize: a ``adapt_prune_tune.quantize.SCHEMES`` name (``"int8wo"``,
+            ``"int8da8w"``): torchao-quantize the decoder projections (compact only).
 
     Returns:
         Path: ``out_dir``.
@@ -519,6 +526,7 @@ def export_state_dict(
 
     if mode not in EXPORT_MODES:
         raise ValueError(f"mode must be one of {EXPORT_MODES}, got {mode!r}")
+    scheme = _check_quantize(quantize, mode)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
@@ -544,15 +552,21 @@ def export_state_dict(
     }
     weights_dtype = hf_state["model.embed_tokens.weight"].dtype
     config = hf_config(arch, mode, original, base_config_dict, tokenizer_dir, weights_dtype)
+    shipped_files = list(SHIPPED_FILES) if mode == "compact" else []
+    if scheme is not None:
+        from adapt_prune_tune.quantize import SHIPPED_FILE, quantize_hf_state_dict, quantized_config
+
+        hf_state = quantize_hf_state_dict(hf_state, scheme)
+        config = quantized_config(config, scheme)
+        shipped_files.append(SHIPPED_FILE)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         _write_config(config, arch, tmp)
-        if mode == "compact":
-            for f in SHIPPED_FILES:
-                shutil.copyfile(f, tmp / f.name)
+        for f in shipped_files:
+            shutil.copyfile(f, tmp / f.name)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
@@ -562,14 +576,24 @@ def export_state_dict(
             "mode": mode,
             "arch": arch.to_dict(),
             "original_arch": original.to_dict() if original is not None else None,
+            "quantization": getattr(config, "adapt_quantization", None),
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info(f"Exported {mode} Hugging Face model to {out_dir}")
+    log.info(f"Exported {mode} Hugging Face model{f' ({scheme})' if scheme else ''} to {out_dir}")
     return out_dir
+
+
+def _check_quantize(quantize: Optional[str], mode: str) -> Optional[str]:
+    """``quantize`` if it can be exported in ``mode`` (else the error), imported only when asked for."""
+    if quantize is None:
+        return None
+    from adapt_prune_tune.quantize import check_quantization
+
+    return check_quantization(quantize, mode).name
 
 
 def export_hf(
@@ -584,6 +608,7 @@ def export_hf(
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
     dtype: Union[None, str, torch.dtype] = None,
+    quantize: Optional[str] = None,
 ) -> Path:
     """Export a pruned model, given as a checkpoint directory, a state dict or a model.
 
@@ -607,7 +632,9 @@ def export_hf(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         dtype=dtype,
+        quantize=quantize,
     )
+    _check_quantize(quantize, mode)  # before reading gigabytes of weights
     if isinstance(source, (str, Path)):
         _check_out_dir(Path(out_dir), overwrite)  # before reading gigabytes of weights
         state, loaded = load_pruned_checkpoint(source)
