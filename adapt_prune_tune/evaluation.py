@@ -24,6 +24,7 @@ import math
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -89,6 +90,23 @@ PAPER_TASKS: Tuple[TaskSpec, ...] = (
     TaskSpec("mmlu", ("acc",), 5),
 )
 
+# The Hub dataset (and config) each paper task reads in lm-eval 0.4, for model cards' model-index.
+TASK_DATASETS: Dict[str, Tuple[str, Optional[str]]] = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "boolq": ("aps/super_glue", "boolq"),
+    "hellaswag": ("Rowan/hellaswag", None),
+    "openbookqa": ("allenai/openbookqa", "main"),
+    "piqa": ("baber/piqa", None),
+    "social_iqa": ("lighteval/siqa", None),
+    "winogrande": ("allenai/winogrande", "winogrande_xl"),
+    "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"),
+    "bbh_fewshot": ("SaylorTwift/bbh", None),
+    "truthfulqa_mc2": ("truthfulqa/truthful_qa", "multiple_choice"),
+    "agieval_nous": ("hails/agieval", None),
+    "mmlu": ("cais/mmlu", None),
+}
+
 LOCAL_TASKS: Tuple[TaskSpec, ...] = (
     TaskSpec(PERPLEXITY_TASK, ("word_perplexity", "byte_perplexity", "bits_per_byte"), 0),
     TaskSpec(NEXT_SENTENCE_TASK, ("acc", "acc_norm"), 0),
@@ -96,6 +114,43 @@ LOCAL_TASKS: Tuple[TaskSpec, ...] = (
 
 PRESETS: Dict[str, Tuple[TaskSpec, ...]] = {"paper": PAPER_TASKS, "local": LOCAL_TASKS}
 _LOCAL_NAMES = frozenset(spec.task for spec in LOCAL_TASKS)
+
+
+@dataclass(frozen=True)
+class LocalTaskSize:
+    """How much of the held-out split the local tasks score.
+
+    Attributes:
+        documents (Optional[int]): held-out rows (chunks of the documentation, up to ~10k
+            characters, ~900 tokens on average) scored by rolling log-likelihood, a
+            deterministic random subset; None scores all 363.
+        examples (Optional[int]): next-sentence questions (four choices each).
+    """
+
+    documents: Optional[int]
+    examples: Optional[int]
+
+
+# "quick" (``adapt-prune-tune eval``'s default) is a fixed random ~11% of the split's tokens, with
+# standard errors; "full" (``evaluate``'s default, ``eval --full``) is the whole split. Costs:
+# ``adapt-prune-tune eval --help``.
+LOCAL_SIZES: Dict[str, LocalTaskSize] = {
+    "quick": LocalTaskSize(documents=40, examples=200),
+    "full": LocalTaskSize(documents=None, examples=1000),
+}
+
+
+def describe_local_size(size: LocalTaskSize, total_documents: Optional[int] = None) -> Dict[str, str]:
+    """What each local task scores at ``size``, in words (for saved results and model cards)."""
+    of = f" of {total_documents}" if total_documents else ""
+    documents = "all" if size.documents is None else f"{size.documents}{of}"
+    if size.documents is not None and total_documents is not None and size.documents >= total_documents:
+        documents = f"all {total_documents}"
+    examples = "all" if size.examples is None else f"up to {size.examples}"
+    return {
+        PERPLEXITY_TASK: f"{documents} held-out chunks (a fixed random subset unless all)",
+        NEXT_SENTENCE_TASK: f"{examples} next-sentence questions",
+    }
 
 
 class BenchmarkDataUnavailable(RuntimeError):
@@ -403,6 +458,42 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=None)
+def _one_bar_hflm() -> type:
+    """lm-eval's ``HFLM``, scoring all rolling windows of all documents in one call.
+
+    The stock ``loglikelihood_rolling`` scores one batch of windows per call, and every call
+    draws its own progress bar: hundreds of bars for a held-out split, and no ETA. One call
+    over every window gives one bar whose ETA covers the task (longest windows come first,
+    so the early ETA errs high). Scores are the same: the windows and their scoring are
+    lm-eval's own.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class OneBarHFLM(HFLM):
+        def loglikelihood_rolling(self, requests: List[Any], disable_tqdm: bool = False) -> List[float]:
+            if self.world_size > 1:  # the stock method pads ranks to equal work
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+            owners: List[int] = []
+            windows: List[Tuple[Any, ...]] = []
+            for index, (text,) in enumerate(request.args for request in requests):
+                rolling = get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+                for window in map(make_disjoint_window, rolling):
+                    windows.append((None, *window))
+                    owners.append(index)
+            totals = [0.0] * len(requests)
+            for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+                totals[owner] += logprob
+            return totals
+
+    return OneBarHFLM
+
+
 def _hf_lm(
     model_dir: Path,
     *,
@@ -414,7 +505,6 @@ def _hf_lm(
     """lm-eval's HFLM over an exported directory. Exports whose config maps Auto classes to
     their own modeling code (``auto_map``, per-layer widths) are loaded with
     ``trust_remote_code``: that code ships inside the directory being evaluated."""
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -423,7 +513,7 @@ def _hf_lm(
         model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     ).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return HFLM(
+    return _one_bar_hflm()(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_seq_len
     )
 
@@ -495,6 +585,50 @@ def extract_metrics(result: Mapping[str, Any], metrics: Sequence[str]) -> Dict[s
     return row
 
 
+ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def ratio_stderr(pairs: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
+    """Negative log-likelihood per unit, ``R = Σ nll_i / Σ n_i``, and its standard error.
+
+    Documents are the sampled units (a perplexity over a random subset of documents estimates
+    the split's); ``R`` is a ratio of two sums, so its variance is the delta method's
+    ``Σ (nll_i − R·n_i)² / (N (N−1) n̄²)``. NaN with fewer than two documents.
+
+    Args:
+        pairs: ``(log-likelihood, units)`` per document (units: words or bytes), as lm-eval's
+            rolling tasks record them.
+
+    Returns:
+        Tuple[float, float]: ``R`` and its standard error.
+    """
+    if not pairs:
+        raise ValueError("no documents")
+    nll = [-loglikelihood for loglikelihood, _ in pairs]
+    units = [float(n) for _, n in pairs]
+    ratio = sum(nll) / sum(units)
+    count = len(pairs)
+    if count < 2:
+        return ratio, math.nan
+    mean_units = sum(units) / count
+    variance = sum((x - ratio * n) ** 2 for x, n in zip(nll, units)) / (count * (count - 1) * mean_units**2)
+    return ratio, math.sqrt(variance)
+
+
+def rolling_stderrs(samples: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
+    """``<metric>_stderr`` of the perplexity metrics of a rolling-log-likelihood task from its
+    logged samples (lm-eval reports none: ``weighted_perplexity`` has no standard error).
+    A perplexity ``exp(R)`` gets ``exp(R)·se(R)``, bits per byte ``se(R)/ln 2``."""
+    out: Dict[str, float] = {}
+    for metric in ROLLING_METRICS:
+        pairs = [tuple(sample[metric]) for sample in samples if isinstance(sample.get(metric), (list, tuple))]
+        if len(pairs) < 2:
+            continue
+        ratio, stderr = ratio_stderr(pairs)
+        out[f"{metric}_stderr"] = stderr / math.log(2) if metric == "bits_per_byte" else math.exp(ratio) * stderr
+    return out
+
+
 def summarize_results(
     results: Mapping[str, Any], specs: Sequence[TaskSpec], leaves: Mapping[str, Sequence[str]]
 ) -> ResultTable:
@@ -502,11 +636,15 @@ def summarize_results(
     aggregate), or one per leaf task for tags and groups without an aggregate."""
     table: ResultTable = {}
     per_task = results["results"]
+    samples = results.get("samples") or {}
     for spec in specs:
         aggregated = spec.task in per_task and _metric_keys(per_task[spec.task])
         names = [spec.task] if aggregated else leaves[spec.task]
         for name in names:
             table[name] = extract_metrics(per_task[name], spec.metrics)
+            for key, value in rolling_stderrs(samples.get(name, [])).items():
+                if key[: -len("_stderr")] in table[name] and key not in table[name]:
+                    table[name][key] = value
     return table
 
 
@@ -522,6 +660,7 @@ def evaluate(
     device: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     limit: Optional[Union[int, float]] = None,
+    local_size: Union[str, LocalTaskSize] = "full",
     bootstrap_iters: int = 100_000,
     seed: int = 1234,
 ) -> ResultTable:
@@ -543,7 +682,11 @@ def evaluate(
         dtype: compute dtype: autocast for in-memory models, load dtype for exports (default
             the export's own). The paper evaluates in ``torch.bfloat16``.
         limit: evaluate only the first ``limit`` documents of each task (a fraction if < 1).
-        bootstrap_iters: lm-eval bootstrap iterations for standard errors (0 disables them).
+        local_size: how much of the held-out split the local tasks score when they are built
+            here: ``"full"`` (default; the whole split), ``"quick"`` (the CLI's default, see
+            :data:`LOCAL_SIZES`) or a :class:`LocalTaskSize`. Ignored with ``local_task_dir``.
+        bootstrap_iters: lm-eval bootstrap iterations for standard errors (0 disables them,
+            and the standard errors of perplexities, computed from the logged documents).
         seed: seed of python, numpy, torch and few-shot sampling.
 
     Returns:
@@ -556,6 +699,10 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     specs = resolve_tasks(tasks)
+    if isinstance(local_size, str):
+        if local_size not in LOCAL_SIZES:
+            raise ValueError(f"local_size must be one of {sorted(LOCAL_SIZES)} or a LocalTaskSize, got {local_size!r}")
+        local_size = LOCAL_SIZES[local_size]
     needs_local = any(spec.task in _LOCAL_NAMES for spec in specs)
     needs_hub = any(spec.task not in _LOCAL_NAMES for spec in specs)
     with tempfile.TemporaryDirectory(prefix="apt-lm-eval-tasks-") as scratch:
@@ -563,7 +710,12 @@ def evaluate(
         if needs_local:
             include_path = str(
                 local_task_dir
-                or build_local_tasks(heldout_jsonl or default_heldout_jsonl(), Path(scratch))
+                or build_local_tasks(
+                    heldout_jsonl or default_heldout_jsonl(),
+                    Path(scratch),
+                    max_documents=local_size.documents,
+                    max_next_sentence_examples=local_size.examples,
+                )
             )
         # The built-in index takes seconds to build; local-only runs skip it.
         task_manager = TaskManager(include_path=include_path, include_defaults=needs_hub)
@@ -594,7 +746,8 @@ def evaluate(
             task_manager=task_manager,
             limit=limit,
             bootstrap_iters=bootstrap_iters,
-            log_samples=False,
+            # Per-document results, for the standard errors of perplexities (rolling_stderrs).
+            log_samples=bootstrap_iters > 0,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from adapt_prune_tune import run_record as rr
+from adapt_prune_tune.base_model import License, license_for, parse_license, resolve_base_model
 from adapt_prune_tune.export import EXPORT_RECORD
 from adapt_prune_tune.models import DecoderArch
 
@@ -120,6 +122,109 @@ def _cell(value: Any) -> Any:
     return f"{value:.4f}" if isinstance(value, float) else value
 
 
+# Results the recipe and ``adapt-prune-tune eval`` leave behind, read into the card.
+EVAL_RESULTS = "eval_results.json"
+
+
+def card_base_model_and_license(
+    context: Mapping[str, Any], meta: Mapping[str, Any]
+) -> Tuple[Optional[str], License]:
+    """The base model's Hub id and the license the card declares.
+
+    The id: ``context["base_model"]`` (an id the user gave), else the recorded values
+    (``context["base_model_candidates"]``: a run's base model and checkpoint directory; the
+    export's ``base_model``), read by :func:`adapt_prune_tune.base_model.resolve_base_model`.
+    The license: ``context["license"]``, else the base model's (known bases), else the
+    export's recorded one.
+
+    Raises:
+        ValueError: only local paths were recorded (pass ``--base-model``), or no license is
+            known (pass ``--license``).
+    """
+    candidates = [context.get("base_model"), *context.get("base_model_candidates", ()), meta.get("base_model")]
+    base_model, _ = resolve_base_model(*candidates)
+    given = context.get("license")
+    if given:
+        license_ = given if isinstance(given, License) else parse_license(str(given))
+    else:
+        license_ = license_for(base_model) or (License(meta["license"]) if meta.get("license") else None)
+    if license_ is None:
+        raise ValueError(
+            f"No license known for the base model {base_model or '(not recorded)'}: a pruned model is a "
+            "derivative and ships under its base model's license. Pass --license ID (a Hub license id such "
+            "as apache-2.0, llama3.1 or llama3.2, or other:NAME:URL for a custom license)."
+        )
+    return base_model, license_
+
+
+def _final_perplexity(row: Mapping[str, float]) -> Optional[float]:
+    return row.get("recovered", row.get("pruned"))
+
+
+def model_index(
+    name: str,
+    perplexity_by_text: Mapping[str, Mapping[str, float]],
+    heldout: Optional[Mapping[str, Any]] = None,
+    lm_eval: Optional[Mapping[str, Mapping[str, float]]] = None,
+) -> List[Dict[str, Any]]:
+    """The card's ``model-index`` (the Hub's evaluation-results metadata): this model's
+    held-out perplexity per text and its lm-eval metrics, one result per dataset."""
+    from adapt_prune_tune.evaluation import TASK_DATASETS
+
+    task = {"type": "text-generation", "name": "Text Generation"}
+    heldout = heldout or {}
+    results = []
+    for text, row in perplexity_by_text.items():
+        value = _final_perplexity(row)
+        if value is not None:
+            dataset = {
+                "name": f"held-out {text}: {heldout.get('num_tokens', '?')} tokens in "
+                f"{heldout.get('window', '?')}-token windows",
+                "type": text,
+            }
+            metric = {"type": "perplexity", "value": round(float(value), 4), "name": "perplexity"}
+            results.append({"task": dict(task), "dataset": dataset, "metrics": [metric]})
+    for lm_task, metrics in (lm_eval or {}).items():
+        dataset_id, config = TASK_DATASETS.get(lm_task, (lm_task, None))
+        dataset = {"name": lm_task, "type": dataset_id, **({"config": config} if config else {})}
+        values = [
+            {"type": metric, "value": round(float(value), 4), "name": metric}
+            for metric, value in metrics.items()
+            if not metric.endswith("_stderr")
+        ]
+        results.append({"task": dict(task), "dataset": dataset, "metrics": values})  # copies: no YAML anchors
+    return [{"name": name, "results": results}] if results else []
+
+
+def _heldout_text(perplexity_by_text: Mapping[str, Mapping[str, float]], heldout: Mapping[str, Any]) -> str:
+    rows = [
+        [text, *(rr.format_perplexity(v) for v in (row.get("original"), row.get("pruned"), _final_perplexity(row)))]
+        for text, row in perplexity_by_text.items()
+    ]
+    return (
+        _table(["held-out text", "base model", "after the last cut", "this model"], rows)
+        + f"\n\nPerplexity on {heldout.get('num_tokens', '?')} held-out tokens per text in windows of "
+        f"{heldout.get('window', '?')} tokens, measured during the run: the base model, right after the last "
+        "pruning step, and at the end (after recovery training)."
+    )
+
+
+def _lm_eval_text(lm_eval: Mapping[str, Mapping[str, float]], sizes: Optional[Mapping[str, str]]) -> str:
+    from adapt_prune_tune.evaluation import evaluation_markdown
+
+    text = evaluation_markdown({"this model": lm_eval}).strip()
+    if sizes:
+        text += "\n\nScored on: " + "; ".join(f"{task}: {size}" for task, size in sizes.items()) + "."
+    return text
+
+
+def _speed_text(speed: Mapping[str, Any]) -> str:
+    from adapt_prune_tune.report import markdown_table, speed_rows
+
+    rows, note = speed_rows(speed)
+    return markdown_table(["", "base model", "this model", "this ÷ base"], rows).strip() + "\n" + note.rstrip()
+
+
 def _load_snippet(repo: str, mode: str) -> str:
     remote = ", trust_remote_code=True" if mode == "compact" else ""
     return (
@@ -131,6 +236,19 @@ def _load_snippet(repo: str, mode: str) -> str:
     )
 
 
+def _quantization_text(quantization: Mapping[str, Any]) -> str:
+    """The card's Quantization section: scheme, what was quantized and why loading needs torchao."""
+    ao_type = quantization.get("torchao_config", {}).get("_type", "torchao")
+    return (
+        f"Weights quantized with [torchao](https://github.com/pytorch/ao) {quantization.get('torchao_version', '')} "
+        f"`{ao_type}`, scheme **{quantization['scheme']}**: {quantization.get('description', '')}. "
+        f"Quantized: every decoder layer's {', '.join(quantization.get('quantized_modules', []))} projections; "
+        "embeddings, output projection and norms keep the float dtype. The quantized tensors are stored as "
+        "their plain components (int8 values, scales) in safetensors, no pickle, and `modeling_adapt_torchao.py` "
+        "rebuilds the torchao tensors on load, so loading needs `torchao` installed and `trust_remote_code=True`."
+    )
+
+
 def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, Any]] = None) -> str:
     """The README.md text for an export record (see ``write_model_card`` for ``context``)."""
     context = dict(context or {})
@@ -139,19 +257,24 @@ def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, 
     # The pruned spec's provenance wins; empty values (unknown) never hide the base's.
     meta = {k: v for source in (original.meta if original else {}, arch.meta) for k, v in source.items() if v}
     mode = record["mode"]
-    base_model = context.get("base_model") or meta.get("base_model") or None
-    license_ = context.get("license") or meta.get("license")
+    quantization = record.get("quantization")
+    base_model, license_ = card_base_model_and_license(context, meta)
     params_before = context.get("params_before") or (original.num_params() if original else None)
     params_after = context.get("params_after") or arch.num_params()
 
-    front: Dict[str, Any] = {}
-    if license_:
-        front["license"] = license_
+    front: Dict[str, Any] = dict(license_.front_matter())
     if base_model:
         front["base_model"] = base_model
-    front.update(tags=list(CARD_TAGS), library_name="transformers", pipeline_tag="text-generation")
+    tags = list(CARD_TAGS) + (["quantized", "torchao", quantization["scheme"]] if quantization else [])
+    front.update(tags=tags, library_name="transformers", pipeline_tag="text-generation")
+    if quantization:
+        front["quantization"] = {"method": "torchao", "scheme": quantization["scheme"]}
 
     title = context.get("repo_id") or (f"{base_model.split('/')[-1]}, pruned" if base_model else "Pruned model")
+    perplexities = context.get("perplexity_by_text") or {}
+    index = model_index(title.split("/")[-1], perplexities, context.get("heldout"), context.get("lm_eval"))
+    if index:
+        front["model-index"] = index
     parts = [f"---\n{yaml.safe_dump(front, sort_keys=False)}---", f"# {title}", "## Method", _METHOD]
 
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "Not recorded."
@@ -172,7 +295,11 @@ def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, 
             "- This is the **padded** export: pruned weights zero-padded to the base model's shapes so stock "
             "transformers loads it. It computes the same outputs as the pruned model but is as large as the base."
         )
+    if quantization:
+        size.append(f"- Weights: {quantization['scheme']} ({quantization.get('description', '')})")
     parts += ["## Size", "\n".join(size)]
+    if quantization:
+        parts += ["## Quantization", _quantization_text(quantization)]
 
     base_layer = original.layers[0] if original is not None and len(set(original.layers)) == 1 else None
     header = ["Layer", "Attention heads", "KV heads", "MLP width"]
@@ -185,8 +312,17 @@ def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, 
         tokens = context["training_tokens"]
         text = f"Trained on {tokens:,} tokens during pruning." if isinstance(tokens, int) else str(tokens)
         parts += ["## Training", text]
+    evaluation = []
+    if perplexities:
+        evaluation += ["### Held-out perplexity", _heldout_text(perplexities, context.get("heldout") or {})]
+    if context.get("lm_eval"):
+        evaluation += ["### lm-evaluation-harness", _lm_eval_text(context["lm_eval"], context.get("lm_eval_sizes"))]
     if context.get("evaluation"):
-        parts += ["## Evaluation", _evaluation_table(context["evaluation"])]
+        evaluation.append(_evaluation_table(context["evaluation"]))
+    if evaluation:
+        parts += ["## Evaluation", *evaluation]
+    if context.get("speed"):
+        parts += ["## Speed", _speed_text(context["speed"])]
 
     parts += ["## How to load", _load_snippet(context.get("repo_id") or "path/to/this/model", mode)]
     if mode == "compact":
@@ -212,13 +348,21 @@ def write_model_card(export_dir: Union[str, Path], context: Optional[Mapping[str
             (default: computed from the recorded architectures),
             ``training_tokens`` (int or text), ``evaluation`` (rows of dicts, or
             ``{task: score}`` / ``{task: {column: value}}``), ``command`` (the
-            exact command that produced the model).
+            exact command that produced the model), ``base_model_candidates``
+            (recorded ids or local checkpoint dirs, see ``card_base_model_and_license``),
+            ``perplexity_by_text`` and ``heldout`` (a run record's), ``lm_eval``
+            (``{task: {metric: value}}``; default: the export's ``eval_results.json``,
+            written by ``adapt-prune-tune eval``) with ``lm_eval_sizes``, ``speed`` (a
+            run record's).
 
     Returns:
         Path: the README.md written.
+
+    Raises:
+        ValueError: no Hub id for the base model or no license (the message names the flag).
     """
     export_dir = Path(export_dir)
-    text = render_model_card(_export_record(export_dir), context)
+    text = card_text(export_dir, context)
     path = export_dir / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text)
@@ -226,20 +370,39 @@ def write_model_card(export_dir: Union[str, Path], context: Optional[Mapping[str
     return path
 
 
+def card_text(export_dir: Union[str, Path], context: Optional[Mapping[str, Any]] = None) -> str:
+    """The model card of an export, with the lm-eval results saved next to it (see
+    ``write_model_card``); nothing is written."""
+    export_dir = Path(export_dir)
+    context = dict(context or {})
+    results = export_dir / EVAL_RESULTS
+    if "lm_eval" not in context and results.is_file():
+        saved = json.loads(results.read_text())
+        context["lm_eval"], context["lm_eval_sizes"] = saved.get("results", {}), saved.get("sizes", {})
+    return render_model_card(_export_record(export_dir), context)
+
+
 def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """Card context from a recipe run's ``run_record.json`` (command, sizes, training tokens)."""
-    record = json.loads((Path(run_dir) / "run_record.json").read_text())
+    """Card context from a recipe run's ``run_record.json``: the command as typed, sizes,
+    training tokens, held-out perplexity, speed, and where the base model came from."""
+    record = rr.load_record(run_dir)
     context: Dict[str, Any] = {
-        "command": record.get("command"),
+        "command": rr.reproduce_command(record),
         "params_before": record.get("params_before"),
         "params_after": record.get("params_after"),
     }
-    if record.get("base_model"):
-        context["base_model"] = record["base_model"]
+    checkpoint_dir = ((record.get("config") or {}).get("checkpointer") or {}).get("checkpoint_dir")
+    context["base_model_candidates"] = [v for v in (record.get("base_model"), checkpoint_dir) if v]
     # Per-stage token counts are estimates (training steps x mean sample length).
-    stage_tokens = [stage["tokens"] for stage in record.get("stages", []) if stage.get("tokens") is not None]
-    if stage_tokens:
-        context["training_tokens"] = f"About {sum(stage_tokens):,} tokens, interleaved with pruning."
+    tokens = rr.training_tokens(record)
+    if tokens is not None:
+        context["training_tokens"] = f"About {tokens:,} tokens, interleaved with pruning."
+    perplexities = rr.perplexity_by_text(record)
+    if perplexities:
+        context["perplexity_by_text"] = perplexities
+        context["heldout"] = record.get("heldout") or {}
+    if record.get("speed"):
+        context["speed"] = record["speed"]
     return context
 
 
@@ -304,7 +467,8 @@ def publish(
         PublishResult: the files (and, unless a dry run, the commit URL).
 
     Raises:
-        ValueError: invalid ``repo_id`` (before anything else happens).
+        ValueError: invalid ``repo_id`` (before anything else happens), or the card lacks
+            the base model's Hub id or a license (``--base-model``/``--license``).
         FileNotFoundError: ``export_dir`` is not a complete export.
         PublishError: no token, the Hub refused, or the network failed.
     """
@@ -314,9 +478,11 @@ def publish(
     validate_repo_id(repo_id)
     export_dir = Path(export_dir)
     _check_export(export_dir)
+    card_context = {**dict(model_card_context or {}), "repo_id": repo_id}
+    card_text(export_dir, card_context)  # a card that cannot be written (base model, license) fails first
     if not dry_run:
         token = _resolve_token(token)
-    write_model_card(export_dir, {**dict(model_card_context or {}), "repo_id": repo_id})
+    write_model_card(export_dir, card_context)
     files = tuple(_files_to_upload(export_dir))
     if dry_run:
         print(f"Dry run: would upload {len(files)} files ({sum(s for _, s in files):,} bytes) to {repo_id}:")

@@ -21,17 +21,23 @@ from adapt_prune_tune.eval_tasks import (
     next_sentence_examples,
     prose_paragraphs,
     read_jsonl,
+    sample_rows,
 )
 from adapt_prune_tune.evaluation import (
+    LOCAL_SIZES,
     LOCAL_TASKS,
     PAPER_TASKS,
     BenchmarkDataUnavailable,
+    LocalTaskSize,
     TaskSpec,
     TorchtuneLM,
+    describe_local_size,
     evaluate,
     evaluation_markdown,
     load_tasks,
+    ratio_stderr,
     resolve_tasks,
+    rolling_stderrs,
 )
 from adapt_prune_tune.models import DecoderArch, decoder_from_arch
 
@@ -570,3 +576,81 @@ def test_smollm2_scores_alike_in_memory_and_as_hf_directory(smollm2_dir, python_
     for task, row in in_memory.items():
         for metric, value in row.items():
             assert from_dir[task][metric] == pytest.approx(value, rel=1e-3), (task, metric)
+
+
+# ----- a default size a person waits for, with standard errors -----
+
+
+def test_ratio_stderr_by_hand():
+    # Two documents: nll 10 over 5 words and 30 over 5 words: R = 40 / 10 = 4;
+    # residuals 10 - 20 = -10 and 30 - 20 = 10; variance = 200 / (2 · 1 · 25) = 4.
+    ratio, stderr = ratio_stderr([(-10.0, 5), (-30.0, 5)])
+    assert ratio == pytest.approx(4.0) and stderr == pytest.approx(2.0)
+    # Documents proportional to each other carry no spread.
+    assert ratio_stderr([(-2.0, 1), (-6.0, 3)])[1] == pytest.approx(0.0)
+    assert math.isnan(ratio_stderr([(-2.0, 1)])[1])
+    stderrs = rolling_stderrs(
+        [{"word_perplexity": (-10.0, 5), "byte_perplexity": [-10.0, 20], "bits_per_byte": [-10.0, 20]},
+         {"word_perplexity": (-30.0, 5), "byte_perplexity": [-30.0, 20], "bits_per_byte": [-30.0, 20]}]
+    )
+    assert stderrs["word_perplexity_stderr"] == pytest.approx(math.exp(4.0) * 2.0)
+    assert stderrs["bits_per_byte_stderr"] == pytest.approx(0.5 / math.log(2))
+
+
+def test_local_sizes_quick_is_a_fixed_subset_of_the_full_split(heldout_jsonl, tmp_path):
+    assert LOCAL_SIZES["quick"].documents < 363 and LOCAL_SIZES["full"].documents is None
+    rows = list(range(100))
+    subset = sample_rows(rows, 10)
+    assert subset == sample_rows(rows, 10) == sorted(subset) and len(set(subset)) == 10
+    assert sample_rows(rows, None) == rows == sample_rows(rows, 500)
+    task_dir = build_local_tasks(heldout_jsonl, tmp_path / "tasks", max_documents=2, max_next_sentence_examples=3)
+    assert len(read_jsonl(task_dir / PERPLEXITY_FILE)) == 2
+    assert len(read_jsonl(task_dir / NEXT_SENTENCE_FILE)) == 3
+    words = describe_local_size(LOCAL_SIZES["quick"], 363)
+    assert words[PERPLEXITY_TASK].startswith("40 of 363 held-out chunks")
+
+
+def test_evaluate_a_subset_reports_perplexity_with_its_standard_error(bigram_model, tokenizer, heldout_jsonl):
+    size = LocalTaskSize(documents=2, examples=3)
+    table = evaluate(
+        bigram_model, [TaskSpec(PERPLEXITY_TASK, ("word_perplexity",))], tokenizer=tokenizer,
+        heldout_jsonl=heldout_jsonl, batch_size=4, max_seq_len=MAX_SEQ_LEN, local_size=size,
+    )
+    texts = [row["text"] for row in sample_rows(read_jsonl(heldout_jsonl), 2)]
+    pairs = [
+        (_token_logprobs(bigram_model, [BOS] + tokenizer.encode(t, add_bos=False, add_eos=False)).sum().item(),
+         _words(t))
+        for t in texts
+    ]
+    ratio, stderr = ratio_stderr(pairs)
+    row = table[PERPLEXITY_TASK]
+    assert row["word_perplexity"] == pytest.approx(math.exp(ratio), rel=1e-4)
+    assert row["word_perplexity_stderr"] == pytest.approx(math.exp(ratio) * stderr, rel=1e-3)
+    with pytest.raises(ValueError, match="local_size"):
+        evaluate(bigram_model, "local", tokenizer=tokenizer, local_size="huge")
+
+
+def test_cli_eval_defaults_to_the_quick_size_and_saves_for_the_card(monkeypatch, tmp_path, capsys):
+    from adapt_prune_tune import evaluation
+    from adapt_prune_tune.cli import main
+
+    calls = []
+
+    def fake_evaluate(model, tasks, **kwargs):
+        calls.append(kwargs)
+        return {PERPLEXITY_TASK: {"word_perplexity": 20.0, "word_perplexity_stderr": 1.5}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "adapt_prune.json").write_text("{}")
+    main(["eval", str(export)])
+    assert calls[-1]["local_size"] == "quick"
+    assert "20.00 ± 1.50" in capsys.readouterr().out
+    saved = json.loads((export / "eval_results.json").read_text())
+    assert saved["results"][PERPLEXITY_TASK]["word_perplexity"] == 20.0
+    assert saved["sizes"][PERPLEXITY_TASK].startswith("quick: 40")
+    main(["eval", str(export), "--full", "--no-save"])
+    assert calls[-1]["local_size"] == "full"
+    main(["eval", str(tmp_path), "--tasks", "piqa"])  # not an export: nothing saved
+    assert not (tmp_path / "eval_results.json").exists()

@@ -176,3 +176,142 @@ def test_publish_needs_an_export(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="export"):
         publish(tmp_path, "someone/model", dry_run=True)
+
+
+# ----- the card as the Hub shows it: base model link, license, evaluation metadata -----
+
+
+def _export_with_base(root: Path, base_model: str, license_: str = "") -> Path:
+    """An export whose recorded base model is ``base_model`` (as the recipe records a local dir)."""
+    meta = {"base_model": base_model, **({"license": license_} if license_ else {})}
+    base = DecoderArch.uniform(
+        vocab_size=128, embed_dim=64, num_layers=len(LAYERS), num_heads=8, num_kv_heads=4,
+        intermediate_dim=128, head_dim=16, max_seq_len=64, rope=RopeSpec("default", 1e5),
+        tie_word_embeddings=True, meta=meta,
+    )
+    arch = base.with_layers(list(LAYERS))
+    return export_hf(decoder_from_arch(arch).state_dict(), root, arch=arch, original_arch=base)
+
+
+RUN_RECORD = {
+    "command": "/site/recipes/adapt_prune_recipe.py --config /site/configs/smollm2/135M_adapt.yaml",
+    "config_name": "smollm2/135M_adapt",
+    "overrides": ["adapt.total_tokens=80_000"],
+    "params_before": 134_515_008,
+    "params_after": 113_300_000,
+    "stages": [{"stage": 1, "tokens": 1000}, {"stage": 2, "tokens": 2500}],
+    "perplexity_by_text": {
+        "python_docs": {"original": 14.36, "pruned": 17.71, "recovered": 16.66},
+        "austen": {"original": 30.0, "pruned": 38.0},
+    },
+    "heldout": {"num_tokens": 8192, "window": 512, "texts": ["python_docs", "austen"]},
+    "speed": {
+        "original": {"forward_tokens_per_second": 1000.0, "generate_tokens_per_second": 20.0,
+                     "generate_peak_memory_bytes": 600 * 2**20, "device": "cpu (x)", "dtype": "float32",
+                     "memory_measure": "cpu VmHWM growth (lower bound)"},
+        "pruned": {"forward_tokens_per_second": 1190.0, "generate_tokens_per_second": 23.0,
+                   "generate_peak_memory_bytes": 500 * 2**20, "device": "cpu (x)", "dtype": "float32",
+                   "memory_measure": "cpu VmHWM growth (lower bound)", "seq_len": 512, "batch_size": 4,
+                   "new_tokens": 128, "prompt_len": 32},
+        "device": "cpu (x)",
+    },
+}
+
+
+def _run_dir(tmp_path: Path, checkpoint_dir: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {**RUN_RECORD, "base_model": str(checkpoint_dir),
+              "config": {"checkpointer": {"checkpoint_dir": str(checkpoint_dir)}}}
+    (run / "run_record.json").write_text(json.dumps(record))
+    return run
+
+
+def test_card_links_the_hub_id_not_the_local_checkpoint_dir(tmp_path: Path) -> None:
+    ckpt = tmp_path / "models" / "SmolLM2-135M-Instruct"  # the prepared default's directory
+    export = _export_with_base(tmp_path / "export", str(ckpt))
+    card = write_model_card(export, model_card_context_from_run(_run_dir(tmp_path, ckpt))).read_text()
+    front = _front_matter(card)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["license"] == "apache-2.0"  # inherited from the base model
+    assert str(tmp_path) not in card.split("## Reproduce")[0]  # no local path anywhere above
+    # What the user typed, not the resolved YAML path.
+    assert "tune run adapt_prune_recipe --config smollm2/135M_adapt adapt.total_tokens=80_000" in card
+    assert "/site/configs" not in card
+
+
+def test_card_reads_the_id_from_the_checkpoints_config(tmp_path: Path) -> None:
+    ckpt = tmp_path / "my-download"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.2-1B-Instruct"}))
+    card = write_model_card(_export_with_base(tmp_path / "export", str(ckpt))).read_text()
+    front = _front_matter(card)
+    assert front["base_model"] == "meta-llama/Llama-3.2-1B-Instruct" and front["license"] == "llama3.2"
+
+
+def test_a_local_path_is_refused_with_the_flag_to_pass(tmp_path: Path, no_login) -> None:
+    export = _export_with_base(tmp_path / "export", "/data/checkpoints/my-model", license_="apache-2.0")
+    before = _digests(export)
+    with pytest.raises(ValueError, match="--base-model"):
+        write_model_card(export)
+    with pytest.raises(ValueError, match="--base-model"):  # before the token is even looked for
+        publish(export, "someone/pruned")
+    with pytest.raises(ValueError, match="--base-model"):
+        publish(export, "someone/pruned", dry_run=True)
+    assert _digests(export) == before
+    card = write_model_card(export, {"base_model": "someone/my-model"}).read_text()
+    assert _front_matter(card)["base_model"] == "someone/my-model"
+
+
+def test_unknown_base_needs_a_license(tmp_path: Path) -> None:
+    export = _export_with_base(tmp_path / "export", "someone/their-model")
+    with pytest.raises(ValueError, match="--license"):
+        write_model_card(export)
+    front = _front_matter(write_model_card(export, {"license": "other:acme:https://acme.example/L"}).read_text())
+    assert (front["license"], front["license_name"], front["license_link"]) == (
+        "other", "acme", "https://acme.example/L"
+    )
+
+
+def test_card_evaluation_model_index_and_speed(tmp_path: Path) -> None:
+    ckpt = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    export = _export_with_base(tmp_path / "export", str(ckpt))
+    (export / "eval_results.json").write_text(json.dumps({
+        "results": {"heldout_next_sentence": {"acc": 0.61, "acc_stderr": 0.034},
+                    "arc_easy": {"acc_norm": 0.52, "acc_norm_stderr": 0.01}},
+        "sizes": {"heldout_next_sentence": "quick: up to 200 next-sentence questions"},
+    }))
+    context = {**model_card_context_from_run(_run_dir(tmp_path, ckpt)), "repo_id": "someone/smol-pruned"}
+    card = write_model_card(export, context).read_text()
+    index = _front_matter(card)["model-index"]
+    assert index[0]["name"] == "smol-pruned"
+    results = {r["dataset"]["type"]: r for r in index[0]["results"]}
+    assert results["python_docs"]["metrics"] == [{"type": "perplexity", "value": 16.66, "name": "perplexity"}]
+    assert results["austen"]["metrics"][0]["value"] == 38.0  # no recovery measured: the pruned figure
+    assert "8192 tokens in 512-token windows" in results["python_docs"]["dataset"]["name"]
+    assert results["allenai/ai2_arc"]["dataset"]["config"] == "ARC-Easy"
+    assert results["heldout_next_sentence"]["metrics"] == [{"type": "acc", "value": 0.61, "name": "acc"}]
+    for result in index[0]["results"]:
+        assert result["task"]["type"] == "text-generation"
+    # The same figures in the text a person reads.
+    assert "| python_docs | 14.36 | 17.71 | 16.66 |" in card and "| austen | 30.00 | 38.00 | 38.00 |" in card
+    assert "| heldout_next_sentence | acc | 0.6100 ± 0.0340 |" in card
+    assert "quick: up to 200 next-sentence questions" in card
+    assert "## Speed" in card and "| tokens/s (forward) | 1000 | 1190 | 1.190× |" in card
+    assert "| peak memory (generation) | 600.0 MiB | 500.0 MiB | 0.833× |" in card
+
+
+def test_cli_publish_dry_run_with_flags(tmp_path: Path, no_login, capsys) -> None:
+    from adapt_prune_tune.cli import main
+
+    export = _export_with_base(tmp_path / "export", "/data/checkpoints/my-model")
+    with pytest.raises(SystemExit):
+        main(["publish", str(export), "someone/pruned", "--dry-run"])
+    assert "--base-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["publish", str(export), "someone/pruned", "--dry-run", "--base-model", "/data/x"])
+    main(["publish", str(export), "someone/pruned", "--dry-run", "--base-model", "meta-llama/Llama-3.2-1B"])
+    front = _front_matter((export / "README.md").read_text())
+    assert (front["base_model"], front["license"]) == ("meta-llama/Llama-3.2-1B", "llama3.2")
+    main(["publish", str(export), "someone/pruned", "--dry-run", "--base-model", "me/base", "--license", "mit"])
+    assert _front_matter((export / "README.md").read_text())["license"] == "mit"

@@ -14,7 +14,12 @@ from adapt_prune_tune.report import (
     format_count,
     heldout_curve,
     measure_throughput,
+    moving_average,
+    prune_points,
+    smoothing_window,
     stage_starts,
+    training_curves,
+    worth_it_rows,
     write_report,
 )
 
@@ -236,3 +241,160 @@ def test_measure_throughput_is_positive_and_restores_mode():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError):
         measure_throughput(model, arch.vocab_size, steps=0)
+
+
+# ----- what a person reads first: the worth-it table, speed, curves -----
+
+
+def _speed(forward, generate, memory):
+    return {
+        "forward_tokens_per_second": forward,
+        "generate_tokens_per_second": generate,
+        "prefill_seconds": 0.01,
+        "forward_peak_memory_bytes": 2 * memory,
+        "generate_peak_memory_bytes": memory,
+        "weights_bytes": memory - 1000,
+        "memory_measure": "cuda max_memory_allocated",
+        "device": "cuda (NVIDIA H200)",
+        "dtype": "bfloat16",
+        "seq_len": 512,
+        "batch_size": 4,
+        "new_tokens": 128,
+        "prompt_len": 32,
+    }
+
+
+def _distillation_record():
+    """A newer record: speed, per-text perplexity, held-out log, distillation losses."""
+    record = _record()
+    del record["throughput"]
+    record["seconds_run"] = 600.0
+    record["speed"] = {
+        "original": _speed(10_000.0, 50.0, 600 * 2**20),
+        "pruned": _speed(12_500.0, 60.0, 450 * 2**20),
+        "device": "cuda (NVIDIA H200)",
+    }
+    record["perplexity_by_text"] = {
+        "python_docs": {"original": 13.2, "pruned": 80.0, "recovered": 20.5},
+        "austen": {"original": 30.0, "pruned": 120.0, "recovered": 45.25},
+    }
+    record["heldout"] = {"num_tokens": 8192, "window": 512, "texts": ["python_docs", "austen"]}
+    log, seen = [], 0
+    log.append({"step": 0, "tokens": 0, "stage": 0, "event": "original",
+                "ppl": {"python_docs": 13.2, "austen": 30.0}})
+    for k, stage in enumerate(record["stages"]):
+        log.append({"step": 10 * k, "tokens": seen, "stage": k, "event": "pruned",
+                    "ppl": {"python_docs": 30.0 + k, "austen": 60.0 + k}})
+        seen += stage["tokens"]
+        log.append({"step": 10 * k + 10, "tokens": seen, "stage": k, "event": "trained",
+                    "ppl": {"python_docs": 20.0 + k, "austen": 40.0 + k}})
+    record["heldout_log"] = log
+    for row in record["train_log"]:
+        row.update(ce_loss=2 * row["loss"], kd_loss=0.1, teacher_ce_loss=2.0)
+        row["tokens_per_second_per_gpu"] = row.pop("tokens_per_second")
+    return record
+
+
+def test_worth_it_table_comes_first(tmp_path):
+    text = write_report(_distillation_record(), tmp_path).read_text()
+    head = text.split("## ")[0]  # everything before the first section
+    assert head.startswith("# Pruning report: tiny-test-model\n\n| | | |\n")
+    assert "| spent | wall time | 10.0 min |" in head
+    # 3 stages × 1.5 s of 600 s; 10k + 20k + 30k tokens.
+    assert "|  | pruning's share of it | 0.8% (4 s) |" in head
+    assert "|  | training tokens | ≈ 60,000 |" in head
+    before, after = _arch_pair()
+    assert f"| got | parameters | {format_count(before.num_params())} → {format_count(after.num_params())}" in head
+    assert "| held-out perplexity, python_docs (original → pruned → recovered) | 13.20 → 80.00 → 20.50 |" in head
+    assert "| held-out perplexity, austen (original → pruned → recovered) | 30.00 → 120 → 45.25 |" in head
+    assert "| forward speed, pruned ÷ original | 1.25× |" in head
+    assert "| generation speed, pruned ÷ original | 1.20× |" in head
+    assert "| peak memory (generation), pruned ÷ original | 0.75× |" in head
+
+
+def test_worth_it_rows_of_an_old_record_use_what_it_has():
+    record = _record()  # no seconds_run, perplexity of one text, forward throughput only
+    before, after = _arch_pair()
+    rows = {what: value for _, what, value in worth_it_rows(record, before, after)}
+    assert "wall time" not in rows and "pruning's share of it" not in rows
+    assert rows["training tokens"] == "≈ 60,000"
+    assert rows["held-out perplexity, heldout (original → pruned → recovered)"] == "13.20 → 80.00 → 20.50"
+    assert rows["forward speed, pruned ÷ original"] == "1.70×"
+    assert "generation speed, pruned ÷ original" not in rows
+
+
+def test_speed_rows_in_size_table(tmp_path):
+    text = write_report(_distillation_record(), tmp_path).read_text()
+    assert "| tokens/s (forward) | 10,000 | 12,500 | 1.250× |" in text
+    assert "| tokens/s (generation) | 50 | 60 | 1.200× |" in text
+    assert "| peak memory (generation) | 600.0 MiB | 450.0 MiB | 0.750× |" in text
+    assert "| peak memory (forward) | 1.17 GiB | 900.0 MiB | 0.750× |" in text
+    assert "Measured on cuda (NVIDIA H200) in bfloat16" in text
+    assert "128 new tokens greedy" in text and "cuda max_memory_allocated" in text
+
+
+def test_heldout_section_has_every_text_over_tokens(tmp_path):
+    text = write_report(_distillation_record(), tmp_path).read_text()
+    assert "| | training tokens | python_docs | austen |" in text.replace("|  |", "| |")
+    assert "| stage 0 pruned | 0 | 30.00 | 60.00 |" in text
+    assert "| stage 2 trained | 60,000 | 22.00 | 42.00 |" in text
+    _assert_png(tmp_path / HELDOUT_PNG)
+
+
+def test_moving_average_restarts_at_each_stage():
+    values = [1.0, 2.0, 3.0, 10.0, 20.0, 30.0]
+    assert moving_average(values, 1) == values
+    assert moving_average(values, 2) == [1.0, 1.5, 2.5, 6.5, 15.0, 25.0]
+    # A new stage starts a new average: the cut's jump is not smeared backwards or forwards.
+    assert moving_average(values, 2, [1, 1, 1, 2, 2, 2]) == [1.0, 1.5, 2.5, 10.0, 15.0, 25.0]
+    assert moving_average(values, 3, [1, 1, 1, 2, 2, 2]) == [1.0, 1.5, 2.0, 10.0, 15.0, 20.0]
+    with pytest.raises(ValueError):
+        moving_average(values, 0)
+
+
+def test_smoothing_window_grows_with_the_run():
+    assert [smoothing_window(n) for n in (1, 12, 81, 1000, 100_000)] == [1, 1, 3, 40, 200]
+
+
+def test_training_curves_of_a_distillation_log():
+    log = _distillation_record()["train_log"]
+    curves = training_curves(log)
+    assert set(curves) == {"loss", "ce_loss", "teacher_ce_loss", "kd_loss"}
+    loss = curves["loss"]
+    assert loss.window == smoothing_window(30) == 1
+    assert loss.steps == list(range(30)) and loss.smooth == pytest.approx(loss.raw)
+    long_log = [{"step": s, "stage": s // 100, "loss": float(s % 2), "lr": 1.0} for s in range(300)]
+    smooth = training_curves(long_log)["loss"]
+    assert smooth.window == 12 and "ce_loss" not in training_curves(long_log)
+    assert smooth.smooth[0] == 0.0 and smooth.smooth[50] == pytest.approx(0.5)
+    assert smooth.smooth[100] == 0.0  # stage 1 begins: its average starts over
+    # The cuts fall half a step before each stage's first training step.
+    assert prune_points(long_log) == [(-0.5, 0), (99.5, 1), (199.5, 2)]
+
+
+def test_training_section_reads_distillation_and_per_gpu_speed(tmp_path):
+    text = write_report(_distillation_record(), tmp_path).read_text()
+    assert "teacher's cross-entropy" in text
+    assert "mean training throughput 900 tokens/s per device" in text
+    _assert_png(tmp_path / TRAINING_PNG)
+
+
+def test_real_tiny_records_render(tmp_path):
+    """Records as the recipe wrote them before and after the held-out log existed."""
+    before, after = _arch_pair()
+    base = {"arch_before": before.to_dict(), "arch_after": after.to_dict(), "seconds_run": 31.6,
+            "command": "/x/recipes/adapt_prune_recipe.py --config /tmp/kd1/config.yaml"}
+    stages = [
+        {"stage": 1, "tokens": 1004, "train_steps": 4, "seconds_prune": 4.2, "heldout_ppl_after_prune": 49188.7,
+         "heldout_ppl_after_train": 17062.6},
+        {"stage": 2, "tokens": 2007, "train_steps": 8, "seconds_prune": 4.2, "heldout_ppl_after_prune": 17078.1,
+         "heldout_ppl_after_train": 2584.2},
+    ]
+    old = {**base, "stages": stages, "perplexity": {"original": 49249.8, "pruned": 17078.1, "recovered": 2584.2},
+           "heldout": {"num_tokens": 576, "window": 64, "batch_size": 4}}
+    text = write_report(old, tmp_path / "old").read_text()
+    assert "| got | parameters |" in text
+    assert "heldout (original → pruned → recovered) | 49,250 → 17,078 → 2,584 |" in text
+    assert "| stage 2 trained | 3,011 | 2,584 |" in text  # tokens summed over the stages
+    assert "`tune run adapt_prune_recipe --config /tmp/kd1/config.yaml`" in text
+    _assert_png(tmp_path / "old" / HELDOUT_PNG)

@@ -234,10 +234,23 @@ def local_task_configs(out_dir: Path) -> Dict[str, Dict[str, Any]]:
     }
 
 
+def sample_rows(rows: Sequence[Any], count: Optional[int], seed: int = 0) -> List[Any]:
+    """A deterministic random subset of ``count`` rows in their original order (all rows when
+    ``count`` is None or not smaller): the same on every machine, so results of a subset are
+    comparable between models, and random, so its mean estimates the whole split's."""
+    if count is None or count >= len(rows):
+        return list(rows)
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    keep = sorted(_stable_rng(seed, "rows", len(rows)).sample(range(len(rows)), count))
+    return [rows[i] for i in keep]
+
+
 def build_local_tasks(
     heldout_jsonl: Union[str, Path],
     out_dir: Union[str, Path],
     *,
+    max_documents: Optional[int] = None,
     max_next_sentence_examples: Optional[int] = 1000,
     seed: int = 0,
 ) -> Path:
@@ -250,8 +263,10 @@ def build_local_tasks(
         heldout_jsonl: JSONL with a ``text`` field per row (and ``path``, the document it
             comes from), e.g. ``<cache>/data/python-docs/eval.jsonl``.
         out_dir: where to write the task directory (created if needed).
+        max_documents: score only a deterministic random subset of this many held-out rows
+            (:func:`sample_rows`) in the perplexity task; None scores all. Default None.
         max_next_sentence_examples: cap on the multiple-choice examples. Default 1000.
-        seed: seed of the multiple-choice construction. Default 0.
+        seed: seed of the multiple-choice construction and of the subset. Default 0.
 
     Returns:
         Path: ``out_dir``.
@@ -262,6 +277,7 @@ def build_local_tasks(
     ]
     if not texts:
         raise ValueError(f"{heldout_jsonl} holds no text")
+    texts = sample_rows(texts, max_documents, seed)
     examples = next_sentence_examples(rows, max_examples=max_next_sentence_examples, seed=seed)
     if not examples:
         raise ValueError(
