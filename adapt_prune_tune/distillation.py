@@ -32,9 +32,7 @@ call from outside would meet sharded parameters. The whole teacher pass runs und
 
 from __future__ import annotations
 
-import difflib
-import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,9 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 CALIBRATION_LOSSES = ("ce", "kl")
-# Optional components of the distill section: another teacher than the run's base checkpoint
-# (same vocabulary and tokenizer family, e.g. a larger sibling).
-COMPONENT_KEYS = ("teacher_model", "teacher_checkpointer")
 
 
 @dataclass(frozen=True)
@@ -68,15 +63,10 @@ class DistillConfig:
     calibration_loss: str = "ce"
 
     def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 <= self.alpha <= 1.0:
-            problems.append(f"distill.alpha must be in [0, 1] (0: labels only, 1: teacher only), got {self.alpha}")
-        if not self.temperature > 0.0 or not math.isfinite(self.temperature):
-            problems.append(f"distill.temperature must be a finite number > 0 (1 = no softening), got {self.temperature}")
-        if self.calibration_loss not in CALIBRATION_LOSSES:
-            problems.append(
-                f"distill.calibration_loss must be one of {CALIBRATION_LOSSES}, got {self.calibration_loss!r}"
-            )
+        # Types, ranges and rules live in the config table (which takes its defaults from here).
+        from adapt_prune_tune.config_schema import DISTILL
+
+        problems = DISTILL.problems(asdict(self))
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -84,23 +74,16 @@ class DistillConfig:
     def from_section(cls, section: Optional[Mapping[str, Any]]) -> "DistillConfig":
         """From the config's ``distill:`` mapping (None or absent: disabled).
 
-        Keys that are not settings of this class are refused with the closest valid name;
+        Keys that are not settings of the section are refused with the closest valid name;
         ``teacher_model`` / ``teacher_checkpointer`` are components the recipe reads itself.
         """
+        from adapt_prune_tune.config_schema import DISTILL
+
         section = dict(section or {})
-        for key in COMPONENT_KEYS:
-            section.pop(key, None)
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in section if k not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known + list(COMPONENT_KEYS), n=1)
-                hints.append(f"distill.{key}" + (f" (did you mean distill.{close[0]}?)" if close else ""))
-            raise ValueError(
-                f"Unknown key(s) {', '.join(hints)}; distill takes {', '.join(known + list(COMPONENT_KEYS))}"
-            )
-        return cls(**section)
+        problems = DISTILL.problems(section)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**{f.name: section[f.name] for f in fields(cls) if f.name in section})
 
 
 # --------------------------------------------------------------------------- the math

@@ -7,7 +7,8 @@ The config is resolved and overridden exactly like ``tune run adapt_prune_recipe
 the model is built on the meta device (no weights, no download) and every
 up-front check of the recipe runs (``config_checks``, the calibration split,
 the run length, the optimizer and LR-schedule components), so a plan fails where
-the run would, with its message. Missing checkpoint, tokenizer and data files are
+the run would, with its message. File problems (missing checkpoint, tokenizer and
+data files; an output directory that holds a run or lacks room for a checkpoint) are
 reported as warnings instead: a plan is made before the model is downloaded.
 
 What each figure is:
@@ -94,19 +95,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
+    DTYPE_BYTES,
     check_inputs,
-    check_stock_settings,
     check_total_steps,
+    dataset_location,
     mean_sample_length,
-    refuse_unsupported,
+    run_datasets,
     steps_for_tokens,
 )
 from adapt_prune_tune.models import DecoderArch
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 
 GIB = float(1 << 30)
-_LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
-_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
 # --------------------------------------------------------------------------- config
@@ -388,22 +388,16 @@ def plan_run(
     from torchtune import config
 
     from adapt_prune_tune.data import calibration_batches
-    from adapt_prune_tune.distillation import DistillConfig
-    from adapt_prune_tune.pruner import PruningConfig, minimum_arch, prunable_per_layer, resolve_target_sparsity
+    from adapt_prune_tune.pruner import minimum_arch, prunable_per_layer, resolve_target_sparsity
 
     if world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {world_size}")
     warnings: List[str] = []
     notes: List[str] = []
 
-    # The recipe's own checks, in its order (AdaptPruneRecipe.__init__, then the stock __init__).
-    refuse_unsupported(cfg)
-    pruning = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
-    distill = DistillConfig.from_section(
-        OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None
-    )
-    arch = check_inputs(cfg, pruning, distill, warn=warnings.append)
-    check_stock_settings(cfg)
+    # The recipe's own checks (AdaptPruneRecipe.__init__ and the stock __init__'s config checks).
+    checked = check_inputs(cfg, world_size=world_size, warn=warnings.append)
+    pruning, distill, arch = checked.pruning, checked.distill, checked.arch
     if cfg.get("resume_from_checkpoint", False):
         notes.append("resume_from_checkpoint=True: the plan shows the whole run from its start")
 
@@ -414,7 +408,7 @@ def plan_run(
     total_steps_cfg = adapt.get("total_steps", None)
     seed = int(cfg.seed) if cfg.get("seed", None) is not None else 0
 
-    _warn_missing_inputs(cfg, warnings, notes)
+    _note_hub_sources(cfg, notes)
     tokenizer = _local_tokenizer(cfg) if read_data else None
 
     # Calibration split (and, when the data is here, its size), as the recipe's setup checks it.
@@ -445,7 +439,7 @@ def plan_run(
         config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=max(1, total_steps or 0), last_epoch=-1)
 
     # Sizes.
-    dtype_bytes = _DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)
+    dtype_bytes = DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)
     final = resolve_target_sparsity(arch, pruning)
     per_layer = prunable_per_layer(arch, pruning)
     floor = prunable_per_layer(minimum_arch(arch, pruning), pruning)
@@ -615,29 +609,8 @@ def _memory_model(cfg, arch, distill, optimizer, dtype_bytes, world_size, max_se
 # --------------------------------------------------------------------------- data on this machine
 
 
-def _dataset_location(node: Any) -> Tuple[str, List[Path]]:
-    """("local", files) for local json/csv/... files or a local path, ("hub", []) or ("unknown", [])."""
-    if not isinstance(node, DictConfig) or node.get("source", None) is None:
-        return "unknown", []
-    source = str(node.source)
-    if source in _LOCAL_BUILDERS:
-        files = node.get("data_files", None)
-        if files is None:
-            return "unknown", []
-        if isinstance(files, DictConfig):
-            files = list(files.values())
-        files = [files] if isinstance(files, str) else list(files)
-        flat: List[Path] = []
-        for f in files:
-            flat += [Path(str(x)) for x in f] if not isinstance(f, str) else [Path(f)]
-        return "local", flat
-    if Path(source).expanduser().exists():
-        return "local", [Path(source).expanduser()]
-    return "hub", []
-
-
 def _local_files_exist(node: Any) -> bool:
-    kind, files = _dataset_location(node)
+    kind, files = dataset_location(node)
     return kind == "local" and all(f.expanduser().exists() for f in files)
 
 
@@ -651,41 +624,17 @@ def _local_tokenizer(cfg: DictConfig):
     return config.instantiate(cfg.tokenizer)
 
 
-def _warn_missing_inputs(cfg: DictConfig, warnings: List[str], notes: List[str]) -> None:
-    """Tokenizer, training / calibration / held-out data: missing local files warn, Hub sources note."""
-    path = cfg.tokenizer.get("path", None)
-    if path is not None and not Path(str(path)).expanduser().exists():
-        warnings.append(f"tokenizer.path not found: {path} (download the model first)")
+def _note_hub_sources(cfg: DictConfig, notes: List[str]) -> None:
+    """Training / calibration data from the Hub (missing local files are ``check_inputs``'s warnings)."""
     hub: Dict[str, List[str]] = {}
-    for key, node in (("dataset", cfg.dataset), ("pruning.calibration.dataset", cfg.pruning.calibration.dataset)):
-        for i, single in enumerate(node if not isinstance(node, DictConfig) else [node]):
-            name = key if isinstance(node, DictConfig) else f"{key}[{i}]"
-            kind, files = _dataset_location(single)
-            missing = [str(f) for f in files if not f.expanduser().exists()]
-            if kind == "local" and missing:
-                warnings.append(f"{name}: data file(s) not found: {', '.join(missing)}")
-            elif kind == "hub":
-                hub.setdefault(str(single.source), []).append(name)
+    for name, node in run_datasets(cfg):
+        if dataset_location(node)[0] == "hub":
+            hub.setdefault(str(node.source), []).append(name)
     for source, names in hub.items():
         notes.append(
             f"{' and '.join(names)}: {source} from the Hugging Face Hub: needs network or the HF cache where "
             "the run starts (not checked here)"
         )
-    heldout = cfg.get("heldout", None)
-    if heldout is not None:
-        for dotted, value in _walk(heldout, "heldout"):
-            if dotted.rsplit(".", 1)[-1] in ("data_dir", "data_files") and value is not None:
-                for f in [value] if isinstance(value, str) else list(value):
-                    if not Path(str(f)).expanduser().exists():
-                        warnings.append(f"{dotted} not found: {f} (held-out evaluation)")
-
-
-def _walk(node: Any, prefix: str):
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            yield from _walk(node.get(key), f"{prefix}.{key}")
-    else:
-        yield prefix, node
 
 
 def _mean_sample_len(cfg: DictConfig, tokenizer, seed: int, given: Optional[float]) -> Tuple[Optional[float], str]:

@@ -30,15 +30,12 @@ from torch import nn
 
 from adapt_prune_tune.groups import layer_group_sets
 from adapt_prune_tune.importance import (
-    IMPORTANCE_NORMALIZATIONS,
-    SIMILARITY_METRICS,
     collect_layer_similarity,
     importance_from_similarity,
     normalize_importance,
 )
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_model
 from adapt_prune_tune.scoring import (
-    SCORERS,
     coupled_param_names,
     layer_scores,
     needs_gradients,
@@ -94,43 +91,12 @@ class PruningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.target_sparsity is None) == (self.target_params is None):
-            raise ValueError("pruning: set exactly one of target_sparsity or target_params")
-        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(
-                f"pruning.target_sparsity must be in [0, 1), got {self.target_sparsity}"
-            )
-        if self.steps < 1:
-            raise ValueError(f"pruning.steps must be >= 1, got {self.steps}")
-        if self.amplitude < 0:
-            raise ValueError(f"pruning.amplitude must be >= 0, got {self.amplitude}")
-        if not 0.0 < self.max_layer_sparsity < 1.0:
-            raise ValueError(
-                f"pruning.max_layer_sparsity must be in (0, 1), got {self.max_layer_sparsity}"
-            )
-        if self.similarity not in SIMILARITY_METRICS:
-            raise ValueError(
-                f"pruning.similarity must be one of {SIMILARITY_METRICS}, got {self.similarity!r}"
-            )
-        if self.importance_normalization not in IMPORTANCE_NORMALIZATIONS:
-            raise ValueError(
-                f"pruning.importance_normalization must be one of {tuple(IMPORTANCE_NORMALIZATIONS)}, "
-                f"got {self.importance_normalization!r}"
-            )
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ValueError(
-                f"pruning.round_to must be an integer >= 1 (MLP widths are kept at multiples of it; "
-                f"1 = any width), got {self.round_to!r}"
-            )
-        if self.scorer not in SCORERS:
-            raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if self.attention_allocation not in ("proportional", "score"):
-            raise ValueError(
-                "pruning.attention_allocation must be 'proportional' or 'score', "
-                f"got {self.attention_allocation!r}"
-            )
-        if not (self.prune_attention or self.prune_mlp):
-            raise ValueError("pruning: enable prune_attention and/or prune_mlp")
+        # Types, ranges and rules live in the config table (which takes its defaults from here).
+        from adapt_prune_tune.config_schema import PRUNING_METHOD
+
+        problems = PRUNING_METHOD.problems(asdict(self))
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def prunable_per_layer(arch: DecoderArch, cfg: PruningConfig) -> torch.Tensor:

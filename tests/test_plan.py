@@ -133,7 +133,7 @@ def test_the_recipe_runs_the_same_checks():
     import adapt_prune_recipe
 
     assert adapt_prune_recipe._check_inputs is config_checks.check_inputs
-    assert adapt_prune_recipe._refuse_unsupported is config_checks.refuse_unsupported
+    assert adapt_prune_recipe._clear_previous_run is config_checks.clear_previous_run
 
 
 def test_cli_prints_table_and_json(tmp_path, capsys):
@@ -163,9 +163,9 @@ def test_demo_plan_without_data_states_its_assumption(tmp_path):
 
 
 @pytest.mark.integration
-def test_demo_plan_matches_the_recipe(smollm2_dir, python_docs_dir):
+def test_demo_plan_matches_the_recipe(tmp_path, smollm2_dir, python_docs_dir):
     """README's demo: 134.5 M -> 113.3 M parameters, 40 k tokens as 8/16/24/33 steps."""
-    cfg, _ = load_config("smollm2/135M_adapt")
+    cfg, _ = load_config("smollm2/135M_adapt", [f"output_dir={tmp_path}/run"])  # not a finished demo run
     plan = plan_run(cfg)
     assert plan.mean_sample_len_source == "dataset"  # measured like the recipe's _resolve_total_steps
     assert [s.train_steps for s in plan.stages] == [8, 16, 24, 33]

@@ -320,7 +320,7 @@ def test_round_to_is_validated() -> None:
     with pytest.raises(ValueError, match="round_to"):
         allocate_mlp_widths(BASE, [(2, 4)] * 4, _budgets([50.0] * 4), [100] * 4, round_to=0)
     for bad in (0, -64, 1.5, True, "64"):
-        with pytest.raises(ValueError, match=r"pruning.round_to must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"pruning\.method\.round_to must be an integer >= 1"):
             PruningConfig(target_sparsity=0.2, round_to=bad)
 
 

@@ -1,0 +1,415 @@
+"""The config table and the up-front checks: every problem named, all in one message, before any work.
+
+No process is started and no weights are read: configs are the packaged ones with ``key=value``
+overrides (as ``tune run`` applies them), pointed at a fake cache whose files exist but are empty.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import List
+
+import pytest
+import torchtune
+
+from adapt_prune_tune import config_checks, config_schema, configs
+from adapt_prune_tune.config_checks import ConfigError, check_inputs, clear_previous_run
+from adapt_prune_tune.config_schema import (
+    DISTILL,
+    MARKERS,
+    PRUNING_METHOD,
+    SECTIONS,
+    STOCK_KEYS,
+    readme_reference,
+    render_markdown,
+)
+from adapt_prune_tune.distillation import DistillConfig
+from adapt_prune_tune.planning import load_config
+from adapt_prune_tune.pruner import PruningConfig
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def demo_config(tmp_path: Path, *overrides: str):
+    """The packaged SmolLM2 demo config over a fake cache in which every file it names exists."""
+    cache = tmp_path / "cache"
+    for name in (
+        "models/SmolLM2-135M-Instruct/model.safetensors",
+        "data/python-docs/train.jsonl",
+        "data/python-docs/calibration.jsonl",
+    ):
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).touch()
+    (cache / "data/austen-novels").mkdir(parents=True, exist_ok=True)
+    cfg, _ = load_config("smollm2/135M_adapt", [f"cache_dir={cache}", *overrides])
+    return cfg
+
+
+def problems_of(cfg, world_size: int = 1) -> List[str]:
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg, world_size=world_size)
+    assert str(err.value).startswith("adapt_prune_recipe cannot run this config")
+    return err.value.problems
+
+
+def run_dir(cfg) -> Path:
+    return Path(str(cfg.output_dir))
+
+
+# --------------------------------------------------------------------------- configs that pass
+
+
+def test_demo_config_passes_and_returns_what_it_built(tmp_path):
+    checked = check_inputs(demo_config(tmp_path), world_size=1)
+    assert checked.pruning == PruningConfig(target_sparsity=0.2, amplitude=0.02)
+    assert checked.distill == DistillConfig()
+    assert checked.arch.num_params() == 134_515_008
+
+
+@pytest.mark.parametrize("name", configs.available())
+def test_packaged_configs_have_no_config_problems(tmp_path, name):
+    """Downloads missing on this machine are file problems only, which ``warn`` takes."""
+    warnings: List[str] = []
+    cfg, _ = load_config(name, [f"output_dir={tmp_path}/run"])
+    check_inputs(cfg, world_size=1, warn=warnings.append)
+    assert all("not found" in w for w in warnings), warnings
+
+
+# --------------------------------------------------------------------------- one key at a time
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # wrong types, named with the key
+        ("pruning.method.amplitude=abc", "pruning.method.amplitude must be a finite number >= 0, got 'abc' (a string)"),
+        ("pruning.method.steps=2.5", "pruning.method.steps must be an integer >= 1, got 2.5"),
+        ("pruning.method.prune_mlp=3", "pruning.method.prune_mlp must be True or False, got 3"),
+        ("pruning.method.similarity=dot", "pruning.method.similarity must be one of ('cosine', 'euclidean', 'manhattan')"),
+        ("pruning.calibration.num_samples=many", "pruning.calibration.num_samples must be an integer >= 1, got 'many'"),
+        ("pruning.calibration.dataset=null", "pruning.calibration.dataset must be a component"),
+        ("heldout.at_checkpoints=sometimes", "heldout.at_checkpoints must be True or False, got 'sometimes'"),
+        ("distill.enabled=maybe", "distill.enabled must be True or False"),
+        ("overwrite_output_dir=1", "overwrite_output_dir must be True or False, got 1"),
+        ("heldout=5", "heldout must be a section (a mapping of keys), got 5"),
+        # ranges and choices
+        ("pruning.method.target_sparsity=1.5", "pruning.method.target_sparsity must be in [0, 1) or null, got 1.5"),
+        ("pruning.method.max_layer_sparsity=1", "pruning.method.max_layer_sparsity must be in (0, 1), got 1"),
+        ("pruning.method.round_to=0", "pruning.method.round_to must be an integer >= 1"),
+        ("pruning.calibration.seq_len=1", "pruning.calibration.seq_len must be an integer >= 2"),
+        ("adapt.stages=0", "adapt.stages must be an integer >= 1, got 0"),
+        ("adapt.keep_last_checkpoints=-1", "adapt.keep_last_checkpoints must be an integer >= 0"),
+        ("adapt.optimizer_state=keep", "adapt.optimizer_state must be one of ('slice', 'reset'), got 'keep'"),
+        ("heldout.window=1", "heldout.window must be an integer >= 2"),
+        ("distill.alpha=1.5", "distill.alpha must be in [0, 1] (0: labels only, 1: teacher only), got 1.5"),
+        ("distill.temperature=0", "distill.temperature must be a finite number > 0 (1 = no softening), got 0"),
+        ("distill.calibration_loss=mse", "distill.calibration_loss must be one of ('ce', 'kl'), got 'mse'"),
+        ("speed.new_tokens=1", "speed.new_tokens must be an integer >= 2, got 1"),
+        # missing keys and sections
+        ("~pruning.calibration.num_samples", "pruning.calibration.num_samples is missing"),
+        ("~adapt", "missing section `adapt:`"),
+        # misspelled keys and sections: the closest valid name
+        ("pruning.method.amplitde=0.1", "pruning.method.amplitde: unknown key (did you mean pruning.method.amplitude?)"),
+        ("adapt.total_token=5", "did you mean adapt.total_tokens?"),
+        ("heldout.windw=64", "did you mean heldout.window?"),
+        ("distill.alpah=0.3", "did you mean distill.alpha?"),
+        ("pruning.calibraton.num_samples=4", "pruning.calibraton: unknown key (did you mean pruning.calibration?)"),
+        ("prunning.method.amplitude=0.1", "prunning: unknown top-level key, nothing reads it (did you mean pruning?)"),
+        ("overwrite_ouput_dir=True", "(did you mean overwrite_output_dir?)"),
+        ("bach_size=4", "(did you mean batch_size?)"),
+        ("modle_dir=/x", "(did you mean model_dir?)"),  # a helper the config interpolates
+        # relations between keys
+        ("pruning.method.target_params=100_000_000", "pruning.method: set exactly one of target_sparsity or target_params"),
+        ("adapt.total_steps=10", "adapt: set exactly one of total_tokens or total_steps"),
+        ("adapt.total_tokens=null adapt.total_steps=3", "3 optimizer steps for 4 stages; every stage needs at least one"),
+        (
+            "pruning.method.prune_attention=False pruning.method.prune_mlp=False",
+            "enable prune_attention and/or prune_mlp",
+        ),
+        ("heldout.num_tokens=1000", "heldout.num_tokens (1000) must be a positive multiple of heldout.window (512)"),
+        ("heldout.text._component_=adapt_prune_tune.corpus.heldout_text", "give either `text:` (one text) or `texts:`"),
+        ("distill.enabled=True adapt.total_tokens=0", "there is no training to distil into"),
+        ("resume_from_checkpoint=True overwrite_output_dir=True", "contradict each other"),
+        # relations with the model (SmolLM2: 9 heads in 3 KV groups, MLP 1536 wide)
+        ("pruning.method.min_kv_heads=4", "pruning.method.min_kv_heads=4 exceeds the model's 3 KV heads per layer"),
+        ("pruning.method.min_q_per_kv=4", "pruning.method.min_q_per_kv=4 exceeds the model's 3 query heads per KV head"),
+        ("pruning.method.min_mlp_channels=1537", "(1537) exceeds the model's MLP width (1536)"),
+        ("pruning.method.min_mlp_channels=1100 pruning.method.round_to=1024", "(2048) exceeds the model's MLP width"),
+        ("pruning.method.target_sparsity=0.95", "exceeds what the minimum widths and max_layer_sparsity allow"),
+        ("speed.seq_len=10000", "speed.seq_len=10000 exceeds the model's max_seq_len (8192)"),
+        (
+            "pruning.method.target_sparsity=null pruning.method.target_params=10_000_000",
+            "parameters this configuration cannot prune",
+        ),
+        # torchtune's own config checks and what a resize cannot carry join the same message
+        ("dtype=fp16", "full fp16 training is not supported"),
+        ("optimizer_in_bwd=True", "optimizer_in_bwd=True (per-parameter optimizers cannot be resized)"),
+    ],
+)
+def test_bad_key_is_refused_by_name(tmp_path, override, message):
+    found = problems_of(demo_config(tmp_path, *override.split()))
+    assert any(message in p for p in found), found
+
+
+def test_model_and_rank_relations_wait_for_them(tmp_path):
+    # The table alone (no model, no ranks): the model's and the ranks' relations wait for them.
+    cfg = demo_config(tmp_path, "pruning.method.min_kv_heads=4", "pruning.calibration.batch_size=3")
+    assert config_schema.check_sections(cfg).problems == []
+    arch, _ = config_checks.meta_arch(cfg)
+    later = config_schema.check_sections(cfg, world_size=1, arch=arch)
+    assert len(later.problems) == 2
+
+
+def test_calibration_split_is_checked_for_the_ranks(tmp_path):
+    cfg = demo_config(tmp_path)  # 16 samples in batches of 8: 1 or 2 ranks
+    check_inputs(cfg, world_size=2)
+    found = problems_of(cfg, world_size=3)
+    assert found == [
+        "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 3) so every rank "
+        "runs the same number of calibration batches"
+    ]
+
+
+def test_every_problem_in_one_message(tmp_path):
+    cfg = demo_config(
+        tmp_path,
+        "pruning.method.amplitde=0.1",  # typo'd key
+        "prunning.method.amplitude=0.1",  # typo'd section
+        "adapt.stages=zero",  # wrong type
+        "distill.alpha=2",  # out of range
+        "heldout.num_tokens=1000",  # relation
+        "pruning.method.min_kv_heads=7",  # relation with the model
+        "checkpointer.checkpoint_dir=/nonexistent/model",  # a file
+    )
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg, world_size=1)
+    text = str(err.value)
+    assert len(err.value.problems) == 7 and "(7 problems)" in text
+    for key in ("pruning.method.amplitde", "prunning", "adapt.stages", "distill.alpha", "heldout.num_tokens",
+                "pruning.method.min_kv_heads", "/nonexistent/model"):
+        assert key in text, key
+    # One wrong key does not hide the relations of the others in its section.
+    assert "exceeds the model's 3 KV heads" in text
+
+
+def test_helper_keys_are_fine_once_the_config_uses_them(tmp_path):
+    cfg = demo_config(tmp_path, f"runs_root={tmp_path}/runs", "output_dir=${runs_root}/mine")
+    check_inputs(cfg, world_size=1)
+    assert run_dir(cfg) == tmp_path / "runs" / "mine"
+    # The packaged configs' helpers stay known when a copy stops using them (absolute paths).
+    cache = tmp_path / "cache"
+    check_inputs(demo_config(tmp_path, f"model_dir={cache}/models/SmolLM2-135M-Instruct",
+                             f"data_dir={cache}/data/python-docs", f"novels_dir={cache}/data/austen-novels",
+                             f"output_dir={tmp_path}/run"), world_size=1)
+    assert config_schema.packaged_helper_keys() == ("cache_dir", "model_dir", "data_dir", "novels_dir")
+    found = problems_of(demo_config(tmp_path, "runs_root=/x"))  # defined, never used: a typo or a leftover
+    assert found == [
+        "runs_root: unknown top-level key, nothing reads it; a helper key of your own is fine once the config "
+        "uses it through ${...}"
+    ]
+
+
+def test_broken_interpolation_is_a_problem_of_its_key(tmp_path):
+    found = problems_of(demo_config(tmp_path, "adapt.stages=${no_such_key}"))
+    assert len(found) == 1 and found[0].startswith("adapt.stages: cannot resolve its value")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_missing_files_are_named_with_the_fix(tmp_path):
+    cfg = demo_config(tmp_path)
+    cache = tmp_path / "cache"
+    (cache / "models/SmolLM2-135M-Instruct/model.safetensors").unlink()
+    (cache / "data/python-docs/calibration.jsonl").unlink()
+    (cache / "data/austen-novels").rmdir()
+    cfg.tokenizer.path = str(tmp_path / "no-tokenizer")
+    found = problems_of(cfg)
+    assert len(found) == 4, found
+    assert found[0].startswith("checkpointer: checkpoint files not found:") and "adapt-prune-tune prepare" in found[0]
+    assert found[1].startswith(f"tokenizer.path not found: {tmp_path / 'no-tokenizer'}")
+    assert found[2].startswith("pruning.calibration.dataset: data file(s) not found:") and "data_files" in found[2]
+    assert found[3].startswith("heldout.texts.austen_novels.data_dir not found:")
+    # The planner is told instead (a plan is made before the model is downloaded).
+    warnings: List[str] = []
+    check_inputs(cfg, world_size=1, warn=warnings.append)
+    assert warnings == found
+
+
+def test_teacher_of_another_family_and_its_missing_files_in_one_message(tmp_path):
+    cfg = demo_config(
+        tmp_path, "distill.enabled=True",
+        "distill.teacher_checkpointer._component_=torchtune.training.FullModelHFCheckpointer",
+        f"distill.teacher_checkpointer.checkpoint_dir={tmp_path}/qwen", "distill.teacher_checkpointer.model_type=QWEN2",
+        "distill.teacher_checkpointer.checkpoint_files=[model.safetensors]",
+    )
+    found = problems_of(cfg)
+    assert len(found) == 2
+    assert "distill.teacher_checkpointer.model_type=QWEN2 is another architecture family" in found[0]
+    assert found[1].startswith(f"distill.teacher_checkpointer: checkpoint files not found: checkpoint_dir {tmp_path}/qwen")
+
+
+def test_formatted_checkpoint_files_are_expanded(tmp_path):
+    cfg = demo_config(tmp_path)
+    cfg.checkpointer.checkpoint_files = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00002"}
+    found = problems_of(cfg)
+    assert "model-00001-of-00002.safetensors" in found[0] and "model-00002-of-00002.safetensors" in found[0]
+
+
+def test_output_dir_must_be_writable(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    found = problems_of(demo_config(tmp_path, f"output_dir={tmp_path}/a-file/run"))
+    assert found == [f"output_dir {tmp_path}/a-file/run cannot be created: {tmp_path}/a-file is not a directory; "
+                     "choose another output_dir"]
+
+
+def test_one_checkpoint_must_fit_on_the_disk(tmp_path, monkeypatch):
+    class Usage:
+        free = 1 << 30  # 1 GiB; SmolLM2 in fp32 with two AdamW moments needs 1.5 GiB
+
+    monkeypatch.setattr(config_checks.shutil, "disk_usage", lambda path: Usage)
+    found = problems_of(demo_config(tmp_path))
+    assert len(found) == 1 and "1.00 GiB free, but one run checkpoint needs ~1.50 GiB" in found[0]
+    assert "134,515,008 parameters × (4 + 2 × 4) bytes: weights + 2 AdamW moments); the run keeps up to 3" in found[0]
+    # Prune only: no optimizer state, the weights alone fit.
+    check_inputs(demo_config(tmp_path, "adapt.total_tokens=null", "adapt.total_steps=0"), world_size=1)
+
+
+# --------------------------------------------------------------------------- earlier runs in output_dir
+
+
+def finished_run(out: Path) -> None:
+    """What a run leaves: a complete checkpoint, final/, the record, the report and its figures, logs."""
+    (out / "checkpoints/step_0000004_prune_0002").mkdir(parents=True)
+    (out / "checkpoints/step_0000004_prune_0002/COMPLETE").write_text("ok\n")
+    (out / "checkpoints/latest").write_text("step_0000004_prune_0002\n")
+    (out / "final").mkdir()
+    (out / "final/arch.json").write_text("{}")
+    (out / "run_record.json").write_text("{}")
+    (out / "report.md").write_text("# Run\n\n![widths](layer_widths.png)\n![loss](training.png)\n")
+    (out / "layer_widths.png").write_bytes(b"png")
+    (out / "training.png").write_bytes(b"png")
+    (out / "logs").mkdir()
+    (out / "logs/log_1.txt").write_text("step 1\n")
+    (out / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("leftover", ["checkpoints", "final", "run_record.json"])
+def test_fresh_run_in_a_run_dir_is_refused(tmp_path, leftover):
+    cfg = demo_config(tmp_path)
+    out = run_dir(cfg)
+    finished_run(out)
+    for other in {"checkpoints", "final", "run_record.json"} - {leftover}:
+        path = out / other
+        config_checks.shutil.rmtree(path) if path.is_dir() else path.unlink()
+    found = problems_of(cfg)
+    assert found == [
+        f"output_dir {out} already holds a run ({leftover}): set resume_from_checkpoint=True to continue it, "
+        "overwrite_output_dir=True to replace it (its checkpoints/, final/, run_record.json and report are deleted "
+        "before the new run starts), or choose another output_dir"
+    ]
+
+
+def test_incomplete_checkpoints_alone_are_not_a_run(tmp_path):
+    cfg = demo_config(tmp_path)
+    (run_dir(cfg) / "checkpoints/step_0000004_prune_0002.tmp").mkdir(parents=True)  # killed during its first save
+    check_inputs(cfg, world_size=1)
+
+
+def test_overwrite_deletes_the_old_run_after_the_checks(tmp_path, monkeypatch, caplog):
+    cfg = demo_config(tmp_path, "overwrite_output_dir=True")
+    out = run_dir(cfg)
+    finished_run(out)
+    check_inputs(cfg, world_size=1)
+    assert (out / "run_record.json").exists()  # checking deletes nothing
+    monkeypatch.setenv("RANK", "1")
+    assert clear_previous_run(cfg) == []  # rank 0 alone deletes
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level("WARNING"):
+        removed = clear_previous_run(cfg)
+    assert sorted(p.name for p in removed) == [
+        "checkpoints", "final", "layer_widths.png", "report.md", "run_record.json", "training.png"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "notes.txt"]  # the metric logs and the user's files stay
+    assert "overwrite_output_dir=True: deleted the previous run's checkpoints, final, run_record.json" in caplog.text
+    # Without the flag nothing is touched.
+    finished_run(tmp_path / "other")
+    assert clear_previous_run(demo_config(tmp_path, f"output_dir={tmp_path}/other")) == []
+    assert (tmp_path / "other/run_record.json").exists()
+
+
+def test_resume_needs_a_complete_checkpoint(tmp_path):
+    cfg = demo_config(tmp_path, "resume_from_checkpoint=True")
+    assert problems_of(cfg) == [
+        f"resume_from_checkpoint=True but {run_dir(cfg) / 'checkpoints'} holds no complete checkpoint; "
+        "start without resume_from_checkpoint"
+    ]
+    finished_run(run_dir(cfg))
+    check_inputs(cfg, world_size=1)  # resuming a run in its own output_dir is the point
+
+
+# --------------------------------------------------------------------------- the table itself
+
+
+def test_dataclasses_validate_through_the_table():
+    assert PRUNING_METHOD.names == [f.name for f in fields(PruningConfig)]
+    defaults = {f.name: f.default for f in fields(PruningConfig)}
+    assert PRUNING_METHOD.defaults() == defaults
+    assert {k: DISTILL.defaults()[k] for k in (f.name for f in fields(DistillConfig))} == asdict(DistillConfig())
+    with pytest.raises(ValueError) as err:
+        PruningConfig(target_sparsity=0.2, scorer="hessian", amplitude=-1)
+    assert str(err.value) == "; ".join(PRUNING_METHOD.problems({**defaults, "target_sparsity": 0.2,
+                                                                 "scorer": "hessian", "amplitude": -1}))
+    with pytest.raises(ValueError, match=r"did you mean distill\.alpha\?"):
+        DistillConfig.from_section({"enabled": True, "alpah": 0.5})
+
+
+def test_every_setting_is_documented_and_typed():
+    paths = [s.path for s in SECTIONS]
+    assert paths == ["", "pruning.method", "pruning.calibration", "adapt", "heldout", "distill", "speed"]
+    for section in SECTIONS:
+        for s in section.settings:
+            assert s.doc and s.kind in config_schema.KINDS, (section.path, s.name)
+            if not s.required and s.default is not None:
+                assert s.problem(section.key(s.name), s.default) is None, (section.path, s.name)
+
+
+def test_stock_keys_are_what_torchtunes_recipe_reads():
+    site = Path(torchtune.__file__).resolve().parent.parent
+    read = set()
+    for path in ("recipes/full_finetune_distributed.py", "torchtune/training/checkpointing/_checkpoint_client.py"):
+        text = (site / path).read_text()
+        read |= set(re.findall(r"(?:\bcfg|self\._cfg)\.get\(\s*\"(\w+)\"", text))  # profiler_cfg.get: not top level
+        read |= set(re.findall(r"(?:\bcfg|self\._cfg)\.(\w+)\b(?!\()", text))
+    assert "batch_size" in read and "enable_activation_offloading" in read  # the multi-line calls too
+    assert read <= set(STOCK_KEYS), sorted(read - set(STOCK_KEYS))
+
+
+def test_every_top_level_key_our_recipe_reads_is_known():
+    """A new section the recipe reads must join the table, or every config using it would be refused."""
+    text = (Path(__file__).resolve().parent.parent / "recipes" / "adapt_prune_recipe.py").read_text()
+    read = set(re.findall(r"(?:\bcfg|self\._cfg)\.get\(\s*\"(\w+)\"", text))
+    read |= set(re.findall(r"(?:\bcfg|self\._cfg)\.(\w+)\b(?!\()", text))
+    assert {"pruning", "adapt", "heldout", "distill"} <= read
+    assert read <= set(config_schema.known_top_level_keys()), sorted(read - set(config_schema.known_top_level_keys()))
+
+
+def test_readme_reference_is_the_rendered_table():
+    assert readme_reference(README.read_text(encoding="utf-8")) == render_markdown(), (
+        "README.md's config reference is stale: run python -m adapt_prune_tune.config_schema --update-readme README.md"
+    )
+
+
+def test_reference_names_every_key(tmp_path, capsys):
+    text = render_markdown()
+    for section in SECTIONS:
+        for s in section.settings:
+            assert f"| `{s.name}` |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{MARKERS[0]}\nold\n{MARKERS[1]}\n\n## After\n")
+    config_schema.main(["--update-readme", str(readme)])
+    assert readme_reference(readme.read_text()) == text and readme.read_text().endswith(f"{MARKERS[1]}\n\n## After\n")
+    config_schema.main(["--markdown"])
+    assert text in capsys.readouterr().out
