@@ -1,53 +1,56 @@
 #!/usr/bin/env bash
-# GPU performance check of the prune loop and recovery training, offline, < 8 min on one H200.
+# The one-shot GPU check, offline, under 8 minutes on one H200 (benchmarks/gpu_check.py's sections).
 #
-#   bash benchmarks/fetch_gpu_wheels.sh        # once, with network: wheels into .whl/
-#   bash benchmarks/gpu_check.sh               # Llama-3.1-8B shape, random bf16 weights, cuda
-#   bash benchmarks/gpu_check.sh --device cpu --shape tiny   # the same check, CPU-sized (seconds)
+#   bash benchmarks/fetch_gpu_wheels.sh     # once, here, with network: wheels + assets into .whl/
+#   bash benchmarks/gpu_check.sh            # there: carry .whl; results in $OUT/gpu_check.json too
+#   bash benchmarks/gpu_check.sh --dry-run  # here, on the CPU (or CPU_DRY_RUN=1): tiny shapes, no FP8
 #
-# What it runs (benchmarks/perf.py `gpu`): builds the shape on the device, runs 50 adaptive
-# iterations to 20% sparsity on 16×512 calibration tokens timing every part (calibrate =
-# similarity + Taylor gradients from one pass, score, plan, surgery) next to a plain
-# forward+backward over the same tokens; rebuilds the pruned model the way the recipe's resize
-# does (meta build, sliced load, AdamW moments carried) and trains a few steps, then the same
-# steps on a freshly built model with the same widths (what the stock recipe trains); peak
-# memory of prune vs train; scaling on the Llama-3.2-1B shape. Prints the ratios and absolute
-# seconds and writes $OUT/gpu_check.json (or benchmarks/results/gpu_check.json).
-#
-# Extra arguments go to `perf.py gpu` (e.g. --iterations 10 --calib 16x512 --train 4x1024).
-set -euo pipefail
+# Sections, each in its own process with its own timeout (all of them share 470 s less the
+# install's time; a section with under 20 s left is skipped), each merged into the results
+# file with its status as it ends:
+#   recipe      tune run adapt_prune_recipe --config smollm2/135M_adapt device=cuda dtype=bf16
+#               compile=True, two stages, SmolLM2's shape at random init; loss recovers after
+#               each resize; adapt-prune-tune export loads in transformers with finite logits (210 s)
+#   prune_loop  50 adaptive iterations on the Llama-3.1-8B shape, random bf16 weights (≤ 60 s);
+#               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (130 s)
+#   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (90 s)
+#   fp8         tokens/s with and without torchao float8 training on pruned widths (round_to=64);
+#               skipped below compute capability 8.9 (90 s, or what the budget has left)
+# Extra arguments go to gpu_check.py (e.g. --only recipe,fp8).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-device=cuda
-shape=llama3_1_8b
-scaling=llama3_2_1b
 args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --device) device="$2"; shift 2 ;;
-    --shape) shape="$2"; shift 2 ;;
-    --scaling) scaling="$2"; shift 2 ;;
-    *) args+=("$1"); shift ;;
+dry=${CPU_DRY_RUN:-0}
+for a in "$@"; do
+  case "$a" in
+    --dry-run) dry=1 ;;
+    *) args+=("$a") ;;
   esac
 done
-if [ "$device" = cpu ] && [ "$shape" = tiny ]; then
-  # CPU-sized: a few iterations, short calibration and training windows.
-  args=(--iterations 4 --calib 8x32 --calib-batch 4 --train 2x64 --train-steps 3 "${args[@]}")
-  [ "$scaling" = llama3_2_1b ] && scaling=""
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [ "$dry" = 1 ]; then
+  # Here: the installed packages (pip install -e .), the assets prepared into .whl/assets.
+  [ -d .whl/assets ] || python3 benchmarks/gpu_assets.py .whl/assets || exit 1
+  exec python3 benchmarks/gpu_check.py --dry-run "${args[@]}"
 fi
 
+t0=$(date +%s)
 site="${SITE:-/tmp/site}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
-  export PYTHONPATH="$site:$PWD:$PWD/recipes${PYTHONPATH:+:$PYTHONPATH}"
-else
-  echo "gpu_check: no wheels in .whl/ (run benchmarks/fetch_gpu_wheels.sh); using installed packages"
-  export PYTHONPATH="$PWD:$PWD/recipes${PYTHONPATH:+:$PYTHONPATH}"
+if ! compgen -G ".whl/*.whl" > /dev/null; then
+  echo "gpu_check: no wheels in .whl/ (run benchmarks/fetch_gpu_wheels.sh here and carry .whl)" >&2
+  exit 1
 fi
-# torchtune imports datasets/tokenizer libraries at import time that this check never calls;
-# where one is missing, perf.py puts an inert stand-in module in its place (logged).
-export PERF_STUB_MISSING=1
-export PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-exec timeout 460 python3 benchmarks/perf.py gpu --device "$device" --shape "$shape" \
-  ${scaling:+--scaling "$scaling"} "${args[@]}"
+# The GPU machine has torch, transformers, safetensors, tokenizers, pandas, pyarrow; the rest
+# (torchtune, torchao, datasets, omegaconf, ... and this project, built from the working tree)
+# comes as wheels. Only the site dir on PYTHONPATH: the repo root would shadow the installed
+# package, whose packaged configs live outside adapt_prune_tune/ in the source tree.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+  || exit 1
+export PYTHONPATH="$site" PATH="$site/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+python3 -c "import torch, torchtune, torchao, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'| torchtune', torchtune.__version__, '| torchao', torchao.__version__, '| transformers', transformers.__version__)"
+installed=$(( $(date +%s) - t0 ))
+echo "gpu_check: wheels installed in ${installed}s"
+exec timeout 480 python3 benchmarks/gpu_check.py --budget $(( 470 - installed )) "${args[@]}"

@@ -165,9 +165,11 @@ def run_trajectory(
         if needs_calibration:
             plan, calib = pruner.measure_and_plan(model, current, batches, target)
         else:
+            # measure_and_plan minus the calibration pass: importance is all zeros at A = 0, and
+            # the rule continues from its own unrounded state (pruner.planned), as it does there.
             zeros = torch.zeros(arch.num_layers, dtype=torch.float64)
             scores = score_layers(model, current, cfg.scorer, pruner._generator)
-            plan = plan_step(cfg, original, current, pruner.sparsity, target, zeros, scores)
+            plan = plan_step(cfg, original, current, pruner.planned, target, zeros, scores)
             calib = Calibration(zeros, float("nan"), 0)
         current = prune_decoder_(model, current, plan.keeps)
         seconds = time.perf_counter() - t0

@@ -1,74 +1,103 @@
-"""Smoke test of benchmarks/perf.py: its functions run on a tiny shape and report every key.
+"""Smoke tests of the performance benchmarks (benchmarks/perf*.py) and the GPU check's sections
+(benchmarks/gpu_*.py): their functions run on tiny shapes on the CPU and report every key.
 
-No timing assertions (the figures come from `python benchmarks/perf.py`); this only keeps the
-benchmark code working as the package changes. Runs in well under a minute on 2 cores.
+No timing assertions (the figures come from `python benchmarks/perf.py` and
+`bash benchmarks/gpu_check.sh`); this only keeps the benchmark code working as the package
+changes. Well under a minute on 2 cores. The GPU check's recipe section (a whole `tune run`)
+is exercised by `bash benchmarks/gpu_check.sh --dry-run`, not here; its config and checks are.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def perf():
-    spec = importlib.util.spec_from_file_location("perf_bench", ROOT / "benchmarks" / "perf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench():
+    """The benchmark modules, imported the way their scripts import each other."""
+    path = list(sys.path)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
+                 "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run")
+        yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
+    finally:
+        sys.path[:] = path
 
 
 SMALL = dict(num_samples=4, seq_len=16, batch_size=2)
 
 
-def test_overhead_reports_ratio_and_parts(perf):
-    r = perf.strip_private(perf.measure_overhead("micro", iterations=2, **SMALL))
+def test_perf_entry_point_keeps_every_section(bench):
+    assert list(bench.perf.SECTIONS) == ["overhead", "recipe", "profile", "scaling", "memory", "memory_small",
+                                         "throughput", "compile", "share"]
+    assert bench.perf.SECTIONS["memory_small"].key == "memory_small_activations"
+    with pytest.raises(SystemExit):
+        bench.perf.main(["--only", "overhead,nonsense"])
+
+
+def test_overhead_reports_ratio_and_parts(bench):
+    r = bench._harness.strip_private(bench.perf_overhead.measure_overhead("micro", iterations=2, **SMALL))
     for key in ("fb_seconds", "iteration_seconds", "ratio", "parts_seconds", "rows", "calib_tokens",
                 "params_before", "params_after"):
         assert key in r, key
     assert set(r["parts_seconds"]) == {"calibrate", "score", "plan", "surgery"}
     assert r["params_after"] < r["params_before"]
     assert r["calib_tokens"] == 4 * 16 and r["ratio"] > 0
+    for row in r["rows"]:  # the parts add up to the iteration, measured around measure_and_plan
+        parts = row["calibrate"] + row["score"] + row["plan"] + row["surgery"]
+        assert parts == pytest.approx(row["total"], rel=1e-6) and min(row["calibrate"], row["plan"]) > 0
     json.dumps(r)
 
 
-def test_profile_and_scaling(perf):
-    prof = perf.profile_iteration("micro", **SMALL)
+def test_timed_calls_times_and_restores(bench):
+    from adapt_prune_tune import pruner
+
+    class Thing:
+        def method(self):
+            return 1
+
+    thing, original = Thing(), pruner.calibrate
+    with bench._harness.timed_calls((pruner, "calibrate"), (thing, "method")) as seconds:
+        assert pruner.calibrate is not original and thing.method() == 1
+    assert pruner.calibrate is original and "method" not in vars(thing)
+    assert seconds["calibrate"] == 0.0 and seconds["method"] > 0.0
+
+
+def test_profile_and_scaling(bench):
+    prof = bench.perf_profile.profile_iteration("micro", **SMALL)
     assert {"parts_seconds", "cprofile_top", "torch_ops_top"} <= set(prof)
     assert any(row["function"].endswith(":calibrate") for row in prof["cprofile_top"])
-    scaling = perf.measure_scaling(["micro"], [32, 64], iterations=1, seq_len=16, batch_size=2, token_shape="micro")
+    scaling = bench.perf_scaling.measure_scaling(["micro"], [32, 64], iterations=1, seq_len=16, batch_size=2,
+                                                 token_shape="micro")
     assert [r["calib_tokens"] for r in scaling["by_calib_tokens"]] == [32, 64]
     assert {"seconds_per_1k_tokens", "fixed_seconds"} <= set(scaling["calib_tokens_fit"])
     json.dumps(scaling)
 
 
-def test_gpu_check_runs_cpu_sized(perf):
-    res = perf.run_gpu_check("micro", "cpu", "fp32", iterations=2, target=0.2, calib_samples=4, calib_seq=16,
-                             calib_batch=2, train_batch=2, train_seq=32, train_steps=1, log=lambda s: None)
-    for key in ("overhead", "recovery", "peak_memory_gb", "scaling", "prune_total_seconds", "rebuild_seconds"):
-        assert key in res, key
-    assert {"ours_tokens_per_s", "stock_tokens_per_s", "ratio"} <= set(res["recovery"])
-    json.dumps(res)
-
-
-def test_log_parsing_and_targets(perf, tmp_path):
+def test_log_parsing_and_targets(bench, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "log_1.txt").write_text(
         "".join(f"Step {i} | loss:2.5 lr:2e-05 tokens_per_second_per_gpu:{100 + i} grad_norm:tensor(1.2) \n"
                 for i in range(1, 7))
     )
-    rows = perf.parse_disk_log(logs)
+    rows = bench._runs.parse_disk_log(logs)
     assert len(rows) == 6 and rows[0]["tokens_per_second_per_gpu"] == 101 and rows[0]["grad_norm"] == 1.2
-    tps = perf.steady_tokens_per_second(rows, warmup=2)
+    tps = bench._runs.steady_tokens_per_second(rows, warmup=2)
     assert tps["median"] == 104.5 and tps["warmup_dropped"] == 2
-    table = perf.targets_table({
+    table = bench._harness.targets_table({
         "overhead": {"tiny": {"ratio": 1.02}},
         "throughput": {"tiny": {"ratio": 0.99}},
         "memory": {"runs": [{"calib_batch_size": 8, "prune_extra_mb": -3.0}]},
@@ -76,16 +105,100 @@ def test_log_parsing_and_targets(perf, tmp_path):
     assert [r["met"] for r in table] == [True, True, True]
 
 
-def test_import_stubs_stand_in_for_missing_modules(perf):
-    missing = perf.install_import_stubs(names=("perf_smoke_absent_module",))
-    try:
-        assert missing == ["perf_smoke_absent_module"]
-        from perf_smoke_absent_module.sub import Thing  # noqa: F401
+def test_results_merge_keeps_other_sections(bench, tmp_path):
+    path = tmp_path / "perf.json"
+    path.write_text(json.dumps({"command": "old", "sections": ["profile"], "machine": {}, "profile": {"x": 1}}))
+    result = bench._harness.open_results(path, True, "new", ["overhead"], quick=True)
+    result["overhead"] = {"tiny": {"ratio": 1.0}}
+    bench._harness.save_results(result, path, started=0.0)
+    saved = json.loads(path.read_text())
+    assert saved["profile"] == {"x": 1} and saved["overhead"]["tiny"]["ratio"] == 1.0
+    assert saved["merged_runs"][0]["command"] == "old" and saved["command"] == "new"
 
-        assert isinstance(Thing.Attribute, type)
-        with pytest.raises(RuntimeError):
-            Thing()
-    finally:
-        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_StubFinder"]
-        for name in [m for m in sys.modules if m.startswith("perf_smoke_absent_module")]:
-            del sys.modules[name]
+
+def test_gpu_prune_loop_cpu_sized(bench, tmp_path, monkeypatch):
+    sizes = dict(bench.gpu_prune_loop.SIZES["dry_run"], shape="micro", iterations=2, calib=(4, 16), calib_batch=2,
+                 train=(2, 16), train_steps=1)
+    monkeypatch.setitem(bench.gpu_prune_loop.SIZES, "dry_run", sizes)
+    res = bench.gpu_prune_loop.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
+    for key in ("overhead", "recovery", "peak_memory_gb", "loop_seconds", "rebuild_seconds", "targets", "summary"):
+        assert key in res, key
+    assert {"ours", "stock", "ratio"} <= set(res["recovery"]) and res["recovery"]["ratio"] > 0
+    json.dumps(res)
+
+
+def test_gpu_compile_sequence_cpu_sized(bench, tmp_path, monkeypatch):
+    # The recipe's compile sequence with dynamo's graph capture but no inductor (seconds, not minutes).
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "eager")
+    sizes = dict(bench.gpu_compile.SIZES["dry_run"], train_steps=1)
+    monkeypatch.setitem(bench.gpu_compile.SIZES, "dry_run", sizes)
+    res = bench.gpu_compile.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
+    assert res["uniform"]["graphs"] >= 1 and res["after_resize"]["graphs"] >= 1
+    assert res["distinct_layer_shapes_after"] >= 1 and "compile_ratio_after_resize" in res
+    json.dumps(res)
+
+
+def test_gpu_fp8_skips_without_a_recent_gpu(bench, tmp_path):
+    res = bench.gpu_fp8.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
+    assert res["status"] == "skipped" and "8.9" in res["reason"]
+
+
+def test_gpu_recipe_overrides_and_checks(bench, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune import configs
+
+    m = bench.gpu_recipe_run
+    monkeypatch.setenv("ADAPT_PRUNE_TUNE_CACHE", str(tmp_path))  # where the section lays out its cache
+    packaged = OmegaConf.load(configs.resolve("smollm2/135M_adapt"))
+    s = m.SETTINGS["gpu"]
+    cfg = OmegaConf.merge(packaged, OmegaConf.from_dotlist(m.recipe_overrides(s, dry_run=False)))
+    assert (cfg.device, cfg.dtype, cfg.compile) == ("cuda", "bf16", True)
+    assert cfg.model._component_ == packaged.model._component_  # the real SmolLM2 builder
+    assert cfg.adapt.stages == 2 and cfg.adapt.total_tokens is None and cfg.adapt.total_steps == s["total_steps"]
+    assert cfg.pruning.method.round_to == 64
+    assert cfg.checkpointer.checkpoint_dir == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
+    assert cfg.heldout.texts.austen_novels.data_dir == str(tmp_path / "data" / "austen-novels")
+    dry = OmegaConf.merge(packaged, OmegaConf.from_dotlist(m.recipe_overrides(m.SETTINGS["dry_run"], True)))
+    assert (dry.device, dry.model.path) == ("cpu", dry.model_dir)
+    stage = {"params": 10, "seconds_prune": 1.0, "calib_loss_before_prune": 9.0, "calib_loss_after_prune": 9.5}
+    record = {
+        "stages": [{**stage, "stage": 1, "heldout_ppl_after_prune": 900.0, "heldout_ppl_after_train": 500.0},
+                   {**stage, "stage": 2, "heldout_ppl_after_prune": 600.0, "heldout_ppl_after_train": 700.0}],
+        "train_log": [{"stage": k, "loss": loss, "tokens_per_second_per_gpu": tps}
+                      for k in (1, 2) for loss, tps in ((9.0, 10.0), (8.0, 100.0), (7.0, 100.0), (6.0, 100.0))],
+    }
+    checks = m.stage_checks(record, tokens_per_step=100)
+    assert [c["recovers"] for c in checks] == [True, False]  # stage 2's held-out perplexity went up
+    assert checks[0]["first_step_excess_s"] == pytest.approx(9.0)
+
+
+def test_gpu_assets_are_small_and_readable(bench, tmp_path, smollm2_dir, python_docs_dir, novels_dir):
+    from adapt_prune_tune import corpus, novels
+    from adapt_prune_tune.perplexity import text_windows
+    from adapt_prune_tune.tokenizer import smollm2_tokenizer
+
+    sizes = bench.gpu_assets.prepare(tmp_path, smollm2_dir, python_docs_dir, novels_dir)
+    assert sum(sizes.values()) < 8 * 2**20
+    assert {"smollm2/config.json", "smollm2/tokenizer.json", "python-docs/train.jsonl",
+            "python-docs/calibration.jsonl", "python-docs/eval.jsonl", "austen-novels/eval.jsonl"} <= set(sizes)
+    tok = smollm2_tokenizer(str(tmp_path / "smollm2"))
+    need = bench.gpu_recipe_run.SETTINGS["gpu"]["heldout_tokens"]
+    for text in (corpus.heldout_text(data_dir=tmp_path / "python-docs"),
+                 novels.heldout_text(data_dir=tmp_path / "austen-novels")):
+        assert text_windows(tok, text, need, 256).shape == (need // 256, 256)
+
+
+def test_gpu_check_driver_records_each_section(bench, tmp_path):
+    args = SimpleNamespace(dry_run=True, assets=tmp_path)
+    done = bench.gpu_check.run_section("fp8", 120, args, tmp_path)  # a process of its own, skipped on CPU
+    assert done["status"] == "skipped" and "8.9" in done["summary"]
+    late = bench.gpu_check.run_section("prune_loop", 0.5, args, tmp_path)  # killed at its timeout
+    assert late["status"] == "timeout" and late["returncode"] is None
+    out = tmp_path / "gpu_check.json"
+    record = bench.gpu_check.open_record(out, "cpu_dry_run")
+    record["sections"]["fp8"] = done
+    bench.gpu_check.write_record(record, out)
+    again = bench.gpu_check.open_record(out, "cpu_dry_run")
+    assert again["sections"]["fp8"]["status"] == "skipped"
+    assert bench.gpu_check.open_record(out, "gpu")["sections"] == {}  # a dry run never merges into GPU results

@@ -1,0 +1,105 @@
+"""Prune-step overhead through the recipe: what ``_prune_stage`` pays per iteration ÷ a plain
+forward+backward over the same calibration tokens, in our recipe set up from the packaged config.
+
+A recipe prune step is measure_and_plan + a rebuild via the stock ``_setup_model`` (FSDP2
+re-shard when world size > 1) + AdamW moments sliced and re-bound. One training step runs
+first, so the moments exist as after any stage. Each configuration runs in a fresh process
+(under torchrun for 2 processes over gloo); run as a script, this file is that process:
+
+    python benchmarks/perf_recipe.py CONFIG.yaml ITERATIONS OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from _harness import median, run_cmd, script_cmd, sync
+from _recipe import make_recipe, prune_step, recipe_config, train_batches, train_step, write_config
+from _shapes import model_dir_for
+
+
+def recipe_forward_backward(recipe) -> float:
+    """A plain forward+backward over the recipe's calibration batches, seconds."""
+    from adapt_prune_tune.pruner import next_token_loss
+
+    model = recipe._model
+    model.zero_grad(set_to_none=True)
+    sync(recipe._device)
+    t0 = time.perf_counter()
+    for b in recipe._calib_batches:
+        next_token_loss(model, {"tokens": b["tokens"].to(recipe._device)})[0].backward()
+    sync(recipe._device)
+    s = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return s
+
+
+def measure_in_recipe(cfg_path: Path, iterations: int) -> Dict[str, Any]:
+    """Pairs (plain fwd+bwd, one recipe prune step incl. rebuild/re-shard) in our recipe."""
+    import torch.distributed as dist
+
+    apr, recipe = make_recipe(cfg_path)
+    batches = train_batches(recipe, 1)
+    train_step(recipe, batches[0])  # AdamW moments exist, as after any training stage
+    recipe_forward_backward(recipe)  # warm-up
+    rows = []
+    final = recipe._pruner.final_target
+    for k in range(iterations):
+        c0 = time.process_time()
+        fb = recipe_forward_backward(recipe)
+        c1 = time.process_time()
+        parts = prune_step(apr, recipe, final * (k + 1) / iterations)
+        c2 = time.process_time()
+        rows.append({"fb": fb, **parts, "ratio": parts["total"] / fb,
+                     "ratio_cpu": (c2 - c1) / max(c1 - c0, 1e-9)})
+    out = {
+        "world_size": recipe.world_size,
+        "fsdp": recipe.world_size > 1,
+        "params_after": recipe._arch.num_params(),
+        "calib_tokens_per_rank": sum(int(b["tokens"][:, 1:].numel()) for b in recipe._calib_batches),
+        "fb_seconds": median(r["fb"] for r in rows),
+        "iteration_seconds": median(r["total"] for r in rows),
+        "ratio": median(r["ratio"] for r in rows),
+        "ratio_cpu_time": median(r["ratio_cpu"] for r in rows),
+        "parts_seconds": {p: median(r[p] for r in rows)
+                          for p in ("measure_and_plan", "resize", "rebuild_model", "rebind_optimizer")},
+        "rows": rows,
+    }
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=print) -> Dict[str, Any]:
+    model_dir = model_dir_for(shape, work)
+    cfg = recipe_config(model_dir, work / f"recipe_{shape}_{nproc}", shape)
+    path = write_config(cfg, work / f"recipe_{shape}_{nproc}.yaml")
+    out_json = work / f"recipe_{shape}_{nproc}.json"
+    cmd = script_cmd(Path(__file__), str(path), str(iterations), str(out_json))
+    if nproc > 1:  # FSDP2 over gloo: the re-shard path
+        cmd = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
+    run_cmd(cmd, cwd=work)
+    res = json.loads(out_json.read_text())
+    res["shape"] = shape
+    log(f"  recipe path [{shape}, {nproc} proc]: ratio {res['ratio']:.3f} (cpu time {res['ratio_cpu_time']:.3f}) "
+        f"(fwd+bwd {res['fb_seconds']:.3f}s, step {res['iteration_seconds']:.3f}s: {res['parts_seconds']})")
+    return res
+
+
+def run(quick: bool, work: Path, log) -> Dict[str, Any]:
+    """Tiny and SmolLM2 in one process; tiny in two (not with ``quick``)."""
+    runs = [("tiny", 3, 1), ("smollm2", 2 if quick else 3, 1)] + ([] if quick else [("tiny", 3, 2)])
+    return {f"{shape}_{nproc}proc": section_recipe(shape, work, its, nproc, log) for shape, its, nproc in runs}
+
+
+if __name__ == "__main__":
+    cfg_path, iterations, out_json = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    res = measure_in_recipe(cfg_path, iterations)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out_json.write_text(json.dumps(res, default=float))
