@@ -1,37 +1,73 @@
-"""Run checkpoints of a resizing run: atomic, self-describing, resumable.
+"""Run checkpoints of a resizing run: sharded, atomic, pickle-free, resumable on any world size.
 
-A stock torchtune checkpoint cannot describe a pruned model (its builder has
-one width per model), so every checkpoint here carries the current per-layer
-``arch.json`` next to the weights (torchtune key names, safetensors), the
-optimizer state keyed by parameter name, and the recipe state (stage, position
-in the token schedule, LR scheduler, pruner history, RNG).
+A stock torchtune checkpoint cannot describe a pruned model (its builder has one width per
+model), so every checkpoint carries the current per-layer ``arch.json`` next to the weights.
+What else it holds and how:
+
+* **Tensors, sharded by the ranks that own them.** Every rank writes its own FSDP2 shards of
+  the weights and of the optimizer moments to ``model-rank<r>-of-<w>.safetensors`` and
+  ``optim-rank<r>-of-<w>.safetensors``, with each shard's global shape and offset in the file's
+  safetensors header. Nothing is gathered: a save costs each rank its own shard, where
+  gathering full weights and moments onto rank 0 costs one process the whole model, three
+  times over (weights + two moments), at every save. Low-bit (torchao) moments are stored
+  dequantized, so a checkpoint does not depend on the optimizer's block layout.
+* **Everything else as JSON**: recipe position, LR scheduler, pruner history, optimizer
+  scalars and hyper-parameters (``state.json``) and each rank's RNG streams
+  (``rng-rank<r>.json``). Small tensors in them (RNG states, step counters) are encoded
+  inline as dtype + shape + base64 bytes. Loading a checkpoint parses JSON and safetensors
+  headers only: no pickle, so no code from the file can run. Checkpoints of older versions
+  (``*.pt`` pickles) are refused, not opened.
+* **Any world size on resume.** Reading assembles each full tensor from whichever shard files
+  hold its pieces, one tensor at a time, and the recipe re-shards it like a base checkpoint
+  (``load_from_full_model_state_dict``): a checkpoint from 2 processes resumes on 1 and back.
 
 Layout under ``<output_dir>/checkpoints/``::
 
     step_0000120_prune_0008/   one complete checkpoint (training step, prune step)
-        arch.json  model.safetensors  optimizer.pt  recipe_state.pt  COMPLETE
-    latest                  text file naming the newest complete checkpoint
+        arch.json  state.json  rng-rank*.json  model-rank*.safetensors  optim-rank*.safetensors  COMPLETE
+    latest                     names the newest complete checkpoint
 
-A checkpoint is written into ``<name>.tmp`` and renamed only once all its
-files are on disk; ``latest`` is replaced atomically afterwards. A kill at any
-moment leaves the previous checkpoint intact and loadable.
+Atomicity: all ranks write into ``<tag>.tmp`` (the output directory must be on a filesystem
+every rank sees, as torchtune's own checkpoints require); after a barrier rank 0 syncs the
+files, writes ``COMPLETE``, renames the directory and only then moves ``latest``. A kill at
+any moment leaves the previous checkpoint intact; a half-written ``.tmp`` is never a
+candidate, and is removed by the next save.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from adapt_prune_tune import faults
 from adapt_prune_tune.models import DecoderArch
+from adapt_prune_tune.optimizer_state import flatten_quantized, is_quantized, unflatten_quantized, wrap_like
+from adapt_prune_tune.resize import load_optimizer_state_, named_parameters
 
 COMPLETE = "COMPLETE"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 2
+_TAG = re.compile(r"^step_\d{7}_prune_\d{4}$")
+_SHARDS_KEY = "adapt_prune_tune.shards"
+_LEGACY_PICKLES = ("optimizer.pt", "recipe_state.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A run checkpoint that cannot be used (incomplete, unreadable, of an old format)."""
+
+
+# --------------------------------------------------------------------------- small files
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,6 +87,54 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def to_json(obj: Any) -> Any:
+    """``obj`` with tensors, tuples and numpy arrays made JSON-able (see :func:`from_json`)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"__tensor__": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                               "data": base64.b64encode(raw).decode()}}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_json(v) for v in obj]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"checkpoint state keys must be strings, got {list(obj)[:3]}")
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_json(v) for v in obj]
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": {"dtype": str(obj.dtype), "data": obj.tolist()}}
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON state")
+
+
+def from_json(obj: Any) -> Any:
+    """Inverse of :func:`to_json`: builds tensors and tuples from data, never runs code."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            spec = obj["__tensor__"]
+            dtype = getattr(torch, spec["dtype"])
+            raw = bytearray(base64.b64decode(spec["data"]))
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            return flat.view(dtype).reshape(spec["shape"]).clone()
+        if "__tuple__" in obj:
+            return tuple(from_json(v) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            import numpy as np
+
+            spec = obj["__ndarray__"]
+            return np.array(spec["data"], dtype=spec["dtype"])
+        return {k: from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    return obj
+
+
 def run_fingerprint(base_arch: DecoderArch, settings: Dict[str, Any]) -> str:
     """Identifies the base model and method settings a run was started with.
 
@@ -61,51 +145,282 @@ def run_fingerprint(base_arch: DecoderArch, settings: Dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# --------------------------------------------------------------------------- shards
+
+
+def _rank_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def local_shard(t: torch.Tensor, rank: int) -> Optional[Tuple[torch.Tensor, List[int]]]:
+    """This rank's piece of ``t`` and its offset in the full tensor; None if another rank writes it.
+
+    Sharded DTensors: every rank its own non-empty shard. Plain or replicated tensors: rank 0.
+    """
+    if hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if any(isinstance(p, Shard) for p in t.placements):
+            local = t.to_local()
+            if local.numel() == 0:
+                return None
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            return local, list(offset)
+        return (t.to_local(), [0] * t.dim()) if rank == 0 else None
+    return (t, [0] * t.dim()) if rank == 0 else None
+
+
+def write_shards(path: Path, tensors: Mapping[str, torch.Tensor], rank: int) -> None:
+    """This rank's pieces of ``tensors`` in one safetensors file, with global shapes and offsets.
+
+    A low-bit (torchao) optimizer state is written as its exact parts (codes, block scales, ...)
+    under ``<name>@<part>``, with its class and context in the layout.
+    """
+    pieces: Dict[str, torch.Tensor] = {}
+    layout: Dict[str, Dict[str, Any]] = {}
+    for name, t in tensors.items():
+        shard = local_shard(t, rank)
+        if shard is None:
+            continue
+        local, offset = shard
+        layout[name] = {"shape": list(t.shape), "offset": offset}
+        if is_quantized(local):
+            class_name, ctx, attrs = flatten_quantized(local)
+            layout[name]["native"] = {"class": class_name, "ctx": to_json(ctx), "attrs": list(attrs)}
+            for attr, value in attrs.items():
+                pieces[f"{name}@{attr}"] = value.detach().to("cpu").contiguous()
+        else:
+            pieces[name] = local.detach().to("cpu").contiguous()
+    save_file(pieces, str(path), metadata={_SHARDS_KEY: json.dumps(layout)})
+
+
+def _read_piece(handle: Any, name: str, spec: Dict[str, Any], dense: bool = True) -> torch.Tensor:
+    """One file's piece of ``name``: a plain tensor, or a rebuilt low-bit state (dequantized if ``dense``)."""
+    native = spec.get("native")
+    if native is None:
+        return handle.get_tensor(name)
+    attrs = {attr: handle.get_tensor(f"{name}@{attr}") for attr in native["attrs"]}
+    local = unflatten_quantized(native["class"], from_json(native["ctx"]), attrs)
+    return local.dequantize(torch.float32) if dense else local
+
+
+class ShardedTensors(Mapping):
+    """Full tensors of a checkpoint, each assembled on access from the shard files holding it.
+
+    A read-only mapping name → tensor (CPU): iterating it streams one full tensor at a time,
+    which is how the recipe loads weights and re-binds optimizer moments.
+    """
+
+    def __init__(self, files: List[Path]) -> None:
+        self._pieces: Dict[str, List[Tuple[Path, Dict[str, Any]]]] = {}
+        self._shapes: Dict[str, List[int]] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                layout = json.loads((handle.metadata() or {}).get(_SHARDS_KEY, "{}"))
+            for name, spec in layout.items():
+                self._pieces.setdefault(name, []).append((f, spec))
+                self._shapes[name] = spec["shape"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._pieces:
+            raise KeyError(name)
+        out: Optional[torch.Tensor] = None
+        covered = 0
+        for f, spec in self._pieces[name]:
+            with safe_open(str(f), framework="pt") as handle:
+                piece = _read_piece(handle, name, spec)
+            if out is None:
+                out = torch.empty(self._shapes[name], dtype=piece.dtype)
+            index = tuple(slice(o, o + n) for o, n in zip(spec["offset"], piece.shape))
+            out[index] = piece
+            covered += piece.numel()
+        if out is None or covered != out.numel():
+            raise CheckpointError(f"tensor {name!r}: the shard files cover {covered} of {out.numel() if out is not None else '?'} elements")
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pieces)
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def shape(self, name: str) -> List[int]:
+        return self._shapes[name]
+
+    def is_native(self, name: str) -> bool:
+        """Stored as a low-bit optimizer state's exact parts."""
+        return any("native" in spec for _, spec in self._pieces.get(name, []))
+
+    def native_piece(self, name: str, file: Path) -> Optional[torch.Tensor]:
+        """The exact low-bit state ``file`` holds for ``name`` (a rank's own shard), or None."""
+        for f, spec in self._pieces.get(name, []):
+            if f == file and "native" in spec:
+                with safe_open(str(f), framework="pt") as handle:
+                    return _read_piece(handle, name, spec, dense=False)
+        return None
+
+
+class OptimizerState(Mapping):
+    """Per-parameter optimizer state of a checkpoint: {name: {key: full tensor or scalar}}.
+
+    Moments come from the shard files (streamed), scalars (step, ...) from the JSON state.
+    ``pop`` lets a consumer free each entry once used. Low-bit states are dequantized here
+    (for a resize or another world size), unless ``own_file`` names this rank's shard file of
+    a checkpoint written by as many ranks: then they are left out, and :meth:`native` gives
+    their exact parts (:func:`restore_optimizer_`).
+    """
+
+    def __init__(self, moments: ShardedTensors, scalars: Dict[str, Dict[str, Any]], own_file: Optional[Path] = None) -> None:
+        self._moments = moments
+        self._own_file = own_file
+        self._keys: Dict[str, List[str]] = {}
+        for flat in moments:
+            name, key = flat.rsplit("/", 1)
+            self._keys.setdefault(name, []).append(key)
+        self._scalars = dict(scalars)
+        self._names = list(dict.fromkeys([*self._scalars, *self._keys]))
+
+    def __getitem__(self, name: str) -> Dict[str, Any]:
+        if name not in self._names:
+            raise KeyError(name)
+        entry = dict(self._scalars.get(name, {}))
+        for key in self._keys.get(name, []):
+            flat = f"{name}/{key}"
+            if self._own_file is None or not self._moments.is_native(flat):
+                entry[key] = self._moments[flat]
+        return entry
+
+    def native(self, name: str) -> Dict[str, torch.Tensor]:
+        """This rank's exact low-bit states of ``name`` (empty unless the world size is unchanged)."""
+        if self._own_file is None:
+            return {}
+        out = {}
+        for key in self._keys.get(name, []):
+            piece = self._moments.native_piece(f"{name}/{key}", self._own_file)
+            if piece is not None:
+                out[key] = piece
+        return out
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        if name not in self._names:
+            return default
+        entry = self[name]
+        self._names.remove(name)
+        return entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _optimizer_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Moments (dense, placed like their parameter) and the JSON-able rest of the optimizer."""
+    params = named_parameters(model)
+    names = {id(p): n for n, p in params.items()}
+    moments: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for name, p in params.items():
+        for key, value in sorted(optimizer.state.get(p, {}).items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == p.shape:
+                moments[f"{name}/{key}"] = value  # low-bit states are written as their exact parts
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    return moments, {"scalars": scalars, "param_groups": groups}
+
+
+def _checkpoint_dirs(root: Path) -> List[Path]:
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and _TAG.match(p.name))
+
+
 def save_run_checkpoint(
     root: Union[str, Path],
     tag: str,
     arch: DecoderArch,
-    model_state: Dict[str, torch.Tensor],
-    optimizer_state: Optional[Dict[str, Any]],
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
     recipe_state: Dict[str, Any],
+    rng_state: Dict[str, Any],
     keep_last: int = 2,
-) -> Path:
-    """Write one checkpoint atomically and drop old ones (rank 0 only).
+) -> Optional[Path]:
+    """Write one checkpoint; a collective: every rank calls it (see module doc).
 
-    ``tag`` must sort in run order (e.g. zero-padded step numbers).
+    ``tag`` must sort in run order (``step_<7 digits>_prune_<4 digits>``); ``recipe_state``
+    is rank 0's, ``rng_state`` each rank's own. Returns the checkpoint's path on rank 0.
     """
+    if not _TAG.match(tag):
+        raise ValueError(f"checkpoint tag {tag!r} is not step_<7 digits>_prune_<4 digits>")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / tag
-    tmp = root / f"{tag}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    arch.save(tmp / "arch.json")
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(recipe_state, tmp / "recipe_state.pt")
-    (tmp / COMPLETE).write_text("ok\n")
+    rank, world = _rank_world()
+    final, tmp = root / tag, root / f"{tag}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    params = named_parameters(model)
+    write_shards(tmp / f"model-rank{rank:05d}-of-{world:05d}.safetensors", params, rank)
+    optimizer_json = None
+    if optimizer is not None:
+        moments, optimizer_json = _optimizer_parts(model, optimizer)
+        write_shards(tmp / f"optim-rank{rank:05d}-of-{world:05d}.safetensors", moments, rank)
+    (tmp / f"rng-rank{rank:05d}.json").write_text(json.dumps(to_json(rng_state)))
+    if rank == 0:
+        arch.save(tmp / "arch.json")
+        state = {"format": FORMAT_VERSION, "world_size": world, "recipe": recipe_state, "optimizer": optimizer_json}
+        (tmp / STATE_FILE).write_text(json.dumps(to_json(state)))
+    _barrier()
+    if rank != 0:
+        _barrier()
+        return None
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    faults.point("checkpoint_write")
+    (tmp / COMPLETE).write_text("ok\n")
+    _fsync_dir(tmp)
     if final.exists():  # a rerun of the same step (after resume) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / "latest", final.name + "\n")
     _drop_old(root, keep_last, final.name)
+    _barrier()
     return final
 
 
 def _drop_old(root: Path, keep_last: int, newest: str) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = [p for p in _checkpoint_dirs(root) if (p / COMPLETE).is_file()]
     for old in done[:-keep_last] if keep_last > 0 else []:
         if old.name != newest:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def complete_checkpoints(root: Union[str, Path]) -> List[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp`` directories never count)."""
+    return [p for p in _checkpoint_dirs(Path(root)) if (p / COMPLETE).is_file()]
 
 
 def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
@@ -114,24 +429,100 @@ def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
     pointer = root / "latest"
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE).is_file():
-            return candidate
-    complete = sorted(p.parent for p in root.glob(f"step_*/{COMPLETE}"))
+        if _TAG.match(candidate.name) and (candidate / COMPLETE).is_file():
+            complete = complete_checkpoints(root)
+            # ``latest`` moves after the rename: a newer complete directory wins.
+            return complete[-1] if complete and complete[-1].name > candidate.name else candidate
+    complete = complete_checkpoints(root)
     return complete[-1] if complete else None
 
 
 def load_run_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Everything a resumed run needs, with clear errors for incomplete checkpoints."""
+    """Everything a resumed run needs, read without unpickling anything.
+
+    Returns ``{"arch", "model": ShardedTensors, "optimizer": {"state": OptimizerState,
+    "param_groups"} or None, "recipe": dict, "rng": this rank's (or rank 0's) RNG state,
+    "world_size"}``.
+
+    Raises:
+        CheckpointError: incomplete, unreadable, or written in the old pickled format.
+    """
     path = Path(path)
     if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    arch = DecoderArch.load(path / "arch.json")
-    model_state = load_file(str(path / "model.safetensors"))
-    optimizer_state = (
-        torch.load(path / "optimizer.pt", weights_only=False) if (path / "optimizer.pt").is_file() else None
-    )
-    recipe_state = torch.load(path / "recipe_state.pt", weights_only=False)
-    return {"arch": arch, "model": model_state, "optimizer": optimizer_state, "recipe": recipe_state}
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    legacy = [name for name in _LEGACY_PICKLES if (path / name).exists()]
+    if legacy or not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{path} holds pickled state ({', '.join(legacy) or 'no ' + STATE_FILE}), from an older "
+            "version of adapt-prune-tune or not written by it; it is not opened, because unpickling "
+            "can run code from the file. Start the run afresh in a new output_dir"
+        )
+    try:
+        state = from_json(json.loads((path / STATE_FILE).read_text()))
+        arch = DecoderArch.load(path / "arch.json")
+        model = ShardedTensors(sorted(path.glob("model-rank*.safetensors")))
+        optim_files = sorted(path.glob("optim-rank*.safetensors"))
+        rank, world = _rank_world()
+        own = path / f"optim-rank{rank:05d}-of-{world:05d}.safetensors"
+        optimizer = None
+        if state.get("optimizer") is not None:
+            optimizer = {
+                "state": OptimizerState(
+                    ShardedTensors(optim_files), state["optimizer"]["scalars"],
+                    own if state.get("world_size") == world and own.is_file() else None,
+                ),
+                "param_groups": state["optimizer"]["param_groups"],
+            }
+        rng_file = path / f"rng-rank{rank:05d}.json"
+        if state.get("world_size") != world or not rng_file.is_file():
+            rng_file = path / "rng-rank00000.json"
+        rng = from_json(json.loads(rng_file.read_text()))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any damage: say which checkpoint and what
+        raise CheckpointError(f"{path} is unreadable: {type(e).__name__}: {e}") from e
+    return {"path": path, "arch": arch, "model": model, "optimizer": optimizer, "recipe": state["recipe"],
+            "rng": rng, "world_size": state.get("world_size")}
+
+
+def restore_optimizer_(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+    """Install a checkpoint's optimizer state: moments re-sharded like the parameters, low-bit
+    states bit-exact when the world size is unchanged (re-quantized from their values otherwise)."""
+    load_optimizer_state_(optimizer, model, saved)
+    for name, p in named_parameters(model).items():
+        for key, local in saved["state"].native(name).items():
+            optimizer.state[p][key] = wrap_like(local.to(_local_device(p)), p)
+
+
+def _local_device(p: torch.Tensor) -> torch.device:
+    return p.to_local().device if hasattr(p, "device_mesh") else p.device
+
+
+def load_latest(root: Union[str, Path]) -> Dict[str, Any]:
+    """The newest complete checkpoint under ``root``; if it is unreadable, an error naming the
+    previous complete one and how to resume from it. Nothing is deleted either way.
+
+    Raises:
+        FileNotFoundError: ``root`` holds no complete checkpoint.
+        CheckpointError: the newest one cannot be used.
+    """
+    latest = latest_checkpoint(root)
+    if latest is None:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {root} holds no complete checkpoint; "
+            "start without resume_from_checkpoint"
+        )
+    try:
+        return load_run_checkpoint(latest)
+    except CheckpointError as e:
+        earlier = [p for p in complete_checkpoints(root) if p.name < latest.name]
+        hint = (
+            f"The previous complete checkpoint is {earlier[-1]}: move {latest.name} aside (e.g. "
+            f"`mv {latest} {latest}.unreadable`) and rerun with resume_from_checkpoint=True to continue from it."
+            if earlier
+            else "There is no earlier complete checkpoint: start the run afresh in a new output_dir."
+        )
+        raise CheckpointError(f"Cannot resume: {e}\n{hint} Nothing was deleted.") from e
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -148,5 +539,6 @@ def restore_rng(state: Dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(tuple(state["numpy"]))

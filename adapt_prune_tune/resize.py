@@ -13,11 +13,12 @@ order, which keeps the collectives matched.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
+from adapt_prune_tune.optimizer_state import dense_moment, new_moment
 from adapt_prune_tune.surgery import SliceMap, slice_tensor
 
 _AC_PREFIX = "_checkpoint_wrapped_module."
@@ -38,19 +39,20 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Place a full tensor the way ``reference`` is placed (sharded or plain)."""
+def like(full: torch.Tensor, reference: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Place a full tensor the way ``reference`` is placed (sharded or plain), in its dtype or ``dtype``."""
+    dtype = dtype or reference.dtype
     if hasattr(reference, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
         local = reference.to_local()
         return distribute_tensor(
-            full.to(device=local.device, dtype=reference.dtype),
+            full.to(device=local.device, dtype=dtype),
             reference.device_mesh,
             reference.placements,
             src_data_rank=None,  # every rank holds the same full tensor
         )
-    return full.to(device=reference.device, dtype=reference.dtype)
+    return full.to(device=reference.device, dtype=dtype)
 
 
 class PrunedStateView(Mapping):
@@ -92,37 +94,6 @@ def gather_full_state(model: nn.Module, rank0_only: bool = True) -> Dict[str, to
     return out
 
 
-def gather_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, rank0_only: bool = True
-) -> Dict[str, Any]:
-    """Optimizer state keyed by parameter name, with full CPU tensors.
-
-    Format: {"state": {name: {key: tensor|number}}, "param_groups": [...]} where
-    param groups list parameter *names*; portable across resizes and world sizes.
-    """
-    import torch.distributed as dist
-
-    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
-    names = {id(p): n for n, p in named_parameters(model).items()}
-    state: Dict[str, Dict[str, Any]] = {}
-    # Parameter order, not optimizer.state's insertion order: gathers must match across ranks.
-    for name, p in named_parameters(model).items():
-        entry = optimizer.state.get(p)
-        if not entry:
-            continue
-        gathered = {
-            k: (full_tensor(v).cpu() if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-            for k, v in sorted(entry.items())
-        }
-        if keep:
-            state[name] = gathered
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-        for g in optimizer.param_groups
-    ]
-    return {"state": state, "param_groups": groups} if keep else {}
-
-
 def rebind_optimizer_(
     optimizer: torch.optim.Optimizer,
     new_model: nn.Module,
@@ -136,7 +107,9 @@ def rebind_optimizer_(
     The optimizer object (and so the LR scheduler bound to it) survives the
     resize. ``state_source`` maps names to the *old* state entries (sharded or
     full tensors); moments shaped like their parameter are gathered, sliced
-    like the parameter and re-sharded like the new parameter. An empty source
+    like the parameter and re-sharded like the new parameter (low-bit torchao
+    moments are dequantized first and re-quantized with the optimizer's block
+    size: see ``optimizer_state``). An empty source
     resets the state (the official code's behaviour, kept for comparison).
     With ``consume`` (a mutable ``state_source`` the caller no longer needs), each
     old entry is removed once re-bound, so old moments are freed as new ones
@@ -154,10 +127,10 @@ def rebind_optimizer_(
             continue
         for key, value in sorted(entry.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == old_shapes[name]:
-                full = full_tensor(value)
+                full = full_tensor(dense_moment(value))
                 if name in slices:
                     full = slice_tensor(full, *slices[name])
-                new_state[p][key] = like(full, p)
+                new_state[p][key] = new_moment(optimizer, p, key, full)
             else:
                 new_state[p][key] = value
     optimizer.param_groups[0]["params"] = list(new_params.values())
@@ -178,7 +151,8 @@ def parameter_shapes(model: nn.Module) -> Dict[str, torch.Size]:
 def load_optimizer_state_(
     optimizer: torch.optim.Optimizer, model: nn.Module, full: Mapping[str, Any]
 ) -> None:
-    """Install a ``gather_optimizer_state`` checkpoint into an optimizer over ``model``."""
+    """Install a checkpoint's optimizer state (``{"state": {name: {key: full tensor or scalar}},
+    "param_groups": [...]}``, e.g. ``checkpointing.OptimizerState``) into an optimizer over ``model``."""
     shapes = parameter_shapes(model)
     rebind_optimizer_(optimizer, model, full["state"], {}, shapes)
     for key, value in full["param_groups"][0].items():

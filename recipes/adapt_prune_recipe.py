@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -43,17 +44,17 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtune import config, training, utils
 
 from adapt_prune_tune import checkpointing as ckpt
+from adapt_prune_tune import faults
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
     check_inputs as _check_inputs,
     check_total_steps,
+    clear_previous_run as _clear_previous_run,
     mean_sample_length,
-    refuse_unsupported as _refuse_unsupported,
     steps_for_tokens,
 )
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
 from adapt_prune_tune.distillation import (
-    DistillConfig,
     DistillationLoss,
     Teacher,
     kl_calibration_loss,
@@ -62,12 +63,10 @@ from adapt_prune_tune.distillation import (
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import perplexity, text_windows
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
-from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, calibrate
+from adapt_prune_tune.pruner import AdaptivePruner, calibrate, next_token_loss
 from adapt_prune_tune.resize import (
     PrunedStateView,
     gather_full_state,
-    gather_optimizer_state,
-    load_optimizer_state_,
     optimizer_state_by_name,
     parameter_shapes,
     rebind_optimizer_,
@@ -167,6 +166,8 @@ class _RecordingLogger:
             )
             eta = progress.eta_seconds()
             payload = {**payload, "progress": progress.fraction_done(), **({"eta_seconds": eta} if eta is not None else {})}
+        if "loss" in payload:
+            faults.point("training_step")
         if "loss" in payload:  # training steps (stage summaries go to the stage log)
             row = {k: float(v) for k, v in payload.items() if isinstance(v, (int, float, torch.Tensor))}
             self._recipe._train_log.append({"step": step, "stage": self._recipe._stage, **row})
@@ -208,12 +209,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     def __init__(self, cfg: DictConfig) -> None:
         self._t_start = time.perf_counter()
-        _refuse_unsupported(cfg)
-        self._pruning_cfg = PruningConfig(**OmegaConf.to_container(cfg.pruning.method, resolve=True))
-        self._distill = DistillConfig.from_section(
-            OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None
-        )
-        _check_inputs(cfg, self._pruning_cfg, self._distill)
+        # Every problem of the config, its files and output_dir in one message, before any work.
+        checked = _check_inputs(cfg)
+        self._pruning_cfg, self._distill = checked.pruning, checked.distill
+        _clear_previous_run(cfg)  # overwrite_output_dir=True only, now that every check has passed
         adapt = cfg.adapt
         self._num_stages = int(adapt.stages)
         self._steps_per_stage = int(adapt.get("steps_per_stage", 1))
@@ -222,12 +221,6 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._checkpoint_every = int(adapt.get("checkpoint_every_n_steps", 50))
         self._keep_last = int(adapt.get("keep_last_checkpoints", 2))
         self._optimizer_state_mode = adapt.get("optimizer_state", "slice")
-        if self._num_stages < 1 or self._steps_per_stage < 1:
-            raise ValueError("adapt.stages and adapt.steps_per_stage must be >= 1")
-        if (self._total_tokens is None) == (self._total_steps_cfg is None):
-            raise ValueError("adapt: set exactly one of total_tokens or total_steps (0 = prune only)")
-        if self._optimizer_state_mode not in ("slice", "reset"):
-            raise ValueError("adapt.optimizer_state must be 'slice' (carry AdamW moments) or 'reset'")
         super().__init__(cfg)
         self._cfg = cfg
         self._ckpt_root = Path(cfg.output_dir) / "checkpoints"
@@ -239,14 +232,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._progress: Optional[RunProgress] = None
         self._resume_state: Optional[Dict[str, Any]] = None
         if self._resume_from_checkpoint:
-            latest = ckpt.latest_checkpoint(self._ckpt_root)
-            if latest is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True but {self._ckpt_root} holds no complete checkpoint; "
-                    "start without resume_from_checkpoint"
-                )
-            utils.log_rank_zero(log, f"Resuming from {latest}")
-            self._resume_state = ckpt.load_run_checkpoint(latest)
+            self._resume_state = ckpt.load_latest(self._ckpt_root)
+            utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
 
@@ -291,14 +278,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
                 "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
                 "distill": OmegaConf.to_container(cfg.get("distill") or {}, resolve=True),
-                "batch_size": cfg.batch_size,
-                "world_size": self.world_size,
-                "gradient_accumulation_steps": self._gradient_accumulation_steps,
+                # The global batch fixes the data order and the schedule; how it is split over
+                # ranks and micro-batches does not, so a run may resume on another world size.
+                "samples_per_step": self._samples_per_step,
             },
         )
         self._stage_pruned = [False] * self._num_stages
         if state is not None:
             self._restore(state["recipe"], state["optimizer"])
+            ckpt.restore_rng(state["rng"])
         self._resume_state = None
         if self._is_rank_zero:
             log.info(
@@ -530,7 +518,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         goal = self._targets[stage - 1]
         # The stage's before/after calibration losses are next-token CE whatever scores the cut.
         loss_before = None
-        if self._calibration_loss():
+        if self._teacher is not None and self._distill.calibration_loss == "kl" and self._pruner.records:
             with _eager_if(self._compile):
                 loss_before = calibrate(self._model, self._calib_batches, with_gradients=False).loss
         if self._compile:
@@ -553,6 +541,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 )
                 loss_before = calib.loss if loss_before is None else loss_before
                 keeps = _broadcast_keeps(plan.keeps)
+                faults.point("before_resize", self.rank)
                 self._resize(keeps, plan.arch)
                 record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
                 if self._progress is not None:
@@ -603,8 +592,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         is exactly zero and every Taylor score would be 0, so that first step scores with CE.
         """
         if self._teacher is not None and self._distill.calibration_loss == "kl" and self._pruner.records:
-            return {"loss_fn": kl_calibration_loss(self._teacher)}
-        return {}
+            return {"loss_fn": _with_fault_point(kl_calibration_loss(self._teacher))}
+        return {"loss_fn": _with_fault_point(next_token_loss)}
 
     def _resize(self, keeps: List[Optional[LayerKeep]], new_arch: DecoderArch) -> None:
         """Rebuild the model at its new widths and carry weights and optimizer state."""
@@ -636,9 +625,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     # ------------------------------------------------------------------ state
     def save_run_checkpoint(self) -> None:
-        """Gather weights/optimizer (all ranks), write atomically on rank 0."""
-        model_state = gather_full_state(self._model)
-        optim_state = gather_optimizer_state(self._model, self._optimizer)
+        """Every rank writes its own shards; rank 0 the run's state (see ``checkpointing``)."""
+        recipe_state: Dict[str, Any] = {}
         if self._is_rank_zero:
             recipe_state = {
                 "fingerprint": self._fingerprint,
@@ -648,21 +636,21 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "stage_pruned": self._stage_pruned,
                 "pruner": self._pruner.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                "rng": ckpt.capture_rng(),
                 "seed": self.seed,
                 "train_log": self._train_log,
                 "stage_log": self._stage_log,
                 "heldout_original": self._heldout_original,
                 "heldout_log": self._heldout_log,
             }
-            # Named by training step, then prune step: sorts in run order.
-            tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
-            path = ckpt.save_run_checkpoint(
-                self._ckpt_root, tag, self._arch, model_state, optim_state, recipe_state, self._keep_last
-            )
-            log.info(f"Checkpoint written to {path}")
-        if dist.is_initialized():
-            dist.barrier()
+        # Named by training step, then prune step: sorts in run order.
+        tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
+        t0 = time.perf_counter()
+        path = ckpt.save_run_checkpoint(
+            self._ckpt_root, tag, self._arch, self._model, self._optimizer, recipe_state, ckpt.capture_rng(),
+            self._keep_last,
+        )
+        if self._is_rank_zero:
+            log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
 
     def _restore(self, state: Dict[str, Any], optimizer_state: Optional[Dict[str, Any]]) -> None:
         if state["fingerprint"] != self._fingerprint:
@@ -680,10 +668,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._heldout_original = state.get("heldout_original")
         self._heldout_log = list(state.get("heldout_log", []))
         if optimizer_state is not None:
-            load_optimizer_state_(self._optimizer, self._model, optimizer_state)
+            ckpt.restore_optimizer_(self._optimizer, self._model, optimizer_state)
         if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        ckpt.restore_rng(state["rng"])
 
     # ------------------------------------------------------------------ end
     def _finish(self) -> None:
@@ -695,8 +682,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._arch.save(out / "arch.json")
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors"))
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors.tmp"))
+            os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+            faults.point("export")
+            del model_state
             record = self.run_record()
+            record["speed"] = self._measure_speed()
             ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
             try:  # the model and record are already on disk; a plotting failure must not lose them
                 from adapt_prune_tune.report import write_report
@@ -711,11 +702,45 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if dist.is_initialized():
             dist.barrier()
 
+    def _measure_speed(self) -> Optional[Dict[str, Any]]:
+        """Forward and generation tokens/s and peak memory of the original and the pruned shape.
+
+        Measured on this machine (rank 0's device) with fresh weights (speed does not depend on
+        their values); optimizer state and the teacher are released first, the run is over.
+        ``speed: null`` skips it.
+        """
+        settings = self._cfg.get("speed", None)
+        if settings is None:
+            return None
+        from adapt_prune_tune.speed import arch_speed_record
+
+        self._optimizer.state.clear()
+        self._teacher = None
+        t0 = time.perf_counter()
+        if self._progress is not None:
+            self._progress.doing("speed of the original and the pruned model")
+        speed = arch_speed_record(
+            {"original": self._base_arch, "pruned": self._arch},
+            seq_len=int(settings.get("seq_len", 512)),
+            batch_size=int(settings.get("batch_size", 1)),
+            new_tokens=int(settings.get("new_tokens", 64)),
+            device=self._device,
+            dtype=self._dtype,
+        )
+        log.info(
+            "speed (forward / generation tokens/s): original "
+            f"{speed['original']['forward_tokens_per_second']:,.0f} / {speed['original']['generate_tokens_per_second']:,.1f}, "
+            f"pruned {speed['pruned']['forward_tokens_per_second']:,.0f} / {speed['pruned']['generate_tokens_per_second']:,.1f} "
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
+        return speed
+
     def run_record(self) -> Dict[str, Any]:
         """Everything the run report needs, JSON-able."""
         return {
             "base_model": self._base_arch.meta.get("base_model", ""),
             "command": " ".join(sys.argv),
+            **_LAUNCH,
             "config": OmegaConf.to_container(self._cfg, resolve=True),
             "arch_before": self._base_arch.to_dict(),
             "arch_after": self._arch.to_dict(),
@@ -753,6 +778,16 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         settings = {k: v for k, v in heldout.items() if k not in ("text", "texts")}
         settings["texts"] = list(self._heldout)
         return {"perplexity": ppl, "perplexity_by_text": by_text, "heldout": settings, "heldout_log": self._heldout_log}
+
+
+def _with_fault_point(loss_fn):
+    """The calibration loss with the ``calibration`` fault point inside the pass (tests only)."""
+
+    def wrapped(model, batch):
+        faults.point("calibration")
+        return loss_fn(model, batch)
+
+    return wrapped
 
 
 def _eager_if(enabled: bool):
@@ -846,12 +881,23 @@ def _single_process_env() -> None:
     )
 
 
+# What the user typed (the config name before resolution, the overrides, the launch shape),
+# for the report's and the model card's "Reproduce" line.
+_LAUNCH: Dict[str, Any] = {}
+
+
 def main() -> None:
     """Resolve packaged config names (``llama3_1/8B_adapt``) to files, then run."""
     _single_process_env()
     if "--config" in sys.argv:
         i = sys.argv.index("--config") + 1
         if i < len(sys.argv):
+            world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            _LAUNCH.update(
+                config_name=sys.argv[i],
+                overrides=list(sys.argv[i + 1 :]),
+                launch={"nnodes": max(1, world // max(1, local)), "nproc_per_node": local},
+            )
             sys.argv[i] = str(packaged_configs.resolve(sys.argv[i]))
     sys.exit(recipe_main())
 

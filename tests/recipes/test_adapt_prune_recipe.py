@@ -252,6 +252,74 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_do
     ]
 
 
+def _run_2proc(cfg: Path, cwd: Path, *extra: str, kill_at: Optional[str] = None) -> subprocess.CompletedProcess:
+    env = {"ADAPT_PRUNE_TUNE_KILL_AT": kill_at} if kill_at else {}
+    return tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg), *extra], cwd=cwd, env=env)
+
+
+# (fault point, occurrence): during a prune step's calibration pass (stage 2), between a decided
+# cut and its resize (stage 2's first), while a checkpoint is being written (the third), after an
+# optimizer step in the middle of a chunk, and after the final weights were written.
+KILL_POINTS = [("calibration", 9), ("before_resize", 3), ("checkpoint_write", 3), ("training_step", 5), ("export", 1)]
+
+
+def test_two_process_run_killed_anywhere_resumes_bit_identically(tmp_path, tiny_model, python_docs_dir):
+    """SIGKILL at five points across a 2-process (gloo) run; each resume ends bitwise like an uninterrupted run."""
+    overrides = {"adapt.total_steps": 6, "heldout": None}
+    (tmp_path / "ref").mkdir()
+    reference = tmp_path / "ref" / "run"
+    cfg = write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference, **overrides)
+    assert_ok(_run_2proc(cfg, tmp_path))
+    ref_weights = _final_weights(reference)
+    ref_losses = [r["loss"] for r in json.loads((reference / "run_record.json").read_text())["train_log"]]
+
+    for point, occurrence in KILL_POINTS:
+        work = tmp_path / point
+        work.mkdir()
+        out = work / "run"
+        cfg = write_config(work, tiny_model, python_docs_dir, out, **overrides)
+        killed = _run_2proc(cfg, tmp_path, kill_at=f"{point}:{occurrence}")
+        assert killed.returncode != 0, f"{point}: the run was not killed\n{killed.stdout[-3000:]}"
+        assert not (out / "run_record.json").exists(), point
+        assert not any(p.name.endswith(".tmp") and (p / "COMPLETE").exists() for p in (out / "checkpoints").glob("*"))
+        resumed = _run_2proc(cfg, tmp_path, "resume_from_checkpoint=True")
+        assert_ok(resumed)
+        weights = _final_weights(out)
+        assert weights.keys() == ref_weights.keys(), point
+        for name in ref_weights:
+            assert torch.equal(weights[name], ref_weights[name]), (point, name)
+        losses = [r["loss"] for r in json.loads((out / "run_record.json").read_text())["train_log"]]
+        assert losses == ref_losses, point
+
+
+def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, tiny_model, python_docs_dir):
+    """Sharded checkpoints are portable across world sizes (same global batch: 2 × 2 = 1 × 4)."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{"adapt.total_steps": 9, "heldout": None})
+    killed = _run_2proc(cfg, tmp_path, kill_at="training_step:4")
+    assert killed.returncode != 0
+    names = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert any(n.startswith("step_0000003") for n in names), names
+    assert len(list((out / "checkpoints" / names[-1]).glob("model-rank*.safetensors"))) == 2
+    one = tune(
+        ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "batch_size=4"],
+        cwd=tmp_path, env={"ADAPT_PRUNE_TUNE_KILL_AT": "training_step:3"},
+    )
+    assert one.returncode != 0  # killed again, now after progress made on one process
+    latest = ckpt_latest(out)
+    assert len(list(latest.glob("model-rank*.safetensors"))) == 1
+    assert_ok(_run_2proc(cfg, tmp_path, "resume_from_checkpoint=True"))
+    record = json.loads((out / "run_record.json").read_text())
+    assert [r["step"] for r in record["train_log"]] == list(range(1, 10))
+    assert all(math.isfinite(r["loss"]) for r in record["train_log"])
+
+
+def ckpt_latest(out: Path) -> Path:
+    from adapt_prune_tune.checkpointing import latest_checkpoint
+
+    return latest_checkpoint(out / "checkpoints")
+
+
 def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
     out = tmp_path / "run"
     cfg = OmegaConf.load(configs.resolve("smollm2/135M_prune"))
@@ -290,15 +358,24 @@ def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
             "distill.teacher_checkpointer.model_type=QWEN2 distill.teacher_checkpointer.output_dir=/tmp",
             "another architecture family",
         ),
+        ("pruning.method.amplitde=0.1", "pruning.method.amplitde: unknown key (did you mean pruning.method.amplitude?)"),
+        ("prunning.method.amplitude=0.1 adapt.stages=two", "(did you mean pruning?)"),  # and adapt.stages: one message
+        ("resume_from_checkpoint=False", "already holds a run (final, run_record.json): set resume_from_checkpoint=True"),
     ],
 )
 def test_bad_input_fails_before_work(tmp_path, tiny_model, python_docs_dir, override, message):
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
+    if "already holds a run" in message:  # a finished run is in the way of a fresh one
+        (out / "final").mkdir(parents=True)
+        (out / "run_record.json").write_text("{}")
     proc = tune(["adapt_prune_recipe", "--config", str(cfg), *override.split()], cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
+    if "adapt.stages=two" in override:
+        assert "adapt.stages must be an integer >= 1, got 'two' (a string)" in proc.stdout + proc.stderr
     assert not (out / "checkpoints").exists()
+    assert (out / "run_record.json").exists() == ("already holds a run" in message)
 
 
 def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs_dir):

@@ -1,0 +1,34 @@
+"""Named fault points: a test kills the run at an exact place to prove it resumes from anywhere.
+
+``ADAPT_PRUNE_TUNE_KILL_AT=<point>:<n>`` makes the process SIGKILL itself the ``n``-th time it
+reaches ``point`` (1-based; rank 0 only unless ``<point>:<n>:all``). SIGKILL is what a lost node
+or the kernel's OOM killer does: no cleanup, no ``finally``, half-written files left behind.
+Unset (always, outside tests), a point costs one dictionary lookup.
+
+Points in the recipe: ``calibration`` (inside a prune step's calibration pass), ``before_resize``
+(a cut decided, the model not yet rebuilt), ``checkpoint_write`` (shards on disk, the checkpoint
+not yet complete), ``training_step`` (after an optimizer step, mid-chunk), ``export`` (the final
+weights written, the run record not yet).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+ENV = "ADAPT_PRUNE_TUNE_KILL_AT"
+_seen: Counter = Counter()
+
+
+def point(name: str, rank: int = 0) -> None:
+    """Die here if the environment asks for it (see module doc)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    target, count, *scope = spec.split(":")
+    if target != name or (rank != 0 and scope != ["all"]):
+        return
+    _seen[name] += 1
+    if _seen[name] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
