@@ -32,6 +32,7 @@ from torchtune import config, utils
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.config_schema import SchemaResult, check_sections, distill_config, pruning_config, stage_steps_problem
 from adapt_prune_tune.distillation import DistillConfig
+from adapt_prune_tune.fp8 import fp8_problems
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.pruner import PruningConfig
 
@@ -84,6 +85,9 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
     if model_problem:
         problems.append(model_problem)
+    if cfg.get("enable_fp8_training", False) is True:
+        method = schema.config("pruning.method")
+        problems += fp8_problems(str(cfg.get("device", "cpu")), method["round_to"] if method else None)
     distill = schema.config("distill")
     if arch is not None and distill is not None and distill["enabled"]:
         problems += distillation_problems(cfg, arch)

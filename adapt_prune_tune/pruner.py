@@ -182,6 +182,9 @@ class Calibration:
     mean_similarity: torch.Tensor
     loss: float
     tokens: int
+    # Summed gradients in fp32 by parameter name, when the model trains in lower precision
+    # (bf16 ``.grad`` would round the sum at every batch); None: they are in ``.grad``.
+    grads: Optional[Dict[str, torch.Tensor]] = None
 
 
 def calibrate(
@@ -194,11 +197,16 @@ def calibrate(
     """One pass over the calibration batches: layer similarity, loss, and gradients.
 
     Gradients accumulate in ``.grad`` across batches (the Taylor scores use the
-    summed gradient). Under torch.distributed, statistics are summed across
-    ranks, so every rank plans the same cut from the same numbers.
+    summed gradient); for parameters below fp32 (bf16 training) they are summed in
+    fp32 buffers instead (``Calibration.grads``), one batch's ``.grad`` at a time.
+    Under torch.distributed, statistics are summed across ranks, so every rank
+    plans the same cut from the same numbers.
     """
     model.zero_grad(set_to_none=True)
     total_loss, total_tokens = 0.0, 0
+    params = named_parameters(model)
+    low_precision = with_gradients and any(p.dtype != torch.float32 for p in params.values())
+    grads32: Optional[Dict[str, torch.Tensor]] = {} if low_precision else None
     with collect_layer_similarity(list(model.layers), similarity) as collector:
         for batch in batches:
             collector.enabled = True
@@ -207,6 +215,12 @@ def calibrate(
             collector.enabled = False
             if with_gradients:
                 loss.backward()
+            if grads32 is not None:
+                for name, p in params.items():
+                    if p.grad is not None:
+                        g = p.grad.to(torch.float32)
+                        grads32[name] = g if name not in grads32 else grads32[name] + g
+                        p.grad = None
             total_loss += float(loss.detach()) * n
             total_tokens += n
         sums, counts = collector.sums, collector.counts
@@ -220,16 +234,22 @@ def calibrate(
     if stats[L : 2 * L].min() <= 0:
         raise ValueError("Calibration data is empty: pruning.calibration needs at least one batch")
     mean = stats[:L] / stats[L : 2 * L]
-    return Calibration(mean, float(stats[-2] / stats[-1]), int(stats[-1]))
+    return Calibration(mean, float(stats[-2] / stats[-1]), int(stats[-1]), grads32)
 
 
 def score_layers(
-    model: nn.Module, arch: DecoderArch, scorer: str, generator: Optional[torch.Generator] = None
+    model: nn.Module,
+    arch: DecoderArch,
+    scorer: str,
+    generator: Optional[torch.Generator] = None,
+    summed_grads: Optional[Dict[str, torch.Tensor]] = None,
 ) -> List[Dict[str, torch.Tensor]]:
     """Group scores of every layer, gathering one layer's weights/grads at a time.
 
-    Scores stay on the model's device until all layers are done, then move to
-    the host in one transfer (no host sync per layer).
+    Gradients come from ``.grad`` or, when given, ``summed_grads`` (model-level
+    names, e.g. ``Calibration.grads``). Scores stay on the model's device until
+    all layers are done, then move to the host in one transfer (no host sync per
+    layer).
     """
     grads = needs_gradients(scorer)
     out = []
@@ -239,7 +259,8 @@ def score_layers(
         params = {}
         for name in coupled_param_names(sets):
             p = named[name]
-            g = full_tensor(p.grad) if grads and p.grad is not None else None
+            grad = summed_grads.get(f"layers.{i}.{name}") if summed_grads is not None else p.grad
+            g = full_tensor(grad) if grads and grad is not None else None
             params[name] = (full_tensor(p.detach()), g)
         out.append(layer_scores(params, sets, scorer, generator, to_host=False))
         del params
@@ -444,7 +465,7 @@ class AdaptivePruner:
             importance_from_similarity(calib.mean_similarity, self.cfg.similarity),
             self.cfg.importance_normalization,
         )
-        scores = score_layers(model, arch, self.cfg.scorer, self._generator)
+        scores = score_layers(model, arch, self.cfg.scorer, self._generator, calib.grads)
         model.zero_grad(set_to_none=True)
         plan = plan_step(self.cfg, self.original, arch, self.planned, target, importance, scores)
         return plan, calib

@@ -62,6 +62,7 @@ from adapt_prune_tune.distillation import (
 )
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import perplexity, text_windows
+from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
 from adapt_prune_tune.pruner import AdaptivePruner, calibrate, next_token_loss
 from adapt_prune_tune.resize import (
@@ -240,10 +241,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         self._checkpoint_client = _RunCheckpointClient(self._checkpoint_client, self)
-        if self._resume_state:
-            # Replace (not merge) the model node: the checkpoint's per-layer spec builds it.
+        self._fp8 = bool(cfg.get("enable_fp8_training", False))
+        if self._resume_state or self._fp8:
+            # Replace (not merge) the model node: the checkpoint's per-layer spec builds it, and
+            # with FP8 every build goes through the float8 conversion.
+            node = _arch_component(self._resume_state["arch"]) if self._resume_state else cfg.model
             cfg = cfg.copy()
-            OmegaConf.update(cfg, "model", _arch_component(self._resume_state["arch"]), merge=False)
+            OmegaConf.update(cfg, "model", self._build_node(node), merge=False)
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
@@ -585,6 +589,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             )
         self.save_run_checkpoint()
 
+    def _build_node(self, node: Any) -> Any:
+        """The model component as built: converted for FP8 training when enabled (see ``fp8``)."""
+        if not self._fp8:
+            return node
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        return wrap_component(node)
+
     def _calibration_loss(self) -> Dict[str, Any]:
         """``loss_fn`` for calibration passes: KL to the teacher when configured, else next-token CE.
 
@@ -608,7 +619,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # of moments, below a training step (weights, grads, moments, activations).
         self._optimizer.state = defaultdict(dict)
         self._model = self._setup_model(
-            cfg_model=DictConfig(_arch_component(new_arch)),
+            cfg_model=DictConfig(self._build_node(_arch_component(new_arch))),
             model_state_dict=PrunedStateView(old_model, slices),
             **self._model_cfg_kwargs,
         )

@@ -304,3 +304,30 @@ def test_state_saved_before_planned_sparsity_resumes_from_the_achieved() -> None
     state["sparsity"] = [0.1, 0.2, 0.3, 0.2]
     pruner.load_state_dict(state)
     assert pruner.planned.tolist() == [0.1, 0.2, 0.3, 0.2]
+
+
+def test_bf16_calibration_sums_gradients_in_fp32_and_picks_like_fp32():
+    """bf16 training: gradients are summed over calibration batches in fp32, and the Taylor
+    scores pick (nearly) the same channels as an fp32 copy of the same model."""
+    from adapt_prune_tune.pruner import calibrate, score_layers
+
+    torch.manual_seed(0)
+    arch = DecoderArch.uniform(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_dim=96, max_seq_len=32, rope=RopeSpec("default", 1e4))
+    fp32 = decoder_from_arch(arch)
+    bf16 = decoder_from_arch(arch).to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})  # identical values
+    batches = [{"tokens": torch.randint(0, 64, (2, 16))} for _ in range(4)]
+    c32, c16 = calibrate(fp32, batches), calibrate(bf16, batches)
+    assert c32.grads is None and c16.grads is not None
+    assert all(g.dtype == torch.float32 for g in c16.grads.values())
+    assert all(p.grad is None for p in bf16.parameters())
+    s32 = score_layers(fp32, arch, "taylor")
+    s16 = score_layers(bf16, arch, "taylor", summed_grads=c16.grads)
+    for a, b in zip(s32, s16):
+        k = 48  # keep half the MLP channels
+        keep32 = set(a["mlp"].topk(k).indices.tolist())
+        keep16 = set(b["mlp"].topk(k).indices.tolist())
+        assert len(keep32 & keep16) / k > 0.85
+    torch.testing.assert_close(c16.mean_similarity, c32.mean_similarity, rtol=0.02, atol=0.02)
