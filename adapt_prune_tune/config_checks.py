@@ -82,7 +82,7 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     world_size = launch_world_size() if world_size is None else world_size
     arch, model_problem = meta_arch(cfg)
     schema = check_sections(cfg, world_size=world_size, arch=arch)
-    problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
+    problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg) + component_problems(cfg)
     if model_problem:
         problems.append(model_problem)
     if cfg.get("enable_fp8_training", False) is True:
@@ -111,6 +111,38 @@ def meta_arch(cfg: DictConfig) -> Tuple[Optional[DecoderArch], Optional[str]]:
             return arch_from_model(config.instantiate(cfg.model)), None
     except Exception as e:  # noqa: BLE001 - reported with the other problems
         return None, f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {type(e).__name__}: {e}"
+
+
+def component_problems(cfg: DictConfig) -> List[str]:
+    """The optimizer and LR schedule as the recipe will build them, on a dummy parameter: a
+    class the installed packages lack, or an argument it does not take, fails here, not after
+    the model loaded."""
+    problems = []
+    try:
+        optimizer = config.instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(8))])
+    except Exception as e:  # noqa: BLE001 - whatever the constructor says, with the key to change
+        hint = ""
+        if "fused" in str(e):
+            hint = " (torchao's optimizers take no `fused`: remove it with `~optimizer.fused`)"
+        problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
+        return problems
+    component = str(cfg.optimizer.get("_component_", ""))
+    round_to = int((cfg.get("pruning") or {}).get("method", {}).get("round_to", 1) or 1)
+    world = launch_world_size()
+    if component.startswith("torchao.optim") and world > 1 and round_to % world:
+        # torchao compiles its step per parameter; with torch 2.13 + torchao 0.14.1 a graph built for
+        # one rank's uneven FSDP2 shard was reused for another of a different length (seen here).
+        problems.append(
+            f"optimizer: {component} under FSDP2 needs every pruned width to shard evenly over the "
+            f"{world} ranks (its compiled step mis-handles uneven shards): set pruning.method.round_to "
+            f"to a multiple of {world} (got {round_to}; the GPU configs use 64)"
+        )
+    if cfg.get("lr_scheduler", None) is not None:
+        try:
+            config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {e}")
+    return problems
 
 
 def unsupported_features(cfg: DictConfig) -> List[str]:

@@ -432,11 +432,8 @@ def plan_run(
     else:
         total_steps = None
     stage_steps = stage_train_steps(total_steps, num_stages) if total_steps is not None else [None] * num_stages
-
-    # The optimizer and LR schedule the recipe will build (their own argument checks).
+    # The optimizer the recipe will build (check_inputs has built it once already), for its state size.
     optimizer = config.instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(8))])
-    if cfg.get("lr_scheduler", None) is not None:
-        config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=max(1, total_steps or 0), last_epoch=-1)
 
     # Sizes.
     dtype_bytes = DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)

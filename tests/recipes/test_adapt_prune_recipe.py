@@ -48,6 +48,9 @@ def write_tiny_checkpoint(out: Path, tokenizer_src: Path, seed: int = 0) -> Path
     return out
 
 
+DELETE = object()  # write_config(..., **{"optimizer.fused": DELETE}) removes the key
+
+
 def write_config(tmp: Path, model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> Path:
     """The packaged SmolLM2 config pointed at the tiny model, with test-sized budgets."""
     from adapt_prune_tune.novels import prepare_novels
@@ -74,7 +77,12 @@ def write_config(tmp: Path, model_dir: Path, data_dir: Path, output_dir: Path, *
     cfg.adapt.checkpoint_every_n_steps = 3
     cfg.heldout.num_tokens, cfg.heldout.window = 9 * 64, 64  # 9 windows: uneven over 2 ranks
     for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
+        if value is DELETE:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            node.pop(leaf)
+        else:
+            OmegaConf.update(cfg, key, value, force_add=True)
     path = tmp / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg))
     return path
@@ -303,9 +311,9 @@ def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, tiny_mo
     assert len(list((out / "checkpoints" / names[-1]).glob("model-rank*.safetensors"))) == 2
     one = tune(
         ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "batch_size=4"],
-        cwd=tmp_path, env={"ADAPT_PRUNE_TUNE_KILL_AT": "training_step:3"},
+        cwd=tmp_path, env={"ADAPT_PRUNE_TUNE_KILL_AT": "training_step:4"},
     )
-    assert one.returncode != 0  # killed again, now after progress made on one process
+    assert one.returncode != 0  # killed again, after one process wrote a checkpoint (step 6)
     latest = ckpt_latest(out)
     assert len(list(latest.glob("model-rank*.safetensors"))) == 1
     assert_ok(_run_2proc(cfg, tmp_path, "resume_from_checkpoint=True"))
@@ -343,8 +351,8 @@ def test_bf16_two_process_run_resumes_and_exports(tmp_path, tiny_model, python_d
 
 def test_low_bit_adamw_two_processes_through_resizes_and_resume(tmp_path, tiny_model, python_docs_dir):
     """torchao AdamW8bit under FSDP2 (gloo): 2 resizes carry its state, and a resume restores it exactly."""
-    overrides = {"optimizer._component_": "torchao.optim.AdamW8bit", "optimizer.fused": None, "adapt.total_steps": 6,
-                 "heldout": None}
+    overrides = {"optimizer._component_": "torchao.optim.AdamW8bit", "optimizer.fused": DELETE, "adapt.total_steps": 6,
+                 "heldout": None, "pruning.method.round_to": 2}  # even shards over 2 ranks (config_checks)
     (tmp_path / "ref").mkdir()
     reference = tmp_path / "ref" / "run"
     assert_ok(_run_2proc(write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference, **overrides), tmp_path))
@@ -397,6 +405,7 @@ def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
         ("adapt.total_steps=1", "every stage needs at least one"),
         ("pruning.method.target_sparsity=1.5", "target_sparsity must be in [0, 1)"),
         ("pruning.calibration.num_samples=100000", "Calibration data has"),
+        ("optimizer._component_=torchao.optim.AdamW8bit", "remove it with `~optimizer.fused`"),
         ("distill.enabled=True distill.alpha=1.5", "distill.alpha must be in [0, 1]"),
         ("distill.enabled=True distill.temperature=0", "distill.temperature must be a finite number > 0"),
         ("distill.enabled=True distill.alpah=0.3", "did you mean distill.alpha"),
