@@ -12,9 +12,10 @@ Three figures a person deciding whether pruning paid off asks for:
   top of what the process already held. On CUDA that is ``max_memory_allocated`` (exact, the
   caching allocator's reserve not counted). On CPU it is the growth of the resident set's high
   water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each phase); the
-  allocator may reuse memory the process already holds, so the growth is a lower bound. Where
-  ``/proc`` cannot be reset, ``ru_maxrss`` growth is used, which only sees new process-wide
-  peaks. ``memory_measure`` says which.
+  allocator may reuse memory the process already holds, so the growth is a lower bound. Some
+  kernels and sandboxes accept the reset and ignore it, so it is checked (the mark must fall
+  to the current RSS); where it did not take, a thread samples ``VmRSS`` every millisecond
+  instead, which can miss a peak shorter than that. ``memory_measure`` says which.
 
 Speed does not depend on the weights' values, so :func:`speed_record` can compare the
 original and the pruned *architectures* with freshly initialized weights: no second copy of
@@ -27,6 +28,8 @@ import platform
 import re
 import resource
 import statistics
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,18 +49,46 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 # --------------------------------------------------------------------------------------------
 
 
-def _vm_hwm_bytes() -> Optional[int]:
-    match = re.search(r"VmHWM:\s+(\d+)\s+kB", _STATUS.read_text()) if _STATUS.exists() else None
+def _status_bytes(field: str) -> Optional[int]:
+    match = re.search(rf"{field}:\s+(\d+)\s+kB", _STATUS.read_text()) if _STATUS.exists() else None
     return int(match.group(1)) * 1024 if match else None
 
 
+# A reset that took leaves the mark at the RSS it read, give or take pages touched in between.
+_RESET_SLACK_BYTES = 4 * 2**20
+
+
 def _reset_vm_hwm() -> bool:
-    """Reset the resident high-water mark to the current RSS (Linux >= 4.0)."""
+    """Reset the resident high-water mark to the current RSS; whether the reset took."""
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return False
-    return _vm_hwm_bytes() is not None
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + _RESET_SLACK_BYTES
+
+
+class _RssSampler:
+    """The largest ``VmRSS`` a background thread saw while running (every ``interval`` s)."""
+
+    def __init__(self, interval: float = 1e-3) -> None:
+        self.interval = interval
+        self.peak = _status_bytes("VmRSS") or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _status_bytes("VmRSS") or 0)
+
+    def __enter__(self) -> "_RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_bytes("VmRSS") or 0)
 
 
 @contextmanager
@@ -77,15 +108,23 @@ def peak_memory_growth(device: torch.device) -> Iterator[Dict[str, Any]]:
         out["measure"] = "cuda max_memory_allocated"
         return
     if _reset_vm_hwm():
-        start = _vm_hwm_bytes()
+        start = _status_bytes("VmHWM")
         yield out
-        out["growth_bytes"] = _vm_hwm_bytes() - start
+        out["growth_bytes"] = _status_bytes("VmHWM") - start
         out["measure"] = "cpu VmHWM growth (lower bound)"
         return
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+    if _status_bytes("VmRSS") is not None:
+        start = _status_bytes("VmRSS")
+        with _RssSampler() as sampler:
+            yield out
+        out["growth_bytes"] = max(0, sampler.peak - start)
+        out["measure"] = "cpu VmRSS sampled every 1 ms (lower bound)"
+        return
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB elsewhere
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
     yield out
-    out["growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
-    out["measure"] = "cpu ru_maxrss growth (lower bound)"
+    out["growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - start
+    out["measure"] = "cpu ru_maxrss growth (lower bound: only new process-wide peaks)"
 
 
 def weights_bytes(model: nn.Module) -> int:

@@ -1,10 +1,12 @@
 """Speed and memory measurement: a tiny decoder on CPU (the figures are real, the model small)."""
 
 import math
+import time
 
 import pytest
 import torch
 
+from adapt_prune_tune import speed
 from adapt_prune_tune.models import DecoderArch, decoder_from_arch
 from adapt_prune_tune.speed import (
     arch_speed_record,
@@ -70,6 +72,20 @@ def test_peak_memory_growth_sees_a_large_temporary_allocation():
         del block
     if "VmHWM" in memory["measure"]:  # ru_maxrss only sees new process-wide peaks
         assert memory["growth_bytes"] >= 48 * 2**20
+
+
+def test_peak_memory_growth_samples_rss_where_the_mark_cannot_be_reset(monkeypatch):
+    """A kernel that accepts the reset and ignores it must not read as zero growth."""
+    if speed._status_bytes("VmRSS") is None:
+        pytest.skip("no /proc/self/status")
+    torch.ones(128 * 2**20 // 4)  # an earlier, higher process peak, as in a long test session
+    monkeypatch.setattr(speed, "_reset_vm_hwm", lambda: False)
+    with peak_memory_growth(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.05)  # held long enough for the 1 ms sampler to see it
+        del block
+    assert "sampled" in memory["measure"] and "lower bound" in memory["measure"]
+    assert memory["growth_bytes"] >= 48 * 2**20
 
 
 def test_speed_record_of_two_architectures():
