@@ -60,10 +60,12 @@ def uses_quantized_state(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def new_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor, key: str, full: torch.Tensor) -> torch.Tensor:
-    """State ``key`` of ``param`` holding the full (unsharded, float) values ``full``.
+    """State ``key`` of ``param`` holding the float values ``full``.
 
-    Placed like ``param``; quantized with the optimizer's block size when the optimizer keeps
-    quantized state for a parameter of this size (torchao's own rule, via ``_new_buffer``).
+    ``full`` is the whole (unsharded) tensor, or a DTensor already placed like ``param`` (a cut
+    that kept each rank's rows). Placed like ``param``; quantized with the optimizer's block size
+    when the optimizer keeps quantized state for a parameter of this size (torchao's own rule,
+    via ``_new_buffer``).
     """
     from adapt_prune_tune.resize import like
 

@@ -52,7 +52,7 @@ from adapt_prune_tune.sparsity import (
     sparsity_for_param_target,
     sparsity_schedule,
 )
-from adapt_prune_tune.resize import full_tensor, named_parameters
+from adapt_prune_tune.resize import full_tensors, named_parameters
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]]
@@ -256,12 +256,15 @@ def score_layers(
     for i, layer in enumerate(model.layers):
         sets = layer_group_sets(arch.layers[i], arch.head_dim, arch.attn_bias)
         named = named_parameters(layer)
-        params = {}
-        for name in coupled_param_names(sets):
-            p = named[name]
-            grad = summed_grads.get(f"layers.{i}.{name}") if summed_grads is not None else p.grad
-            g = full_tensor(grad) if grads and grad is not None else None
-            params[name] = (full_tensor(p.detach()), g)
+        names = coupled_param_names(sets)
+        gs = [
+            (summed_grads.get(f"layers.{i}.{n}") if summed_grads is not None else named[n].grad) if grads else None
+            for n in names
+        ]
+        # Under FSDP2 the layer's weights and gradients come in one all-gather, not one per tensor.
+        fulls = full_tensors([named[n].detach() for n in names] + [g for g in gs if g is not None])
+        full_grads = iter(fulls[len(names):])
+        params = {n: (w, None if g is None else next(full_grads)) for n, w, g in zip(names, fulls, gs)}
         out.append(layer_scores(params, sets, scorer, generator, to_host=False))
         del params
     flat = [(d, k) for d in out for k in d]

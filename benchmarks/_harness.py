@@ -196,7 +196,7 @@ def strip_private(d: Any) -> Any:
 def subprocess_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # PERF_RECIPE_DIR: a directory holding another adapt_prune_recipe.py (A/B against a saved copy)
-    first = os.environ.get("PERF_RECIPE_DIR")
+    first = (extra or {}).get("PERF_RECIPE_DIR", os.environ.get("PERF_RECIPE_DIR"))
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (first, str(ROOT), str(ROOT / "recipes"), env.get("PYTHONPATH")) if p
     )
@@ -275,6 +275,8 @@ def targets_table(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     for shape, r in result.get("overhead", {}).items():
         add(f"prune-step overhead ({shape})", r["ratio"], "prune_step_overhead", "overhead")
     for tag, r in result.get("recipe", {}).items():
+        if tag.endswith("_before"):  # a saved copy of the code, measured side by side (--baseline)
+            continue
         add(f"recipe prune-step overhead ({tag})", r["ratio"], "recipe_prune_step_overhead", "recipe")
     for shape, r in result.get("throughput", {}).items():
         add(f"recovery throughput ours/stock ({shape})", r["ratio"], "throughput_ratio", "throughput")

@@ -83,6 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out file")
     p.add_argument("--share-from", default=None, help="share: a finished SmolLM2 run's output_dir instead of a new run")
+    p.add_argument("--baseline", default=None, help="recipe: a saved copy of the code (a directory holding "
+                   "adapt_prune_tune/ and adapt_prune_recipe.py) whose 2-process run alternates with the working "
+                   "tree's (key tiny_2proc_before)")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s] or DEFAULT + ([] if args.quick else NOT_QUICK)
     unknown = [s for s in sections if s not in SECTIONS]
@@ -102,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         log(f"== {section.title}")
         extra = {"run_dir": args.share_from} if name == "share" else {}
+        if name == "recipe" and args.baseline:
+            extra = {"baseline": str(Path(args.baseline).resolve())}
         result[section.key] = section.run(args.quick, work, log, **extra)
         save_results(result, out, started)
     save_results(result, out, started)

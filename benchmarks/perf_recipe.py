@@ -7,6 +7,11 @@ first, so the moments exist as after any stage. Each configuration runs in a fre
 (under torchrun for 2 processes over gloo); run as a script, this file is that process:
 
     python benchmarks/perf_recipe.py CONFIG.yaml ITERATIONS OUT.json
+
+With ``baseline`` (``perf.py --baseline DIR``: a saved copy of the code, a directory holding
+``adapt_prune_tune/`` and ``adapt_prune_recipe.py``), the 2-process run alternates between that
+copy and the working tree, rounds of one each, and reports both (``tiny_2proc_before``): a
+before/after measured side by side on the same machine load.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from _harness import median, run_cmd, script_cmd, sync
 from _recipe import make_recipe, prune_step, recipe_config, train_batches, train_step, write_config
@@ -62,6 +67,17 @@ def measure_in_recipe(cfg_path: Path, iterations: int) -> Dict[str, Any]:
         "fsdp": recipe.world_size > 1,
         "params_after": recipe._arch.num_params(),
         "calib_tokens_per_rank": sum(int(b["tokens"][:, 1:].numel()) for b in recipe._calib_batches),
+        **summarize(rows),
+    }
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def summarize(rows: List[Dict[str, float]]) -> Dict[str, Any]:
+    """Medians over iterations (the ratio is the median of per-iteration ratios)."""
+    return {
         "fb_seconds": median(r["fb"] for r in rows),
         "iteration_seconds": median(r["total"] for r in rows),
         "ratio": median(r["ratio"] for r in rows),
@@ -70,13 +86,11 @@ def measure_in_recipe(cfg_path: Path, iterations: int) -> Dict[str, Any]:
                           for p in ("measure_and_plan", "resize", "rebuild_model", "rebind_optimizer")},
         "rows": rows,
     }
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return out
 
 
-def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=print) -> Dict[str, Any]:
+def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=print,
+                   code: Optional[str] = None) -> Dict[str, Any]:
+    """One configuration in a fresh process (or torchrun), on the working tree or on ``code``."""
     model_dir = model_dir_for(shape, work)
     cfg = recipe_config(model_dir, work / f"recipe_{shape}_{nproc}", shape)
     path = write_config(cfg, work / f"recipe_{shape}_{nproc}.yaml")
@@ -84,18 +98,47 @@ def section_recipe(shape: str, work: Path, iterations: int, nproc: int = 1, log=
     cmd = script_cmd(Path(__file__), str(path), str(iterations), str(out_json))
     if nproc > 1:  # FSDP2 over gloo: the re-shard path
         cmd = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
-    run_cmd(cmd, cwd=work)
+    run_cmd(cmd, cwd=work, env={"PERF_RECIPE_DIR": code} if code else None)
     res = json.loads(out_json.read_text())
     res["shape"] = shape
-    log(f"  recipe path [{shape}, {nproc} proc]: ratio {res['ratio']:.3f} (cpu time {res['ratio_cpu_time']:.3f}) "
-        f"(fwd+bwd {res['fb_seconds']:.3f}s, step {res['iteration_seconds']:.3f}s: {res['parts_seconds']})")
+    if code:
+        res["code"] = code
+    log(f"  recipe path [{shape}, {nproc} proc{', ' + code if code else ''}]: ratio {res['ratio']:.3f} "
+        f"(cpu time {res['ratio_cpu_time']:.3f}) (fwd+bwd {res['fb_seconds']:.3f}s, "
+        f"step {res['iteration_seconds']:.3f}s: {res['parts_seconds']})")
     return res
 
 
-def run(quick: bool, work: Path, log) -> Dict[str, Any]:
-    """Tiny and SmolLM2 in one process; tiny in two (not with ``quick``)."""
-    runs = [("tiny", 3, 1), ("smollm2", 2 if quick else 3, 1)] + ([] if quick else [("tiny", 3, 2)])
-    return {f"{shape}_{nproc}proc": section_recipe(shape, work, its, nproc, log) for shape, its, nproc in runs}
+def side_by_side(shape: str, work: Path, iterations: int, nproc: int, baseline: str, rounds: int,
+                 log=print) -> Dict[str, Dict[str, Any]]:
+    """Alternating runs of ``baseline`` and the working tree; each side's iterations pooled."""
+    runs: Dict[str, List[Dict[str, Any]]] = {"before": [], "after": []}
+    for r in range(rounds):
+        for side, code in (("before", baseline), ("after", None)):
+            log(f"  round {r + 1}/{rounds}, {side}:")
+            runs[side].append(section_recipe(shape, work, iterations, nproc, log, code))
+    out = {}
+    for side, results in runs.items():
+        pooled = {**{k: v for k, v in results[0].items() if k not in ("rows", "parts_seconds")},
+                  **summarize([row for res in results for row in res["rows"]]), "runs": len(results)}
+        out[side] = pooled
+        log(f"  recipe path [{shape}, {nproc} proc] {side}: ratio {pooled['ratio']:.3f} "
+            f"(cpu time {pooled['ratio_cpu_time']:.3f}) over {len(pooled['rows'])} iterations")
+    return out
+
+
+def run(quick: bool, work: Path, log, baseline: Optional[str] = None) -> Dict[str, Any]:
+    """Tiny and SmolLM2 in one process; tiny in two (not with ``quick``), side by side with ``baseline``."""
+    runs = [("tiny", 3, 1), ("smollm2", 2 if quick else 3, 1)]
+    out = {f"{shape}_{nproc}proc": section_recipe(shape, work, its, nproc, log) for shape, its, nproc in runs}
+    if quick:
+        return out
+    if baseline:
+        both = side_by_side("tiny", work, 3, 2, baseline, 2, log)
+        out["tiny_2proc"], out["tiny_2proc_before"] = both["after"], both["before"]
+    else:
+        out["tiny_2proc"] = section_recipe("tiny", work, 3, 2, log)
+    return out
 
 
 if __name__ == "__main__":

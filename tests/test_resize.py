@@ -1,6 +1,10 @@
-"""Carrying weights and AdamW state across a resize (single process; FSDP runs in tests/recipes)."""
+"""Carrying weights and AdamW state across a resize: one process, and FSDP2 on two ranks (gloo)."""
 
+import os
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 from adapt_prune_tune.models import DecoderArch, RopeSpec, decoder_from_arch
 from adapt_prune_tune.pruner import AdaptivePruner, PruningConfig, next_token_loss
@@ -54,3 +58,123 @@ def test_resize_slices_weights_and_adam_moments():
     # Training continues on the smaller model with the same optimizer object.
     next_token_loss(new, batches[0])[0].backward()
     opt.step()
+
+
+# --------------------------------------------------------------------------- two ranks, FSDP2
+
+
+def _fsdp_decoder(arch, mesh, meta: bool = False):
+    from torchtune import training
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    with torch.device("meta" if meta else "cpu"):
+        model = decoder_from_arch(arch)
+    if not meta:
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    training.shard_model(model, [lambda n, m: isinstance(m, TransformerSelfAttentionLayer)],
+                         cpu_offload=False, dp_mesh=mesh)
+    if meta:
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    return model
+
+
+def _rank_resize(rank: int, world: int, init_file: str, optimizer_cls: str) -> None:
+    """A resize under FSDP2 on two ranks, checked against per-parameter gathers (the previous path)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torchtune import training
+
+    from adapt_prune_tune import resize
+    from adapt_prune_tune.optimizer_state import dense_moment, is_quantized, new_moment
+    from adapt_prune_tune.surgery import LayerKeep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            mesh = init_device_mesh("cpu", (world,))
+            # Odd sizes: uneven shards before (vocab 131) and after the cut (301 MLP rows, 1 KV head).
+            arch = DecoderArch.uniform(vocab_size=131, embed_dim=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                                       intermediate_dim=512, max_seq_len=32, rope=RopeSpec("default", 1e4))
+            torch.manual_seed(0)
+            model = _fsdp_decoder(arch, mesh)
+            if optimizer_cls == "AdamW":
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            else:
+                import torchao.optim
+
+                opt = getattr(torchao.optim, optimizer_cls)(model.parameters(), lr=1e-2)
+            batch = {"tokens": torch.randint(0, 131, (2, 16), generator=torch.Generator().manual_seed(rank))}
+            for _ in range(2):
+                next_token_loss(model, batch)[0].backward()
+                opt.step()
+                opt.zero_grad()
+            g = torch.Generator().manual_seed(1)  # the same keeps on both ranks
+            keeps = [
+                LayerKeep(torch.tensor([2, 3]), torch.tensor([1]), torch.arange(256)),
+                LayerKeep(torch.arange(4), torch.arange(2), torch.randperm(512, generator=g)[:301].sort().values),
+                None,
+            ]
+            slices = full_slice_map(arch, keeps)
+            new_arch = arch.with_layers([k.arch() if k is not None else a for k, a in zip(keeps, arch.layers)])
+            old_params = resize.named_parameters(model)
+            old_state = optimizer_state_by_name(model, opt)
+            old_shapes = parameter_shapes(model)
+
+            def cut(name, full):
+                return slice_tensor(full, *slices[name]) if name in slices else full
+
+            expected_weights = {n: cut(n, p.detach().full_tensor()) for n, p in old_params.items()}
+            expected_dense = {n: {k: cut(n, dense_moment(v).full_tensor()) for k, v in e.items() if v.dim()}
+                              for n, e in old_state.items()}
+
+            gathers, full_tensor_calls = [], []
+            all_gather, full_tensor = dist.all_gather_into_tensor, DTensor.full_tensor
+            dist.all_gather_into_tensor = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
+            DTensor.full_tensor = lambda self, *a, **k: full_tensor_calls.append(1) or full_tensor(self, *a, **k)
+            try:
+                new = _fsdp_decoder(new_arch, mesh, meta=True)
+                training.load_from_full_model_state_dict(new, PrunedStateView(model, slices), torch.device("cpu"),
+                                                         strict=True)
+                weight_gathers = len(gathers)
+                rebind_optimizer_(opt, new, old_state, slices, old_shapes)
+            finally:
+                dist.all_gather_into_tensor, DTensor.full_tensor = all_gather, full_tensor
+            # One all-gather per cut layer for the weights and one for the moments; nothing else moves.
+            assert (weight_gathers, len(gathers), len(full_tensor_calls)) == (2, 4, 0)
+
+            new_params = resize.named_parameters(new)
+            for name, p in new_params.items():
+                assert torch.equal(p.detach().full_tensor(), expected_weights[name]), name
+                for key, value in opt.state[p].items():
+                    old = old_state[name][key]
+                    if not value.dim():
+                        assert value is old
+                        continue
+                    # What the per-parameter path made: gather, cut, re-quantize from the full tensor.
+                    reference = new_moment(opt, p, key, expected_dense[name][key])
+                    a, b = value.to_local(), reference.to_local()
+                    assert type(a) is type(b) and is_quantized(value) == is_quantized(reference), (name, key)
+                    if is_quantized(value):
+                        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), (name, key)
+                    else:
+                        assert torch.equal(a, b), (name, key)
+            if optimizer_cls != "AdamW":
+                assert any(is_quantized(v) for e in opt.state.values() for v in e.values())
+            next_token_loss(new, batch)[0].backward()  # the new model trains on
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer_cls", ["AdamW", "AdamW8bit"])
+def test_two_rank_resize_gathers_per_layer_and_matches_per_parameter_gathers(tmp_path, optimizer_cls):
+    """FSDP2 on 2 ranks (gloo): weights and moments bitwise as gathered, cut and re-sharded one by one."""
+    if optimizer_cls != "AdamW":
+        pytest.importorskip("torchao.optim")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_rank_resize, args=(2, str(tmp_path / "init"), optimizer_cls), nprocs=2, join=True)
