@@ -256,40 +256,33 @@ class MemoryModel:
         return p * self.dtype_bytes, p * self.dtype_bytes, p * self.optimizer_bytes
 
     # ----- steps
-    def training(self, arch: DecoderArch, params: Optional[int] = None) -> Dict[str, float]:
-        """Breakdown of a training step's peak at ``arch``'s widths (bytes); ``params``: exact count."""
+    def _step(self, arch: DecoderArch, params: Optional[int], tokens: int, optimizer_state: bool,
+              teacher_logits: bool, chunked: bool) -> Dict[str, float]:
+        """What is alive at a step's peak at ``arch``'s widths (bytes), before the peak is summed."""
         weights, grads, optim = self.sharded(arch.num_params() if params is None else params)
-        tokens = self.batch_size * self.seq_len
-        parts = {
+        return {
             "weights": weights,
             "gradients": grads,
-            "optimizer_state": optim,
+            "optimizer_state": optim if optimizer_state else 0.0,
             "fsdp_working_set": self.working_set(arch),
             "activations": self.activations(arch, tokens, self.activation_checkpointing),
             "activations_checkpointing_on": self.activations(arch, tokens, True),
             "activations_checkpointing_off": self.activations(arch, tokens, False),
-            "logits_and_loss": self.logits(arch, tokens, self.distill, self.chunked_loss),
-            "teacher": self.teacher_resident() + (self.teacher_forward(tokens) if self.distill else 0.0),
+            "logits_and_loss": self.logits(arch, tokens, teacher_logits, chunked),
+            "teacher": self.teacher_resident() + (self.teacher_forward(tokens) if teacher_logits else 0.0),
         }
-        return self._with_peak(parts)
+
+    def training(self, arch: DecoderArch, params: Optional[int] = None) -> Dict[str, float]:
+        """Breakdown of a training step's peak at ``arch``'s widths (bytes); ``params``: exact count."""
+        tokens = self.batch_size * self.seq_len
+        return self._with_peak(self._step(arch, params, tokens, True, self.distill, self.chunked_loss))
 
     def pruning(self, arch: DecoderArch, optimizer_state: bool, params: Optional[int] = None) -> Dict[str, float]:
         """Breakdown of a prune step's peak, ``arch`` being the model before the cut (bytes)."""
-        weights, grads, optim = self.sharded(arch.num_params() if params is None else params)
-        optim = optim if optimizer_state else 0.0
         tokens = self.calib_batch_size * self.calib_seq_len
         kl = self.distill and self.distill_calibration_kl
-        parts = {
-            "weights": weights,
-            "gradients": grads,
-            "optimizer_state": optim,
-            "fsdp_working_set": self.working_set(arch),
-            "activations": self.activations(arch, tokens, self.activation_checkpointing),
-            "activations_checkpointing_on": self.activations(arch, tokens, True),
-            "activations_checkpointing_off": self.activations(arch, tokens, False),
-            "logits_and_loss": self.logits(arch, tokens, kl, chunked=True),
-            "teacher": self.teacher_resident() + (self.teacher_forward(tokens) if kl else 0.0),
-        }
+        parts = self._step(arch, params, tokens, optimizer_state, kl, True)
+        weights, optim = parts["weights"], parts["optimizer_state"]
         out = self._with_peak(parts)
         largest_param = max(
             [arch.vocab_size * arch.embed_dim]

@@ -322,17 +322,24 @@ def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, tiny_mo
     assert all(math.isfinite(r["loss"]) for r in record["train_log"])
 
 
+def _reference_and_killed(tmp_path: Path, model: Path, docs: Path, overrides: Dict, kill_at: str):
+    """An uninterrupted 2-process reference run, and the same run killed at ``kill_at``:
+    (reference output dir, killed output dir, killed run's config)."""
+    (tmp_path / "ref").mkdir()
+    reference = tmp_path / "ref" / "run"
+    assert_ok(_run_2proc(write_config(tmp_path / "ref", model, docs, reference, **overrides), tmp_path))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, model, docs, out, **overrides)
+    assert _run_2proc(cfg, tmp_path, kill_at=kill_at).returncode != 0
+    return reference, out, cfg
+
+
 def test_bf16_two_process_run_resumes_and_exports(tmp_path, tiny_model, python_docs_dir):
     """dtype=bf16 on CPU, 2 processes: prune, train, killed and resumed bit-identically, exported in bf16."""
     from transformers import AutoModelForCausalLM
 
     overrides = {"dtype": "bf16", "adapt.total_steps": 6, "heldout.at_checkpoints": False}
-    (tmp_path / "ref").mkdir()
-    reference = tmp_path / "ref" / "run"
-    assert_ok(_run_2proc(write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference, **overrides), tmp_path))
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **overrides)
-    assert _run_2proc(cfg, tmp_path, kill_at="training_step:4").returncode != 0
+    reference, out, cfg = _reference_and_killed(tmp_path, tiny_model, python_docs_dir, overrides, "training_step:4")
     assert_ok(_run_2proc(cfg, tmp_path, "resume_from_checkpoint=True"))
     weights, ref = _final_weights(out), _final_weights(reference)
     assert all(v.dtype == torch.bfloat16 for v in weights.values())
@@ -353,12 +360,7 @@ def test_low_bit_adamw_two_processes_through_resizes_and_resume(tmp_path, tiny_m
     """torchao AdamW8bit under FSDP2 (gloo): 2 resizes carry its state, and a resume restores it exactly."""
     overrides = {"optimizer._component_": "torchao.optim.AdamW8bit", "optimizer.fused": DELETE, "adapt.total_steps": 6,
                  "heldout": None, "pruning.method.round_to": 2}  # even shards over 2 ranks (config_checks)
-    (tmp_path / "ref").mkdir()
-    reference = tmp_path / "ref" / "run"
-    assert_ok(_run_2proc(write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference, **overrides), tmp_path))
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **overrides)
-    assert _run_2proc(cfg, tmp_path, kill_at="training_step:4").returncode != 0
+    reference, out, cfg = _reference_and_killed(tmp_path, tiny_model, python_docs_dir, overrides, "training_step:4")
     from safetensors import safe_open
 
     layouts = []
