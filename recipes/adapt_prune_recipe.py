@@ -248,6 +248,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             node = _arch_component(self._resume_state["arch"]) if self._resume_state else cfg.model
             cfg = cfg.copy()
             OmegaConf.update(cfg, "model", self._build_node(node), merge=False)
+        self._compile_widths = cfg.get("compile_widths", "dynamic")
+        _configure_compile(bool(cfg.get("compile", False)), self._compile_widths)  # before the stock setup compiles
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
@@ -272,7 +274,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         else:
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
             self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
-        _fit_compile_caches(self._compile, self._arch, self._teacher is not None)
+        _configure_compile(self._compile, self._compile_widths, self._arch, self._teacher is not None)
         self._heldout = self._setup_heldout(cfg.get("heldout", None))
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
@@ -525,7 +527,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._teacher is not None and self._distill.calibration_loss == "kl" and self._pruner.records:
             with _eager_if(self._compile):
                 loss_before = calibrate(self._model, self._calib_batches, with_gradients=False).loss
-        if self._compile:
+        if self._compile and self._compile_widths == "static":
             import torch._dynamo
 
             # Graphs of the previous widths can never match again after the cut.
@@ -631,7 +633,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._teacher_hook = self._teacher.watch(self._model)
         del old_state
         self._arch = new_arch
-        _fit_compile_caches(self._compile, new_arch, self._teacher is not None)
+        _configure_compile(self._compile, self._compile_widths, new_arch, self._teacher is not None)
         _check_same_arch_everywhere(new_arch)
 
     # ------------------------------------------------------------------ state
@@ -809,23 +811,34 @@ def _eager_if(enabled: bool):
     return contextlib.nullcontext()
 
 
-def _fit_compile_caches(compiled: bool, arch: DecoderArch, teacher: bool = False) -> None:
-    """Let dynamo keep one graph per distinct layer shape (torchtune compiles layer by layer).
+def _configure_compile(
+    compiled: bool, widths: str, arch: Optional[DecoderArch] = None, teacher: bool = False
+) -> None:
+    """How dynamo meets per-layer widths (torchtune compiles layer by layer, one code object).
 
-    All layers share one code object, whose cache holds ``recompile_limit`` (default 8) graphs;
-    pruned layers have distinct widths, and past the limit dynamo silently runs the remaining
-    layers eagerly. Room for every shape (twice: a varying sequence length adds a dynamic
-    variant) plus torchtune's margin keeps all layers compiled. A distillation teacher (the
-    unpruned shape) is one more shape.
+    ``dynamic``: dynamo treats parameters' shapes like inputs' (``force_parameter_static_shapes``
+    and ``force_nn_module_property_static_shapes`` off), so the second distinct width it meets turns the width dimensions symbolic and that one
+    graph then serves every layer and every later resize: no recompilation after a cut. The
+    matmuls are the same library calls; only fused pointwise kernels see a symbolic size.
+    ``static`` (torchtune's behaviour): one graph per distinct layer shape. All layers share one
+    code object, whose cache holds ``recompile_limit`` (default 8) graphs, and past the limit
+    dynamo silently runs the remaining layers eagerly; room for every shape (twice: a varying
+    sequence length adds a dynamic variant) plus torchtune's margin keeps all layers compiled.
+    A distillation teacher (the unpruned shape) is one more shape. The caches are sized in both
+    modes (a dynamic graph may still meet a shape its guards exclude), once ``arch`` is known.
     """
     if not compiled:
         return
     import torch._dynamo
 
+    cfg = torch._dynamo.config
+    # Parameters of builtin modules (nn.Linear) are "nn module properties" to dynamo: both flags.
+    cfg.force_parameter_static_shapes = cfg.force_nn_module_property_static_shapes = widths == "static"
+    if arch is None:
+        return
     shapes = len({(layer.num_heads, layer.num_kv_heads, layer.intermediate_dim) for layer in arch.layers})
     shapes += int(teacher)
     need = 2 * shapes + 8
-    cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < need:
             setattr(cfg, name, need)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,6 +171,31 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
         record["arch_before"]
     ).prunable_params()
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+@pytest.mark.parametrize("widths", ["dynamic", "static"])
+def test_compile_widths_bound_the_graphs_across_resizes(tmp_path, tiny_model, python_docs_dir, widths):
+    """compile=True over 3 stages of MLP cuts (dynamo's capture, eager backend: seconds, not minutes).
+
+    dynamic: one recompile turns the widths symbolic, later resizes reuse that graph; static: the
+    widths of every stage are traced anew.
+    """
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, compile=True, compile_widths=widths,
+                       **{"adapt.stages": 3, "adapt.steps_per_stage": 1, "pruning.method.prune_attention": False,
+                          "heldout": None})
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path,
+                env={"TORCH_COMPILE_BACKEND": "eager", "TORCH_LOGS": "recompiles"})
+    assert_ok(proc)
+    # Each recompile is tagged [frame/count]; count those a changed MLP width triggered.
+    width_recompiles = len({m.group(1) for m in re.finditer(r"\[(\d+/\d+)\] \[__recompiles\].*\['mlp'\].*size mismatch",
+                                                             proc.stderr)})
+    record = json.loads((out / "run_record.json").read_text())
+    assert len(record["stages"]) == 3 and all(math.isfinite(r["loss"]) for r in record["train_log"] if "loss" in r)
+    if widths == "dynamic":
+        assert width_recompiles <= 1, proc.stderr[-4000:]
+    else:
+        assert width_recompiles >= 3, proc.stderr[-4000:]
 
 
 def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir):
