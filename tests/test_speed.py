@@ -1,6 +1,10 @@
 """Speed and memory measurement: a tiny decoder on CPU (the figures are real, the model small)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -66,12 +70,26 @@ def test_measure_speed_reports_positive_figures_and_leaves_the_model_alone(model
         measure_speed(model, seq_len=1024)
 
 
+_PEAK_PROBE = """
+import json, time, torch
+from adapt_prune_tune.speed import peak_memory_growth
+with peak_memory_growth(torch.device("cpu")) as memory:
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
+    time.sleep(0.05)  # long enough for the RSS sampler, where that is the measure
+    del block
+print(json.dumps(memory))
+"""
+
+
 def test_peak_memory_growth_sees_a_large_temporary_allocation():
-    with peak_memory_growth(torch.device("cpu")) as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
-        del block
-    if "VmHWM" in memory["measure"]:  # ru_maxrss only sees new process-wide peaks
-        assert memory["growth_bytes"] >= 48 * 2**20
+    # A fresh process: in a long test session the allocator may hand back memory it already holds,
+    # which no resident-set measure can see (the documented lower bound).
+    proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    memory = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "ru_maxrss" not in memory["measure"]:  # ru_maxrss only sees new process-wide peaks
+        assert memory["growth_bytes"] >= 48 * 2**20, memory
 
 
 def test_peak_memory_growth_samples_rss_where_the_mark_cannot_be_reset(monkeypatch):
