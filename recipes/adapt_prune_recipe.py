@@ -833,7 +833,9 @@ def _configure_compile(
 
     cfg = torch._dynamo.config
     # Parameters of builtin modules (nn.Linear) are "nn module properties" to dynamo: both flags.
-    cfg.force_parameter_static_shapes = cfg.force_nn_module_property_static_shapes = widths == "static"
+    for name in ("force_parameter_static_shapes", "force_nn_module_property_static_shapes"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, widths == "static")
     if arch is None:
         return
     shapes = len({(layer.num_heads, layer.num_kv_heads, layer.intermediate_dim) for layer in arch.layers})
