@@ -249,7 +249,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             cfg = cfg.copy()
             OmegaConf.update(cfg, "model", self._build_node(node), merge=False)
         self._compile_widths = cfg.get("compile_widths", "dynamic")
-        _configure_compile(bool(cfg.get("compile", False)), self._compile_widths)  # before the stock setup compiles
+        # Before the stock setup compiles the model: torch.compile keeps the config it saw.
+        _configure_compile(bool(cfg.get("compile", False)), self._compile_widths)
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
@@ -817,9 +818,11 @@ def _configure_compile(
     """How dynamo meets per-layer widths (torchtune compiles layer by layer, one code object).
 
     ``dynamic``: dynamo treats parameters' shapes like inputs' (``force_parameter_static_shapes``
-    and ``force_nn_module_property_static_shapes`` off), so the second distinct width it meets turns the width dimensions symbolic and that one
-    graph then serves every layer and every later resize: no recompilation after a cut. The
-    matmuls are the same library calls; only fused pointwise kernels see a symbolic size.
+    and ``force_nn_module_property_static_shapes`` off), so the second distinct width it meets
+    turns the width dimensions symbolic and that one graph then serves every layer and every
+    later resize: no recompilation after a cut (a changed head count still recompiles: heads are
+    Python ints of the attention module). The matmuls are the same library calls; only fused
+    pointwise kernels see a symbolic size.
     ``static`` (torchtune's behaviour): one graph per distinct layer shape. All layers share one
     code object, whose cache holds ``recompile_limit`` (default 8) graphs, and past the limit
     dynamo silently runs the remaining layers eagerly; room for every shape (twice: a varying
