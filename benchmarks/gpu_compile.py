@@ -56,7 +56,7 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     batch, seq = size["train"]
     torch._dynamo.reset()
     model, arch = build_shape(size["shape"], device, dtype)
-    apr._configure_compile(True, widths, arch)  # before compiling: torch.compile keeps the config it saw
+    apr._configure_compile(True, widths, arch)  # before compiling, as the recipe does
     training.compile_model(model, verbose=False)
     loss_fn = chunked_loss(compiled=True)
     opt = adamw(model, device)

@@ -249,7 +249,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             cfg = cfg.copy()
             OmegaConf.update(cfg, "model", self._build_node(node), merge=False)
         self._compile_widths = cfg.get("compile_widths", "dynamic")
-        # Before the stock setup compiles the model: torch.compile keeps the config it saw.
+        # Set before the stock setup compiles the model, whatever torch.compile reads when.
         _configure_compile(bool(cfg.get("compile", False)), self._compile_widths)
         super().setup(cfg)
         if self._is_rank_zero:
