@@ -230,6 +230,7 @@ def targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
 def plot(results: Dict[str, Any], path: Path) -> None:
     """Held-out perplexity against training tokens, every arm, one panel per text."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     arms = results["arms"]
     if not arms:
@@ -246,6 +247,9 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         ax.set_title(f"held-out perplexity: {text}")
         ax.set_xlabel("training tokens")
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda y, _: f"{y:g}")  # 16, not 1.6 × 10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
