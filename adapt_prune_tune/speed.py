@@ -113,8 +113,8 @@ def peak_memory_growth(device: torch.device) -> Iterator[Dict[str, Any]]:
         out["growth_bytes"] = _status_bytes("VmHWM") - start
         out["measure"] = "cpu VmHWM growth (lower bound)"
         return
-    if _status_bytes("VmRSS") is not None:
-        start = _status_bytes("VmRSS")
+    start = _status_bytes("VmRSS")
+    if start is not None:
         with _RssSampler() as sampler:
             yield out
         out["growth_bytes"] = max(0, sampler.peak - start)

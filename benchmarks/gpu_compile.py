@@ -2,7 +2,7 @@
 
 The recipe's sequence, in one process, once per ``compile_widths``: layers compiled one by
 one as the stock ``_setup_model`` does (``training.compile_model``, loss compiled too),
-dynamo configured as the recipe does (``_configure_compile``); training steps on the uniform
+dynamo configured as the recipe does (``_configure_compile_widths``, ``_fit_compile_caches``); training steps on the uniform
 model; then two prune stages as ``_prune_stage`` runs them (``static`` resets dynamo; one
 adaptive step each, to 10 % and 20 % with ``round_to=64``, run eagerly), each followed by the
 resize, the new model compiled and training steps. Figure: each stage's first training step's
@@ -56,7 +56,8 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     batch, seq = size["train"]
     torch._dynamo.reset()
     model, arch = build_shape(size["shape"], device, dtype)
-    apr._configure_compile(True, widths, arch)  # before compiling, as the recipe does
+    apr._configure_compile_widths(True, widths)  # before compiling, as the recipe does
+    apr._fit_compile_caches(True, arch)
     training.compile_model(model, verbose=False)
     loss_fn = chunked_loss(compiled=True)
     opt = adamw(model, device)
@@ -75,7 +76,7 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
         new_model = rebuild(model, arch, plan.arch, plan.keeps, device, tdtype, opt)
         del model
         model, arch = new_model, plan.arch
-        apr._configure_compile(True, widths, arch)
+        apr._fit_compile_caches(True, arch)
         training.compile_model(model, verbose=False)
         distinct = len({(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in arch.layers})
         g0 = _graphs()

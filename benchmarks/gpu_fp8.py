@@ -82,8 +82,9 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
             if fp8:
                 convert_to_float8_training(m, module_filter_fn=not_output)
             if compiled:
+                apr._configure_compile_widths(True, "dynamic")  # the recipe's default
                 training.compile_model(m, verbose=False)
-                apr._configure_compile(True, "dynamic", plan.arch)
+                apr._fit_compile_caches(True, plan.arch)
             results[name] = tokens_per_second(m, adamw(m, device), chunked_loss(compiled), device, arch.vocab_size,
                                               TRAIN["batch"], TRAIN["seq"], TRAIN["steps"])
             log(f"fp8: {name}: {results[name]['tokens_per_s']:.0f} tokens/s "

@@ -53,16 +53,6 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
     base = DecoderArch.from_dict(run0["record"]["arch_before"])
     tokens = int(run0["cfg"].batch_size) * int(run0["cfg"].tokenizer.max_seq_len)
 
-    def stage_excess(run) -> Tuple[List[float], float]:
-        """Each stage's first-step excess over its median step, and the last stage's median step."""
-        stage_rows: Dict[int, List[float]] = {}
-        for row in run["record"]["train_log"]:
-            if "tokens_per_second_per_gpu" in row:
-                stage_rows.setdefault(int(row["stage"]), []).append(tokens / row["tokens_per_second_per_gpu"])
-        excess = [secs[0] - median(secs[1:]) if len(secs) > 1 else float("nan")
-                  for _, secs in sorted(stage_rows.items())]  # approximate: full-length batches
-        return excess, median(stage_rows.get(stages, [float("nan")])[1:])
-
     final = DecoderArch.from_dict(run0["record"]["arch_after"])
     distinct = len({(l.num_heads, l.num_kv_heads, l.intermediate_dim) for l in final.layers})
     # Uniform model, stock recipe, compile: the HF base checkpoint through the stock HF checkpointer.
@@ -76,8 +66,18 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
     pruned = stock_run(run0, work, f"cc_pruned_{shape}", steps, True, env=env("stock_pruned"))
 
     def excess(rows):
+        """First step's time over the median of the rest, and that median (full-length batches)."""
         secs = [tokens / r["tokens_per_second_per_gpu"] for r in rows if "tokens_per_second_per_gpu" in r]
         return (secs[0] - median(secs[1:])) if len(secs) > 1 else float("nan"), median(secs[1:])
+
+    def stage_excess(run) -> Tuple[List[float], float]:
+        """Each stage's first-step excess, and the last stage's median step."""
+        by_stage: Dict[int, List[Dict[str, Any]]] = {}
+        for row in run["record"]["train_log"]:
+            if "tokens_per_second_per_gpu" in row:
+                by_stage.setdefault(int(row["stage"]), []).append(row)
+        per_stage = [excess(rows) for _, rows in sorted(by_stage.items())]
+        return [e for e, _ in per_stage], excess(by_stage.get(stages, []))[1]
 
     uni_excess, uni_step = excess(uniform["rows"])
     pr_excess, pr_step = excess(pruned["rows"])

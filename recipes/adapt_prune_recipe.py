@@ -250,7 +250,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             OmegaConf.update(cfg, "model", self._build_node(node), merge=False)
         self._compile_widths = cfg.get("compile_widths", "dynamic")
         # Set before the stock setup compiles the model, whatever torch.compile reads when.
-        _configure_compile(bool(cfg.get("compile", False)), self._compile_widths)
+        _configure_compile_widths(bool(cfg.get("compile", False)), self._compile_widths)
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
@@ -275,7 +275,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         else:
             self._base_arch = DecoderArch.from_dict(state["recipe"]["base_arch"])
             self._arch = replace(arch_from_model(self._model), meta=self._base_arch.meta)
-        _configure_compile(self._compile, self._compile_widths, self._arch, self._teacher is not None)
+        _fit_compile_caches(self._compile, self._arch, self._teacher is not None)
         self._heldout = self._setup_heldout(cfg.get("heldout", None))
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
@@ -634,7 +634,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._teacher_hook = self._teacher.watch(self._model)
         del old_state
         self._arch = new_arch
-        _configure_compile(self._compile, self._compile_widths, new_arch, self._teacher is not None)
+        _fit_compile_caches(self._compile, new_arch, self._teacher is not None)
         _check_same_arch_everywhere(new_arch)
 
     # ------------------------------------------------------------------ state
@@ -812,9 +812,7 @@ def _eager_if(enabled: bool):
     return contextlib.nullcontext()
 
 
-def _configure_compile(
-    compiled: bool, widths: str, arch: Optional[DecoderArch] = None, teacher: bool = False
-) -> None:
+def _configure_compile_widths(compiled: bool, widths: str) -> None:
     """How dynamo meets per-layer widths (torchtune compiles layer by layer, one code object).
 
     ``dynamic``: dynamo treats parameters' shapes like inputs' (``force_parameter_static_shapes``
@@ -822,13 +820,8 @@ def _configure_compile(
     turns the width dimensions symbolic and that one graph then serves every layer and every
     later resize: no recompilation after a cut (a changed head count still recompiles: heads are
     Python ints of the attention module). The matmuls are the same library calls; only fused
-    pointwise kernels see a symbolic size.
-    ``static`` (torchtune's behaviour): one graph per distinct layer shape. All layers share one
-    code object, whose cache holds ``recompile_limit`` (default 8) graphs, and past the limit
-    dynamo silently runs the remaining layers eagerly; room for every shape (twice: a varying
-    sequence length adds a dynamic variant) plus torchtune's margin keeps all layers compiled.
-    A distillation teacher (the unpruned shape) is one more shape. The caches are sized in both
-    modes (a dynamic graph may still meet a shape its guards exclude), once ``arch`` is known.
+    pointwise kernels see a symbolic size. ``static`` (torchtune's behaviour): one graph per
+    distinct layer shape (see ``_fit_compile_caches``).
     """
     if not compiled:
         return
@@ -839,8 +832,22 @@ def _configure_compile(
     for name in ("force_parameter_static_shapes", "force_nn_module_property_static_shapes"):
         if hasattr(cfg, name):
             setattr(cfg, name, widths == "static")
-    if arch is None:
+
+
+def _fit_compile_caches(compiled: bool, arch: DecoderArch, teacher: bool = False) -> None:
+    """Let dynamo keep one graph per distinct layer shape.
+
+    All layers share one code object, whose cache holds ``recompile_limit`` (default 8) graphs;
+    past the limit dynamo silently runs the remaining layers eagerly. Room for every shape
+    (twice: a varying sequence length adds a dynamic variant) plus torchtune's margin keeps all
+    layers compiled. A distillation teacher (the unpruned shape) is one more shape. Sized with
+    ``compile_widths: dynamic`` too: a dynamic graph may still meet a shape its guards exclude.
+    """
+    if not compiled:
         return
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
     shapes = len({(layer.num_heads, layer.num_kv_heads, layer.intermediate_dim) for layer in arch.layers})
     shapes += int(teacher)
     need = 2 * shapes + 8
