@@ -60,7 +60,8 @@ def _qwen_other(size: str, name: str) -> Dict[str, License]:
 
 
 # Base models the configs name (and their siblings), with the license their Hub cards declare.
-# Qwen2.5 is Apache-2.0 except the 3B (Qwen Research License) and 72B (Qwen License).
+# Qwen2.5 is Apache-2.0 except the 3B (Qwen Research License) and 72B (Qwen License); DeepSeek's
+# R1 distillations of Qwen2.5 ship under MIT.
 KNOWN_BASE_MODELS: Dict[str, License] = {
     **_family("HuggingFaceTB", "SmolLM2", ("135M", "360M", "1.7B"), APACHE_2),
     **_family("meta-llama", "Llama-3.1", ("8B", "70B", "405B"), License("llama3.1")),
@@ -68,6 +69,7 @@ KNOWN_BASE_MODELS: Dict[str, License] = {
     **_family("Qwen", "Qwen2.5", ("0.5B", "1.5B", "7B", "14B", "32B"), APACHE_2),
     **_qwen_other("3B", "qwen-research"),
     **_qwen_other("72B", "qwen"),
+    **{f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{size}": License("mit") for size in ("1.5B", "7B", "14B", "32B")},
 }
 
 # Former names the Hub still redirects (the configs download Meta-Llama-3.1-8B-Instruct).

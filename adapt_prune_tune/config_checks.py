@@ -18,12 +18,14 @@ problems are reported through it instead.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -33,7 +35,7 @@ from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.config_schema import SchemaResult, check_sections, distill_config, pruning_config, stage_steps_problem
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.fp8 import fp8_problems
-from adapt_prune_tune.models import DecoderArch, arch_from_model
+from adapt_prune_tune.models import DecoderArch, arch_from_hf_config, arch_from_model
 from adapt_prune_tune.pruner import PruningConfig
 
 Warn = Optional[Callable[[str], None]]
@@ -231,6 +233,8 @@ def file_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderA
     resume = cfg.get("resume_from_checkpoint", False) is True
     if not resume and isinstance(cfg.get("checkpointer", None), DictConfig):
         problems += checkpoint_file_problems(cfg.checkpointer, "checkpointer")
+    if arch is not None and isinstance(cfg.get("checkpointer", None), DictConfig):
+        problems += checkpoint_arch_problems(cfg.checkpointer, arch)
     distill = schema.config("distill")
     if distill is not None and distill["enabled"]:
         if cfg.distill.get("teacher_checkpointer") is not None:
@@ -260,6 +264,62 @@ def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
     if missing:
         return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
     return []
+
+
+def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
+    """The ``model:`` builder against the ``config.json`` beside the base checkpoint's weights.
+
+    torchtune's HF checkpointer converts weights by shape and never reads RoPE's base, the
+    norm epsilon or whether the output projection is tied, so a builder for a sibling model
+    (Qwen2.5-1.5B for DeepSeek-R1-Distill-Qwen-1.5B: tied embeddings, RoPE base 1e6 instead
+    of 1e4) would load without complaint and train a subtly different network. Checked only
+    where the directory has a ``config.json`` of an architecture we can read.
+    """
+    if node.get("checkpoint_dir", None) is None:
+        return []
+    config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
+    try:
+        expected = arch_from_hf_config(json.loads(config_path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    built, wanted = arch_fields(arch), arch_fields(expected)
+    differences = [
+        f"{name} {built[name]} (checkpoint: {wanted[name]})"
+        for name in built
+        if not _same(built[name], wanted[name])
+    ]
+    if not differences:
+        return []
+    return [
+        f"model: the builder does not match {config_path}: " + ", ".join(differences) + ". Use the builder "
+        "of this exact checkpoint (e.g. adapt_prune_tune.models.deepseek_r1_distill_qwen_1_5b), or "
+        f"`_component_: adapt_prune_tune.models.decoder_from_hf_config` with `path: {config_path}`."
+    ]
+
+
+def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
+    """What must agree between a model builder and a base checkpoint's config (unpruned)."""
+    layer = arch.layers[0]
+    return {
+        "vocab_size": arch.vocab_size,
+        "embed_dim": arch.embed_dim,
+        "num_layers": arch.num_layers,
+        "head_dim": arch.head_dim,
+        "num_heads": layer.num_heads,
+        "num_kv_heads": layer.num_kv_heads,
+        "intermediate_dim": layer.intermediate_dim,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "attention biases": arch.attn_bias,
+        "rope": arch.rope.kind,
+        "rope base": arch.rope.base,
+        "norm_eps": arch.norm_eps,
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
 
 
 def checkpoint_file_names(node: DictConfig) -> List[str]:

@@ -3,8 +3,8 @@
 torchtune 0.6.1 ships :class:`~torchtune.modules.transforms.tokenizers.HuggingFaceBaseTokenizer`
 (plain ``encode``/``decode``) but no *model* tokenizer that turns conversations into tokens and
 loss masks for a ``tokenizer.json`` model such as SmolLM2. :class:`HFModelTokenizer` fills that
-gap for chat models whose template is ChatML (SmolLM2-Instruct, Qwen2.5-Instruct), and is a
-valid ``tokenizer`` for ``text_completion_dataset``, ``chat_dataset`` and ``padded_collate_sft``::
+gap for chat models (SmolLM2-Instruct, Qwen2.5-Instruct, DeepSeek-R1-Distill-Qwen, ...), and is
+a valid ``tokenizer`` for ``text_completion_dataset``, ``chat_dataset`` and ``padded_collate_sft``::
 
     tokenizer:
       _component_: adapt_prune_tune.tokenizer.smollm2_tokenizer
@@ -13,15 +13,18 @@ valid ``tokenizer`` for ``text_completion_dataset``, ``chat_dataset`` and ``padd
 
 Whether a chat template is ChatML is decided by rendering it, not by guessing from its text,
 so templates that add a default system prompt (SmolLM2, Qwen2.5) are handled exactly like
-``transformers``' ``apply_chat_template`` handles them.
+``transformers``' ``apply_chat_template`` handles them. Any other template is rendered as a
+whole and its tokens are attributed to messages by character offsets (:func:`message_spans`).
 """
 
+import bisect
 import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from torchtune.data import Message, PromptTemplateInterface, truncate
@@ -60,17 +63,66 @@ def _raise_template_error(message: str) -> None:
 
 
 def render_chat_template(
-    chat_template: str, messages: List[Dict[str, str]], add_generation_prompt: bool
+    chat_template: str,
+    messages: List[Dict[str, str]],
+    add_generation_prompt: bool,
+    **special_tokens: Optional[str],
 ) -> str:
     """Render a Hugging Face chat template the way ``transformers`` does (sandboxed Jinja,
-    ``trim_blocks``/``lstrip_blocks``, a ``raise_exception`` helper)."""
+    ``trim_blocks``/``lstrip_blocks``, a ``raise_exception`` helper, the special tokens as
+    variables: templates such as DeepSeek-R1's write ``{{ bos_token }}`` themselves)."""
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     environment.globals["raise_exception"] = _raise_template_error
     return environment.from_string(chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt
+        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
     )
+
+
+def message_spans(
+    chat_template: str,
+    messages: List[Dict[str, str]],
+    generation: bool,
+    **special_tokens: Optional[str],
+) -> Tuple[str, List[int]]:
+    """The rendered conversation and the character offsets that split it among messages.
+
+    Message ``i`` owns what rendering ``messages[:i+1]`` adds to rendering ``messages[:i]``,
+    i.e. ``text[bounds[i]:bounds[i+1]]``; ``text[:bounds[0]]`` is what the template writes
+    before any message (a BOS, say). With ``generation`` the last message (an assistant turn
+    being written) follows the template's generation prompt instead of being a closed turn.
+
+    Raises:
+        NotImplementedError: if a shorter conversation does not render as a prefix of a
+            longer one (a template that rewrites earlier turns), which leaves messages without
+            well-defined text.
+    """
+
+    def render(count: int, prompt: bool = False) -> str:
+        return render_chat_template(chat_template, messages[:count], prompt, **special_tokens)
+
+    try:
+        previous = render(0)
+    except Exception:  # noqa: BLE001 - a template may index messages[0]: then there is no preamble
+        previous = ""
+    bounds: List[int] = []
+    for count in range(1, len(messages) + 1):
+        if generation and count == len(messages):
+            text = render(count - 1, True) + messages[-1]["content"]
+        else:
+            text = render(count)
+        if count == 1 and not text.startswith(previous):
+            previous = ""  # what the empty conversation rendered is not a preamble the others share
+        if not text.startswith(previous):
+            raise NotImplementedError(
+                f"the chat template re-renders earlier turns when message {count} is added, so its "
+                "tokens cannot be attributed to messages; tokenize this model's conversations with its "
+                "own torchtune tokenizer"
+            )
+        bounds.append(len(previous))
+        previous = text
+    return previous, bounds + [len(previous)]
 
 
 def detect_chatml(chat_template: Optional[str]) -> Optional[ChatMLFormat]:
@@ -148,12 +200,15 @@ class HFModelTokenizer(ModelTokenizer, Transform):
     ``transformers`` (and lm-eval), so perplexities agree. Models whose post-processor adds a
     BOS (Llama 3) get it.
 
-    Chat: :meth:`tokenize_messages` renders ChatML token-exactly like the checkpoint's
-    ``chat_template`` through ``apply_chat_template(..., tokenize=True)``, including the
-    default system prompt that SmolLM2's and Qwen2.5's templates insert when a conversation
-    has no system message: the model was fine-tuned and is served with it. That inserted turn
-    is always masked. A conversation that starts with a system message replaces it. Other
-    templates (Llama 3, or none) make :meth:`tokenize_messages` raise NotImplementedError.
+    Chat: :meth:`tokenize_messages` produces the tokens of the checkpoint's ``chat_template``
+    exactly as ``apply_chat_template(..., tokenize=True)`` does. ChatML templates are built
+    turn by turn, including the default system prompt that SmolLM2's and Qwen2.5's templates
+    insert when a conversation has no system message (the model was fine-tuned and is served
+    with it; that inserted turn is always masked; a leading system message replaces it). Any
+    other template (DeepSeek-R1's, Llama 3's) is rendered whole with the special tokens as
+    variables, tokenized once, and each token takes the mask of the message whose text it
+    starts in (:func:`message_spans`); the template's preamble is masked. A checkpoint without
+    a template makes :meth:`tokenize_messages` raise NotImplementedError.
 
     Args:
         tokenizer_json_path (str): path to ``tokenizer.json``.
@@ -210,8 +265,11 @@ class HFModelTokenizer(ModelTokenizer, Transform):
         chat_template = config.get("chat_template")
         if chat_template_path is not None:
             chat_template = Path(chat_template_path).read_text(encoding="utf-8")
-        self._chatml = detect_chatml(chat_template)
-        self._has_chat_template = chat_template is not None
+        self._chat_template: Optional[str] = chat_template if isinstance(chat_template, str) else None
+        self._chatml = detect_chatml(self._chat_template)
+        self._template_tokens = {
+            key: _token_content(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         self._im_start_id = self._tokenizer.token_to_id(IM_START)
         self._im_end_id = self._tokenizer.token_to_id(IM_END)
 
@@ -282,16 +340,11 @@ class HFModelTokenizer(ModelTokenizer, Transform):
         return tokens
 
     def _check_chat_support(self, messages: List[Message]) -> None:
-        if self._chatml is None:
-            problem = (
-                "has a chat template that is not ChatML"
-                if self._has_chat_template
-                else "has no chat template"
-            )
+        if self._chat_template is None:
             raise NotImplementedError(
-                f"{self.name} {problem}; HFModelTokenizer only renders ChatML conversations. "
-                "Use the model's own torchtune tokenizer instead, e.g. "
-                "torchtune.models.llama3.llama3_tokenizer for Llama 3 models."
+                f"{self.name} has no chat template (tokenizer_config.json `chat_template` or "
+                "chat_template.jinja), so conversations have no defined tokens. Use text completion "
+                "data, a prompt_template, or the model's own torchtune tokenizer."
             )
         for message in messages:
             if message.role not in _CHAT_ROLES:
@@ -305,7 +358,7 @@ class HFModelTokenizer(ModelTokenizer, Transform):
     def tokenize_messages(
         self, messages: List[Message], *, add_end_tokens: bool = True
     ) -> Tuple[List[int], List[bool]]:
-        """Tokenize a conversation into ChatML token ids and a loss mask.
+        """Tokenize a conversation into its chat template's token ids and a loss mask.
 
         Each message's tokens, ChatML header and closing ``<|im_end|>\n`` included, take its
         ``masked`` flag (True: left out of the loss), as in torchtune's Llama 3 and Qwen2
@@ -323,13 +376,23 @@ class HFModelTokenizer(ModelTokenizer, Transform):
             (the last token then becomes ``eos_id``, masked, if ``add_end_tokens``).
 
         Raises:
-            NotImplementedError: if the chat template is not ChatML, or for roles other than
+            NotImplementedError: if the checkpoint has no chat template, or for roles other than
                 system, user and assistant.
         """
         self._check_chat_support(messages)
         if self.prompt_template is not None:
             messages = self.prompt_template(messages)
+        if self._chatml is None:
+            tokens, mask = self._tokenize_rendered(messages, add_end_tokens)
+        else:
+            tokens, mask = self._tokenize_chatml(messages, add_end_tokens)
+        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
+            tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
+            mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
+        return tokens, mask
 
+    def _tokenize_chatml(self, messages: List[Message], add_end_tokens: bool) -> Tuple[List[int], List[bool]]:
+        """ChatML turn by turn (see :meth:`tokenize_messages`)."""
         tokens: List[int] = []
         mask: List[bool] = []
         if messages and messages[0].role != "system" and self.default_system_prompt:
@@ -340,11 +403,23 @@ class HFModelTokenizer(ModelTokenizer, Transform):
             turn = self._tokenize_turn(message.role, message.text_content, close)
             tokens += turn
             mask += [message.masked] * len(turn)
-
-        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
-            tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
-            mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
         return tokens, mask
+
+    def _tokenize_rendered(self, messages: List[Message], add_end_tokens: bool) -> Tuple[List[int], List[bool]]:
+        """Any other template: render whole, tokenize once, mask each token by the message its
+        text starts in. One tokenization of the whole text keeps the ids identical to
+        ``apply_chat_template`` even where a template joins turns without a special token."""
+        dicts = [{"role": m.role, "content": m.text_content} for m in messages]
+        try:
+            text, bounds = message_spans(self._chat_template, dicts, not add_end_tokens, **self._template_tokens)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self.name}: the chat template refused this conversation: {e}") from e
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        mask = []
+        for start, _ in encoding.offsets:
+            owner = bisect.bisect_right(bounds, start) - 1  # -1: the preamble; len(messages): past the last
+            mask.append(messages[owner].masked if 0 <= owner < len(messages) else True)
+        return list(encoding.ids), mask
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """Replace the sample's ``messages`` by ``tokens`` and ``mask`` (a torchtune dataset

@@ -68,6 +68,7 @@ def test_licenses_of_known_bases():
     assert (research.id, research.name) == ("other", "qwen-research")
     assert research.link == "https://huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/LICENSE"
     assert license_for("Qwen/Qwen2.5-72B").front_matter()["license_name"] == "qwen"
+    assert license_for("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B") == License("mit")
     assert license_for("someone/unknown") is None and license_for(None) is None
     assert all("/" in repo for repo in KNOWN_BASE_MODELS)
 

@@ -6,6 +6,7 @@ overrides (as ``tune run`` applies them), pointed at a fake cache whose files ex
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import List
 
 import pytest
 import torchtune
+from omegaconf import OmegaConf
 
 from adapt_prune_tune import config_checks, config_schema, configs
 from adapt_prune_tune.config_checks import ConfigError, check_inputs, clear_previous_run
@@ -249,6 +251,29 @@ def test_teacher_of_another_family_and_its_missing_files_in_one_message(tmp_path
     assert len(found) == 2
     assert "distill.teacher_checkpointer.model_type=QWEN2 is another architecture family" in found[0]
     assert found[1].startswith(f"distill.teacher_checkpointer: checkpoint files not found: checkpoint_dir {tmp_path}/qwen")
+
+
+def test_builder_must_match_the_checkpoints_config(tmp_path):
+    """A sibling's builder loads the same tensor shapes but is another network: refused, both named."""
+    from adapt_prune_tune.config_checks import checkpoint_arch_problems
+    from adapt_prune_tune.models import DEEPSEEK_R1_DISTILL_QWEN_1_5B
+
+    deepseek = {
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(deepseek))
+    node = OmegaConf.create({"checkpoint_dir": str(tmp_path)})
+    assert checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B) == []
+    (tmp_path / "config.json").write_text(json.dumps({**deepseek, "tie_word_embeddings": True, "rope_theta": 1e6}))
+    (problem,) = checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B)
+    assert problem.startswith("model: the builder does not match") and "decoder_from_hf_config" in problem
+    assert "tie_word_embeddings False (checkpoint: True)" in problem and "rope base 10000.0 (checkpoint: 1000000.0)" in problem
+    assert "num_heads" not in problem
+    # No config.json, or one we cannot read: nothing to compare, nothing refused.
+    (tmp_path / "config.json").write_text("{not json")
+    assert checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B) == []
 
 
 def test_formatted_checkpoint_files_are_expanded(tmp_path):

@@ -68,6 +68,22 @@ def test_8b_plans_in_seconds_without_any_files(tmp_path):
     assert json.loads(plan.to_json())["stages"][0]["train_steps"] == plan.stages[0].train_steps
 
 
+def test_the_papers_1b_recipe_plans_from_its_own_builder(tmp_path):
+    """DeepSeek-R1-Distill-Qwen-1.5B -> 1B: the official script's counts, from a builder (no download)."""
+    missing = tmp_path / "no-model"
+    cfg, path = load_config(
+        "deepseek_r1_distill_qwen/1.5B_adapt",
+        [f"checkpointer.checkpoint_dir={missing}", f"tokenizer.path={missing}"],
+    )
+    plan = plan_run(cfg, world_size=4, config_name="deepseek_r1_distill_qwen/1.5B_adapt", config_path=str(path))
+    assert plan.params_before == 1_777_088_000  # untied output projection: the script's original_param_num
+    assert len(plan.stages) == 11
+    assert abs(plan.params_after - 1_005_461_760) <= plan.params_tolerance
+    # 128 sequences of 1,024 tokens per step on 4 ranks, 7,714,363 sequences in all.
+    assert plan.total_steps == round(7_714_363 * 1024 / (128 * 1024))
+    assert any("checkpoint files not found" in w for w in plan.warnings)
+
+
 def test_memory_per_rank_falls_with_the_world_size(tmp_path):
     peaks = []
     for world in (1, 2, 4, 8):  # 512 calibration samples in batches of 64: at most 8 ranks

@@ -16,6 +16,8 @@ from adapt_prune_tune.tokenizer import (
     HFModelTokenizer,
     detect_chatml,
     hf_tokenizer,
+    message_spans,
+    render_chat_template,
     smollm2_tokenizer,
 )
 
@@ -230,19 +232,77 @@ def test_detect_chatml() -> None:
     assert detect_chatml("{% if %}") is None
 
 
-def test_non_chatml_model_is_refused(
-    tokenizer: HFModelTokenizer, smollm2_dir: Path, tmp_path: Path
-) -> None:
+# In the shape of DeepSeek-R1's template: BOS and the system text written before any turn, turn
+# markers as special tokens with no newline between turns, reasoning cut from assistant turns.
+R1_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% else %}{{ '<｜Assistant｜>' + m['content'].split('</think>')[-1] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}"
+)
+R1_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+
+
+@pytest.fixture(scope="module")
+def r1_style_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """SmolLM2's vocabulary plus R1's turn tokens, with an R1-style template and special tokens."""
+    directory = tmp_path_factory.mktemp("r1") / "R1-style"
+    directory.mkdir()
+    vocabulary = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    vocabulary.add_special_tokens(R1_SPECIALS)
+    vocabulary.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": R1_SPECIALS[0], "eos_token": R1_SPECIALS[1], "chat_template": R1_STYLE_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_any_template_token_exact(r1_style_dir: Path, conversation) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(r1_style_dir)
+    tokenizer = hf_tokenizer(str(r1_style_dir))
+    tokens, mask = tokenizer.tokenize_messages(_messages(conversation))
+    assert tokens == reference.apply_chat_template(_dicts(conversation), tokenize=True, return_dict=False)
+    assert len(mask) == len(tokens)
+    if conversation[-1][0] == "user":
+        messages = _messages(conversation) + [Message(role="assistant", content="")]
+        prompt = reference.apply_chat_template(
+            _dicts(conversation), tokenize=True, add_generation_prompt=True, return_dict=False
+        )
+        assert tokenizer({"messages": messages}, inference=True)["tokens"] == prompt
+
+
+def test_any_template_masks_by_message(r1_style_dir: Path) -> None:
+    tokenizer = hf_tokenizer(str(r1_style_dir))
+    conversation = [("system", "Be brief."), ("user", "Name a prime."), ("assistant", "<think>2?</think>7")]
+    tokens, mask = tokenizer.tokenize_messages(_messages(conversation))
+    trained = [t for t, m in zip(tokens, mask) if not m]
+    ignored = [t for t, m in zip(tokens, mask) if m]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "<｜Assistant｜>7<｜end▁of▁sentence｜>"
+    assert tokenizer.decode(ignored, skip_special_tokens=False) == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Name a prime."
+
+
+def test_llama3_style_template(smollm2_dir: Path, tmp_path: Path) -> None:
     config = {"eos_token": "<|im_end|>", "chat_template": LLAMA3_STYLE_TEMPLATE}
     directory = _checkpoint_copy(
-        smollm2_dir,
-        tmp_path / "Llama-3.2-1B-Instruct",
-        {"tokenizer_config.json": json.dumps(config)},
+        smollm2_dir, tmp_path / "Llama-style", {"tokenizer_config.json": json.dumps(config)}
     )
-    llama_style = hf_tokenizer(str(directory))
-    assert llama_style.encode("text works") == tokenizer.encode("text works")
-    with pytest.raises(NotImplementedError, match="Llama-3.2-1B-Instruct.*llama3_tokenizer"):
-        llama_style.tokenize_messages(_messages([("user", "Hi")]))
+    tokens, mask = hf_tokenizer(str(directory)).tokenize_messages(_messages([("user", "Hi"), ("assistant", "Yo")]))
+    expected = render_chat_template(LLAMA3_STYLE_TEMPLATE, _dicts([("user", "Hi"), ("assistant", "Yo")]), False)
+    assert Tokenizer.from_file(str(directory / "tokenizer.json")).decode(tokens, skip_special_tokens=False) == expected
+    assert mask.count(False) > 0 and mask[0] is True
+
+
+def test_templates_without_message_spans_are_refused(smollm2_dir: Path, tmp_path: Path) -> None:
+    rewrites = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(NotImplementedError, match="re-renders earlier turns"):
+        message_spans(rewrites, _dicts([("user", "a"), ("assistant", "b")]), False)
+    directory = _checkpoint_copy(
+        smollm2_dir, tmp_path / "No-template", {"tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>"})}
+    )
+    with pytest.raises(NotImplementedError, match="No-template has no chat template"):
+        hf_tokenizer(str(directory)).tokenize_messages(_messages([("user", "Hi")]))
 
 
 def test_qwen_style_config(smollm2_dir: Path, tmp_path: Path) -> None:
@@ -272,3 +332,16 @@ def test_qwen_style_config(smollm2_dir: Path, tmp_path: Path) -> None:
 def test_missing_tokenizer_json(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No tokenizer.json"):
         hf_tokenizer(str(tmp_path))
+
+
+def test_templates_render_in_a_fresh_process() -> None:
+    """``jinja2.ext`` is imported by the tokenizer itself, not by whatever ran before it: without
+    it every template failed to render and ChatML went undetected, silently."""
+    import subprocess
+    import sys
+
+    code = (
+        "from adapt_prune_tune.tokenizer import detect_chatml; import sys; "
+        f"sys.exit(0 if detect_chatml({PLAIN_CHATML_TEMPLATE!r}) is not None else 1)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

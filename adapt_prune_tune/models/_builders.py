@@ -130,3 +130,31 @@ def smollm2_135m(max_seq_len: int = 8192) -> TransformerDecoder:
     dim 576, MLP 1536, 9 heads / 3 KV heads, RMSNorm eps 1e-5).
     """
     return decoder_from_arch(replace(SMOLLM2_135M, max_seq_len=max_seq_len))
+
+
+DEEPSEEK_R1_DISTILL_QWEN_1_5B = DecoderArch.uniform(
+    vocab_size=151936,
+    embed_dim=1536,
+    num_layers=28,
+    num_heads=12,
+    num_kv_heads=2,
+    intermediate_dim=8960,
+    max_seq_len=131072,
+    norm_eps=1e-6,
+    rope=RopeSpec("qwen2", 10_000.0),
+    tie_word_embeddings=False,
+    attn_bias=True,
+    meta={"base_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "license": "mit"},
+)
+
+
+def deepseek_r1_distill_qwen_1_5b(max_seq_len: int = 131072) -> TransformerDecoder:
+    """DeepSeek-R1-Distill-Qwen-1.5B: Qwen2 blocks (q/k/v biases), *untied* output projection.
+
+    torchtune has no builder for it: its ``qwen2_5_1_5b_*`` builders tie the embeddings
+    (Qwen2.5-1.5B does; this model, fine-tuned from Qwen2.5-Math-1.5B, does not) and use
+    RoPE base 1e6 instead of 1e4. 1,777,088,000 parameters, the count the paper's script
+    starts from. The recipe checks these values against the checkpoint's ``config.json``
+    before anything loads, so a checkpoint that disagrees is named, not trained.
+    """
+    return decoder_from_arch(replace(DEEPSEEK_R1_DISTILL_QWEN_1_5B, max_seq_len=max_seq_len))
