@@ -13,8 +13,11 @@ adaptive steps (the package's own ``pruner.prune``; same calibration windows for
   ``pruner.calibrate``): overlap of the kept MLP channels per layer with the fp32 run, and both
   pruned models' held-out perplexity (each evaluated in fp32 so only the pruning differs).
 
-    python benchmarks/widths.py                 # ~25 min on 2 CPU cores
+    python benchmarks/widths.py                 # ~25 min on 2 CPU cores (~50 at one thread)
     python benchmarks/widths.py --steps 2 --quick  # smoke
+
+The JSON is rewritten after every phase (each round_to, the timings, the bf16 run), so a run
+stopped early keeps what it finished; ``summary`` appears once the timings are in.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,7 +71,8 @@ def mlp_seconds(model: nn.Module, tokens: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None]) -> None:
+    """Fill ``out`` phase by phase, calling ``save`` after each."""
     torch.manual_seed(0)
     model_dir = prepare_smollm2()
     tok = smollm2_tokenizer(str(model_dir))
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     batches = calibration_batches(prepare_python_docs(), tok, args.calib_samples, 128, 8, seed=0)
     base, arch = load_hf_model(model_dir)
     original, _ = evaluate(base, windows)
-    out: Dict[str, Any] = {"original": original, "round_to": {}, "precision": {}}
+    out.update(original=original, round_to={}, precision={})
 
     def pruned(model: nn.Module, round_to: int) -> tuple:
         cfg = PruningConfig(target_sparsity=args.target, steps=args.steps, round_to=round_to, amplitude=0.02)
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "seconds_pruning": seconds,
         }
         models[r] = model
+        save()
         print(f"round_to {r}: {ppl}, {new_arch.num_params():,} params, widths {sorted(set(widths))[:6]}...", flush=True)
     # What the widths buy: MLP forward time, all variants alternated in one loop (a shared CPU
     # slows each alike), and the unpruned model's as the reference.
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             timings[str(r)].append(mlp_seconds(model, args.mlp_tokens, 1))
     out["mlp_seconds"] = {k: statistics.median(v) for k, v in timings.items()}
     out["mlp_tokens"] = args.mlp_tokens
+    out["summary"] = summarize(out, args.round_to[0])
+    save()
 
     # bf16 vs fp32 pruning: kept channels and held-out perplexity (both evaluated in fp32).
     fp32_model = models.get(1)  # the round_to = 1 run above is the fp32 run
@@ -126,7 +133,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "perplexity_fp32_pruned": evaluate(fp32_model, windows)[0],
         "perplexity_bf16_pruned": evaluate(bf16_model.float(), windows)[0],
     }
-    return out
+    save()
+
+
+def summarize(result: Dict[str, Any], reference: int) -> Dict[str, Any]:
+    """Each round_to's perplexity and MLP time against ``reference``'s (round_to 1)."""
+    base_ppl = result["round_to"][str(reference)]["perplexity"]
+    return {
+        r: {
+            "perplexity_ratio_vs_round_to_1": {t: v["perplexity"][t] / base_ppl[t] for t in base_ppl},
+            "mlp_speedup_vs_round_to_1": result["mlp_seconds"][str(reference)] / result["mlp_seconds"][r],
+            "distinct_layer_shapes": v["distinct_layer_shapes"],
+        }
+        for r, v in result["round_to"].items()
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -145,18 +165,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.eval_tokens, args.rounds, args.calib_samples = 1024, 2, 8
     result = {"command": "python benchmarks/widths.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)}}
-    result.update(run(args))
-    base_ppl = result["round_to"][str(args.round_to[0])]["perplexity"]
-    result["summary"] = {
-        str(r): {
-            "perplexity_ratio_vs_round_to_1": {t: v["perplexity"][t] / base_ppl[t] for t in base_ppl},
-            "mlp_speedup_vs_round_to_1": result["mlp_seconds"][str(args.round_to[0])] / result["mlp_seconds"][str(r)],
-            "distinct_layer_shapes": v["distinct_layer_shapes"],
-        }
-        for r, v in ((int(k), v) for k, v in result["round_to"].items())
-    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    run(args, result, save)
     print(json.dumps({"summary": result["summary"], "precision": {k: v for k, v in result["precision"].items()
                                                                   if k != "kept_mlp_channel_overlap_per_layer"}}, indent=1))
 
