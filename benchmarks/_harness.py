@@ -214,6 +214,30 @@ def run_cmd(cmd: List[str], cwd: Path, env=None, timeout: int = 3600) -> Tuple[s
     return proc, wall
 
 
+# Runs a command and prints its peak RSS (the child's, not this wrapper's).
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
+
+
+def run_with_peak_rss(cmd: List[str], threads: int) -> Tuple[subprocess.CompletedProcess, int, float]:
+    """Run ``cmd`` with ``threads`` torch threads; its output, peak RSS in bytes and wall seconds.
+
+    The peak is the command's own (``RUSAGE_CHILDREN`` of a one-line wrapper), not this process's.
+    Raises with the output's tail if it fails.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peak_kb = int(next(l.split()[1] for l in proc.stdout.splitlines() if l.startswith("PEAK_RSS_KB")))
+    proc.stdout = "\n".join(l for l in proc.stdout.splitlines() if not l.startswith("PEAK_RSS_KB"))
+    return proc, peak_kb * 1024, wall
+
+
 def script_cmd(script: Path, *args: str) -> List[str]:
     """``python SCRIPT ARGS``: a benchmark file run as its own subprocess worker."""
     return [sys.executable, str(script), *args]

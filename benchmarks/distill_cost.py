@@ -25,21 +25,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, run_with_peak_rss  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "distill_cost.json"
-
-# Runs a command and prints its peak RSS (the child's, not this wrapper's).
-_PEAK_WRAPPER = (
-    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
-)
-
 
 def recipe_run(distill: bool, steps: int, threads: int, work: Path) -> Dict[str, Any]:
     out = work / ("distill" if distill else "plain")
@@ -49,12 +43,7 @@ def recipe_run(distill: bool, steps: int, threads: int, work: Path) -> Dict[str,
         "pruning.calibration.num_samples=8", f"adapt.checkpoint_every_n_steps={steps}", "heldout=null", "speed=null",
     ]
     command = ["tune", "run", "adapt_prune_recipe", "--config", "smollm2/135M_adapt", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *command], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    peak_kb = int(next(l.split()[1] for l in proc.stdout.splitlines() if l.startswith("PEAK_RSS_KB")))
+    _, peak_bytes, wall = run_with_peak_rss(command, threads)
     rows = [r for r in json.loads((out / "run_record.json").read_text())["train_log"] if "loss" in r]
     speeds = [r["tokens_per_second_per_gpu"] for r in rows[3:]]  # the first steps warm up
     return {
@@ -62,8 +51,8 @@ def recipe_run(distill: bool, steps: int, threads: int, work: Path) -> Dict[str,
         "command": " ".join(command),
         "steps": len(rows),
         "tokens_per_second_median": statistics.median(speeds),
-        "peak_rss_bytes": peak_kb * 1024,
-        "seconds_wall": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_bytes,
+        "seconds_wall": wall,
     }
 
 

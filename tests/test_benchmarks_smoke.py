@@ -30,7 +30,8 @@ def bench():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
-                 "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run")
+                 "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "lowbit_optimizer",
+                 "checkpoint_save")
         yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
     finally:
         sys.path[:] = path
@@ -208,3 +209,39 @@ def test_gpu_check_driver_records_each_section(bench, tmp_path):
     again = bench.gpu_check.open_record(out, "cpu_dry_run")
     assert again["sections"]["fp8"]["status"] == "skipped"
     assert bench.gpu_check.open_record(out, "gpu")["sections"] == {}  # a dry run never merges into GPU results
+
+
+def test_peak_rss_is_the_commands_own(bench):
+    code = "import sys; b = bytearray(300 * 1024 * 1024); print('done'); sys.exit(0)"
+    proc, peak, seconds = bench._harness.run_with_peak_rss([sys.executable, "-c", code], threads=1)
+    assert proc.stdout.strip() == "done" and "PEAK_RSS_KB" not in proc.stdout
+    assert 300 * 1024 * 1024 <= peak < 600 * 1024 * 1024 and seconds > 0
+    with pytest.raises(RuntimeError, match="failed \\(3\\)"):
+        bench._harness.run_with_peak_rss([sys.executable, "-c", "import sys; sys.exit(3)"], threads=1)
+
+
+def test_low_bit_state_is_counted_by_its_parts(bench):
+    import torch
+    from torchao.optim import AdamW8bit
+
+    weights = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(2)]
+    sizes = {}
+    for name, optimizer in (("fp32", torch.optim.AdamW(weights)), ("8bit", AdamW8bit(weights))):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        optimizer.step()
+        sizes[name] = sum(bench.lowbit_optimizer.tensor_bytes(v) for st in optimizer.state.values() for v in st.values())
+    assert sizes["fp32"] >= 2 * 2 * 256 * 256 * 4  # two fp32 moments per weight
+    assert sizes["fp32"] / 4.5 < sizes["8bit"] < sizes["fp32"] / 3.5  # one byte per value plus block scales
+
+
+def test_checkpoint_projection_scales_with_the_ranks(bench):
+    def sample(seconds, growth):
+        return [{"seconds": seconds, "peak_growth_bytes": growth}]
+
+    per_rank = [{"samples": {"sharded": sample(1.0, 1e6), "gather": sample(3.0, 5e8)}} for _ in range(2)]
+    summary = bench.checkpoint_save.summarize(per_rank, SimpleNamespace(dtype="bf16"))
+    assert summary["ratios"]["rank0_seconds_sharded_over_gather"] == pytest.approx(1 / 3)
+    eight, thirty_two = (summary["projection_llama3_1_8b_bf16"][k] for k in ("8_gpus", "32_gpus"))
+    assert eight["gather_rank0_GB"] == thirty_two["gather_rank0_GB"] == pytest.approx(8_030_261_248 * 6 / 1e9)
+    assert eight["sharded_per_rank_GB"] == pytest.approx(4 * thirty_two["sharded_per_rank_GB"])
