@@ -90,7 +90,7 @@ def message_spans(
 
     Message ``i`` owns what rendering ``messages[:i+1]`` adds to rendering ``messages[:i]``,
     i.e. ``text[bounds[i]:bounds[i+1]]``; ``text[:bounds[0]]`` is what the template writes
-    before any message (a BOS, say). With ``generation`` the last message (an assistant turn
+    before any message (a BOS, say). With ``generation`` a last assistant message (the turn
     being written) follows the template's generation prompt instead of being a closed turn.
 
     Raises:
@@ -108,7 +108,7 @@ def message_spans(
         previous = ""
     bounds: List[int] = []
     for count in range(1, len(messages) + 1):
-        if generation and count == len(messages):
+        if generation and count == len(messages) and messages[-1]["role"] == "assistant":
             text = render(count - 1, True) + messages[-1]["content"]
         else:
             text = render(count)
