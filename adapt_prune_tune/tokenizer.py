@@ -20,6 +20,7 @@ whole and its tokens are attributed to messages by character offsets (:func:`mes
 import bisect
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -62,6 +63,10 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
 def render_chat_template(
     chat_template: str,
     messages: List[Dict[str, str]],
@@ -69,12 +74,13 @@ def render_chat_template(
     **special_tokens: Optional[str],
 ) -> str:
     """Render a Hugging Face chat template the way ``transformers`` does (sandboxed Jinja,
-    ``trim_blocks``/``lstrip_blocks``, a ``raise_exception`` helper, the special tokens as
+    ``trim_blocks``/``lstrip_blocks``, ``raise_exception`` and ``strftime_now``, the special tokens as
     variables: templates such as DeepSeek-R1's write ``{{ bos_token }}`` themselves)."""
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     environment.globals["raise_exception"] = _raise_template_error
+    environment.globals["strftime_now"] = _strftime_now  # Llama 3.2's template dates its system turn
     return environment.from_string(chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
     )

@@ -230,6 +230,7 @@ def test_detect_chatml() -> None:
     assert detect_chatml(None) is None
     assert detect_chatml("{% for m in messages %}{{ raise_exception('no') }}{% endfor %}") is None
     assert detect_chatml("{% if %}") is None
+    assert render_chat_template("{{ strftime_now('%Y') }}", [], False).isdigit()  # as transformers defines it
 
 
 # In the shape of DeepSeek-R1's template: BOS and the system text written before any turn, turn
