@@ -11,7 +11,8 @@ Two measurements into ``benchmarks/results/lowbit_optimizer.json``:
   RSS and wall time. The fp32 run's terminal output is kept: it is the README's demo run.
 
     python benchmarks/lowbit_optimizer.py                       # ~25 min on 2 CPU cores
-    python benchmarks/lowbit_optimizer.py --optimizers torch.optim.AdamW --tokens 2000  # smoke
+    python benchmarks/lowbit_optimizer.py --tokens 20000 --no-eval   # ~12 min: loss and memory only
+    python benchmarks/lowbit_optimizer.py --optimizers torch.optim.AdamW --tokens 2000 --no-eval  # smoke
 
 The JSON is rewritten after each run, and runs already in it are kept (``--fresh`` redoes them).
 """
@@ -47,13 +48,14 @@ def tensor_bytes(t: Any) -> int:
 def state_bytes(optimizer_path: str) -> Dict[str, Any]:
     """Optimizer-state bytes of the real SmolLM2 after one step (fp32 weights, as in the demo)."""
     import torch
+    from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
     from adapt_prune_tune.assets import prepare_smollm2
     from adapt_prune_tune.models import load_hf_model
 
     model, _ = load_hf_model(prepare_smollm2())
-    optimizer = tt_config.instantiate({"_component_": optimizer_path, "lr": 2e-5}, model.parameters())
+    optimizer = tt_config.instantiate(OmegaConf.create({"_component_": optimizer_path, "lr": 2e-5}), model.parameters())
     tokens = torch.randint(0, 49152, (1, 32))
     model(tokens).logsumexp(-1).mean().backward()
     optimizer.step()
@@ -63,18 +65,20 @@ def state_bytes(optimizer_path: str) -> Dict[str, Any]:
     return {"state_bytes": total, "weight_bytes": weights, "state_over_weights": total / weights, "state_types": kinds}
 
 
-def demo_run(optimizer_path: str, tokens: Optional[int], threads: int, work: Path) -> Dict[str, Any]:
+def demo_run(optimizer_path: str, tokens: Optional[int], threads: int, work: Path, evaluate: bool) -> Dict[str, Any]:
     out = work / optimizer_path.rsplit(".", 1)[1]
     overrides = [f"output_dir={out}", f"optimizer._component_={optimizer_path}"]
     if optimizer_path != "torch.optim.AdamW":
         overrides.append("~optimizer.fused")  # torchao's optimizers take no `fused`
     if tokens is not None:
         overrides.append(f"adapt.total_tokens={tokens}")
+    if not evaluate:  # held-out perplexity and the speed table are most of a short run's time
+        overrides += ["heldout=null", "speed=null"]
     command = ["tune", "run", "adapt_prune_recipe", "--config", "smollm2/135M_adapt", *overrides]
     proc, peak_bytes, wall = run_with_peak_rss(command, threads)
     record = json.loads((out / "run_record.json").read_text())
     rows = [r for r in record["train_log"] if "loss" in r]
-    trained = [h for h in record["heldout_log"] if h["event"] == "trained"]
+    trained = [h for h in record.get("heldout_log", []) if h["event"] == "trained"]
     return {
         "command": " ".join(command),
         "seconds_wall": wall,
@@ -122,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS[:2]), choices=OPTIMIZERS)
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: the demo's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false",
+                        help="skip the runs' held-out perplexity and speed measurements")
     parser.add_argument("--fresh", action="store_true", help="redo runs already in the results file")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -129,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.out.is_file() and not args.fresh:
         results.update(json.loads(args.out.read_text()))
     results["command"] = "python benchmarks/lowbit_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["settings"] = {"tokens": args.tokens or "the demo's", "threads": args.threads, "evaluate": args.evaluate,
+                           "model": "SmolLM2-135M-Instruct, fp32, config smollm2/135M_adapt"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -145,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 print(f"{name}: demo run done earlier, kept", flush=True)
                 continue
             print(f"{name}: demo run ...", flush=True)
-            results["runs"][name] = demo_run(name, args.tokens, args.threads, Path(tmp))
+            results["runs"][name] = demo_run(name, args.tokens, args.threads, Path(tmp), args.evaluate)
             run = results["runs"][name]
             print(f"{name}: {run['seconds_wall']:.0f} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB, "
                   f"held-out {run['heldout_ppl_after_training']}", flush=True)
