@@ -18,7 +18,6 @@ problems are reported through it instead.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,7 +34,7 @@ from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.config_schema import SchemaResult, check_sections, distill_config, pruning_config, stage_steps_problem
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.fp8 import fp8_problems
-from adapt_prune_tune.models import DecoderArch, arch_from_hf_config, arch_from_model
+from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
 from adapt_prune_tune.pruner import PruningConfig
 
 Warn = Optional[Callable[[str], None]]
@@ -279,7 +278,7 @@ def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
         return []
     config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
     try:
-        expected = arch_from_hf_config(json.loads(config_path.read_text()))
+        expected = read_hf_arch(config_path)
     except (OSError, ValueError, KeyError, TypeError):
         return []
     built, wanted = arch_fields(arch), arch_fields(expected)

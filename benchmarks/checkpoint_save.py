@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_save.json"
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_8B_PARAMS = 8_030_261_248
 
 
 def gather_save(model, optimizer, directory: Path) -> None:
@@ -114,12 +113,19 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def state_bytes(params: int, dtype_bytes: int) -> int:
-    """Weights plus AdamW's two moments (in the parameter dtype, as torchtune's recipe keeps them)."""
-    return 3 * params * dtype_bytes
+def llama3_1_8b_arch():
+    """Llama-3.1-8B's spec, built on the meta device from torchtune's own builder (no weights)."""
+    import torch
+    from torchtune.models.llama3_1 import llama3_1_8b
+
+    from adapt_prune_tune.models import arch_from_model
+
+    with torch.device("meta"):
+        return arch_from_model(llama3_1_8b())
 
 
 def summarize(per_rank: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str, Any]:
+    from adapt_prune_tune.config_checks import checkpoint_bytes
     from adapt_prune_tune.models import SMOLLM2_135M
 
     def med(rank: int, design: str, key: str) -> float:
@@ -132,7 +138,8 @@ def summarize(per_rank: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[
 
     world = len(per_rank)
     dtype_bytes = {"fp32": 4, "bf16": 2}[args.dtype]
-    total = state_bytes(SMOLLM2_135M.num_params(), dtype_bytes)
+    # Weights plus AdamW's two moments, in the parameter dtype as torchtune's recipe keeps them.
+    total = checkpoint_bytes(SMOLLM2_135M, dtype_bytes, dtype_bytes, trains=True)
     measured = {
         design: {
             f"rank{r}": {"seconds": med(r, design, "seconds"), "peak_growth_MB": peak(r, design) / 1e6}
@@ -146,7 +153,7 @@ def summarize(per_rank: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[
         / max(1e-9, measured["gather"]["rank0"]["peak_growth_MB"]),
     }
     # Bytes one process must hold and write per save, Llama-3.1-8B in bf16 (weights + 2 moments).
-    full_8b = state_bytes(LLAMA_8B_PARAMS, 2)
+    full_8b = checkpoint_bytes(llama3_1_8b_arch(), 2, 2, trains=True)
     projection = {
         f"{gpus}_gpus": {
             "gather_rank0_GB": full_8b / 1e9,

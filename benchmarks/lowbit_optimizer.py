@@ -40,8 +40,9 @@ def tensor_bytes(t: Any) -> int:
     if not isinstance(t, torch.Tensor):
         return 0
     if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, name)) for name in names)
+        from adapt_prune_tune.optimizer_state import flatten_quantized
+
+        return sum(tensor_bytes(part) for part in flatten_quantized(t)[2].values())
     return t.numel() * t.element_size()
 
 

@@ -6,7 +6,7 @@ from adapt_prune_tune.models._arch import (
     RopeSpec,
     arch_from_model,
 )
-from adapt_prune_tune.models._hf import arch_from_hf_config, decoder_from_hf_config, load_hf_model
+from adapt_prune_tune.models._hf import arch_from_hf_config, decoder_from_hf_config, load_hf_model, read_hf_arch
 from adapt_prune_tune.models._builders import (
     DEEPSEEK_R1_DISTILL_QWEN_1_5B,
     SMOLLM2_135M,
@@ -24,6 +24,7 @@ __all__ = [
     "arch_from_hf_config",
     "arch_from_model",
     "load_hf_model",
+    "read_hf_arch",
     "decoder_from_arch",
     "decoder_from_hf_config",
     "deepseek_r1_distill_qwen_1_5b",
