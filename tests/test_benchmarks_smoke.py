@@ -31,7 +31,7 @@ def bench():
     try:
         names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
                  "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "lowbit_optimizer",
-                 "checkpoint_save")
+                 "checkpoint_save", "calibration_loss")
         yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
     finally:
         sys.path[:] = path
@@ -245,3 +245,26 @@ def test_checkpoint_projection_scales_with_the_ranks(bench):
     eight, thirty_two = (summary["projection_llama3_1_8b_bf16"][k] for k in ("8_gpus", "32_gpus"))
     assert eight["gather_rank0_GB"] == thirty_two["gather_rank0_GB"] == pytest.approx(8_030_261_248 * 6 / 1e9)
     assert eight["sharded_per_rank_GB"] == pytest.approx(4 * thirty_two["sharded_per_rank_GB"])
+
+
+def test_calibration_loss_compares_finished_runs(bench, tmp_path):
+    def record(python, austen, widths):
+        stage = {"heldout_after_prune": {"python_tutorial": python, "austen_novels": austen},
+                 "calib_loss_before_prune": 3.2, "calib_loss_after_prune": 3.5, "seconds_prune": 60.0,
+                 "layers": [{"intermediate_dim": w} for w in widths]}
+        return {"params_after": 100, "prune_steps": [{}] * 8, "stages": [stage],
+                "heldout_log": [{"event": "original", "ppl": {"python_tutorial": 14.0, "austen_novels": 35.0}}]}
+
+    for loss, ppl in (("ce", (20.0, 80.0)), ("kl", (22.0, 60.0))):
+        (tmp_path / f"{loss}_0.20").mkdir()
+        (tmp_path / f"{loss}_0.20" / "run_record.json").write_text(json.dumps(record(*ppl, [7, 9])))
+    out = tmp_path / "calibration_loss.json"
+    result = bench.calibration_loss.main(["--targets", "0.2", "--work", str(tmp_path), "--out", str(out)])
+    [row] = result["ratios"]
+    assert row["python_tutorial"] == pytest.approx(1.1) and row["austen_novels"] == pytest.approx(0.75)
+    assert row["same_layer_widths"]
+    assert "adapt.steps_per_stage=8" in result["runs"]["kl"]["0.20"]["command"]
+    assert "distill.calibration_loss=kl" in result["runs"]["kl"]["0.20"]["command"]
+    assert json.loads(out.read_text())["table"] == result["table"] and "kl ÷ ce" in result["table"]
+    with pytest.raises(SystemExit):
+        bench.calibration_loss.main(["--targets", "1.5", "--work", str(tmp_path), "--out", str(out)])
