@@ -25,10 +25,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from adapt_prune_tune import run_record as rr
+from adapt_prune_tune.base_model import BaseModelUnknown, resolve_base_model
 from adapt_prune_tune.run_record import format_perplexity
 from adapt_prune_tune.evaluation import evaluation_markdown
 from adapt_prune_tune.models import DecoderArch
-from adapt_prune_tune.speed import measure_throughput  # noqa: F401 - re-exported, moved there
 
 WIDTHS_PNG = "layer_widths.png"
 PRUNE_STEPS_PNG = "prune_steps.png"
@@ -378,10 +378,26 @@ def plot_heldout(points: Sequence[Tuple[str, float]], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def base_model_name(record: Mapping[str, Any]) -> str:
+    """The base model as a reader knows it: its Hub id where the checkpoint identifies one.
+
+    Runs record the checkpoint directory they read (``~/.cache/.../SmolLM2-135M-Instruct``),
+    which says little to someone reading the report elsewhere; the id is found the way the
+    model card finds it, and the recorded value stands when nothing identifies a Hub model.
+    """
+    recorded = str(record["base_model"])
+    try:
+        hub_id, _ = resolve_base_model(recorded)
+    except BaseModelUnknown:
+        return recorded
+    return hub_id or recorded
+
+
 def _run_section(record: Mapping[str, Any]) -> str:
     lines = []
     if "base_model" in record:
-        lines.append(f"- Base model: `{record['base_model']}`")
+        name, recorded = base_model_name(record), record["base_model"]
+        lines.append(f"- Base model: `{name}`" + (f" (read from `{recorded}`)" if name != recorded else ""))
     command = rr.reproduce_command(record)
     if command:
         lines.append(f"- Command: `{command}`")
@@ -692,11 +708,7 @@ def write_report(record: Mapping[str, Any], out_dir: Union[str, Path]) -> Path:
             f"arch_before has {before.num_layers} layers, arch_after {after.num_layers}"
         )
 
-    title = (
-        f"# Pruning report: {record['base_model']}"
-        if "base_model" in record
-        else "# Pruning report"
-    )
+    title = f"# Pruning report: {base_model_name(record)}" if "base_model" in record else "# Pruning report"
     title += "\n\n" + _worth_it_section(record, before, after)
     sections: List[Tuple[str, str]] = []
     run = _run_section(record)

@@ -12,8 +12,8 @@ from adapt_prune_tune.report import (
     TRAINING_PNG,
     WIDTHS_PNG,
     format_count,
+    base_model_name,
     heldout_curve,
-    measure_throughput,
     moving_average,
     prune_points,
     smoothing_window,
@@ -22,6 +22,7 @@ from adapt_prune_tune.report import (
     worth_it_rows,
     write_report,
 )
+from adapt_prune_tune.speed import measure_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NUM_LAYERS = 4
@@ -398,3 +399,14 @@ def test_real_tiny_records_render(tmp_path):
     assert "| stage 2 trained | 3,011 | 2,584 |" in text  # tokens summed over the stages
     assert "`tune run adapt_prune_recipe --config /tmp/kd1/config.yaml`" in text
     _assert_png(tmp_path / "old" / HELDOUT_PNG)
+
+
+def test_report_names_the_base_model_by_its_hub_id(tmp_path):
+    # A download directory named after a known model, with no config.json naming it.
+    local = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    local.mkdir(parents=True)
+    assert base_model_name({"base_model": str(local)}) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name({"base_model": "meta-llama/Llama-3.1-8B-Instruct"}) == "meta-llama/Llama-3.1-8B-Instruct"
+    unknown = tmp_path / "my-own-model"
+    unknown.mkdir()
+    assert base_model_name({"base_model": str(unknown)}) == str(unknown)  # nothing identifies it: as recorded
