@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -621,11 +622,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # and the old model is dropped before it: a resize peaks at old + new weights + one set
         # of moments, below a training step (weights, grads, moments, activations).
         self._optimizer.state = defaultdict(dict)
-        self._model = self._setup_model(
-            cfg_model=DictConfig(self._build_node(_arch_component(new_arch))),
-            model_state_dict=PrunedStateView(old_model, slices),
-            **self._model_cfg_kwargs,
-        )
+        with _quiet_stock_setup():
+            self._model = self._setup_model(
+                cfg_model=DictConfig(self._build_node(_arch_component(new_arch))),
+                model_state_dict=PrunedStateView(old_model, slices),
+                **self._model_cfg_kwargs,
+            )
         del old_model
         rebind_optimizer_(self._optimizer, self._model, old_state, slices, old_shapes, consume=True)
         if hasattr(self._loss_fn, "num_output_chunks"):  # CEWithChunkedOutputLoss, DistillationLoss
@@ -802,6 +804,22 @@ def _with_fault_point(loss_fn):
         return loss_fn(model, batch)
 
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_stock_setup() -> Iterator[None]:
+    """Hold back the stock ``_setup_model``'s info lines while a resize rebuilds the model.
+
+    Said at every prune step, "Instantiating model and loading checkpoint on Rank 0" reads as
+    if the run went back to the base checkpoint; the progress line and the prune-step log
+    already say what happens. Warnings still pass.
+    """
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _eager_if(enabled: bool):

@@ -100,3 +100,31 @@ def test_terminal_gets_one_live_line_cleared_before_log_records():
 def test_format_duration():
     assert [format_duration(s) for s in (None, 0, 42, 372, 3720)] == ["?", "0s", "42s", "6m12s", "1h02m"]
     assert 0.0 <= make()[0].fraction_done() <= 1.0
+
+
+def test_a_forced_line_that_says_nothing_new_is_skipped_but_the_interval_line_repeats():
+    progress, clock = make(evaluations_left=1)
+    progress.doing("held-out evaluation (original)")
+    progress.evaluation_done(3.0)
+    progress.start_stage(1, pruned=False)  # the same status as the line before: not written again
+    lines = progress.stream.getvalue().splitlines()
+    assert len(lines) == 2 and "now: held-out evaluation" in lines[0] and "now:" not in lines[1]
+    clock.now += 10.0
+    progress.show()  # nothing changed for an interval: the line repeats (the run is alive)
+    assert progress.stream.getvalue().splitlines()[-1] == lines[1]
+    assert len(progress.stream.getvalue().splitlines()) == 3
+
+
+def test_tokens_per_second_skips_the_step_that_followed_a_checkpoint():
+    progress, clock = make()
+    progress.start_stage(1, pruned=True)
+    progress.train_step_done(1, 3.0, 2e-5, 40.0)  # nothing better known yet: shown
+    clock.now += 1.0
+    progress.train_step_done(2, 3.0, 2e-5, 70.0)
+    progress.pause()  # a checkpoint: the stock timer runs across it
+    clock.now += 6.0
+    progress.train_step_done(3, 3.0, 2e-5, 40.0)
+    assert progress.tokens_per_second == 70.0 and progress.step == 3
+    clock.now += 1.0
+    progress.train_step_done(4, 3.0, 2e-5, 72.0)
+    assert progress.tokens_per_second == 72.0

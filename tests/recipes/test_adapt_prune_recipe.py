@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from adapt_prune_tune import configs
 from adapt_prune_tune.models import DecoderArch
+from adapt_prune_tune.progress import parse_progress_line
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,18 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> Path:
 def test_single_process_run_prunes_trains_and_reports(tmp_path, tiny_model, python_docs_dir):
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out)
-    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
+    assert_ok(proc)
+
+    # stdout is a pipe: plain progress lines a log file keeps, read back as a person would.
+    progress = [p for p in map(parse_progress_line, proc.stdout.splitlines()) if p]
+    assert {p["stage"] for p in progress} == {"1", "2"} and all(p["stages"] == "2" for p in progress)
+    assert (progress[-1]["step"], progress[-1]["steps"], progress[-1]["percent"]) == ("12", "12", "100")
+    assert progress[-1]["eta"] == "0s" and "\x1b" not in proc.stdout
+    steps = [int(p["step"]) for p in progress]
+    assert steps == sorted(steps)
+    # Resizes rebuild the model through the stock setup, quietly: only the first load says so.
+    assert (proc.stdout + proc.stderr).count("Instantiating model and loading checkpoint on Rank 0") == 1
 
     record = json.loads((out / "run_record.json").read_text())
     before, after = DecoderArch.from_dict(record["arch_before"]), DecoderArch.from_dict(record["arch_after"])
