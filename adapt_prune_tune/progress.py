@@ -219,10 +219,12 @@ class RunProgress:
             return
         now = self.clock()
         due = now - self._last_plain >= self.interval_s
+        if not (due or force):
+            return
         text = self.line()
         # A forced line that says nothing new (an evaluation ending right before a stage
         # starts) is skipped; the interval line repeats on purpose: the run is still alive.
-        if due or (force and text != self._last_text):
+        if due or text != self._last_text:
             self._last_plain, self._last_text = now, text
             self.stream.write(text + "\n")
             self.stream.flush()

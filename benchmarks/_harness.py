@@ -238,6 +238,17 @@ def run_with_peak_rss(cmd: List[str], threads: int) -> Tuple[subprocess.Complete
     return proc, peak_kb * 1024, wall
 
 
+def override_args(overrides: Dict[str, Any]) -> List[str]:
+    """``key=value`` arguments of ``tune run`` as OmegaConf reads them (``true``, ``null``)."""
+
+    def value(v: Any) -> str:
+        if v is None:
+            return "null"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"{k}={value(v)}" for k, v in overrides.items()]
+
+
 def script_cmd(script: Path, *args: str) -> List[str]:
     """``python SCRIPT ARGS``: a benchmark file run as its own subprocess worker."""
     return [sys.executable, str(script), *args]

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from _harness import override_args
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = "smollm2/135M_prune"
@@ -55,17 +57,11 @@ def overrides(loss: str, target: float, args: argparse.Namespace, out: Path) -> 
     }
 
 
-def _value(v: Any) -> str:
-    if v is None:
-        return "null"
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def run_arm(loss: str, target: float, args: argparse.Namespace) -> Dict[str, Any]:
     """One prune-only ``tune run`` (skipped when its record exists), summarized."""
     out = args.work / f"{loss}_{target:.2f}"
     command = ["tune", "run", "adapt_prune_recipe", "--config", CONFIG]
-    command += [f"{k}={_value(v)}" for k, v in overrides(loss, target, args, out).items()]
+    command += override_args(overrides(loss, target, args, out))
     record_path = out / "run_record.json"
     t0 = time.perf_counter()
     if not record_path.is_file():
@@ -79,6 +75,7 @@ def run_arm(loss: str, target: float, args: argparse.Namespace) -> Dict[str, Any
     stage = record["stages"][-1]
     return {
         "command": " ".join(command),
+        "ppl_original": next(e["ppl"] for e in record["heldout_log"] if e["event"] == "original"),
         "params_after": record["params_after"],
         "prune_steps": len(record["prune_steps"]),
         "ppl_after_prune": stage["heldout_after_prune"],
@@ -168,9 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"{loss} at {target:.0%} ...", flush=True)
             r = run_arm(loss, target, args)
             results["runs"].setdefault(loss, {})[f"{target:.2f}"] = r
-            record = json.loads((args.work / f"{loss}_{target:.2f}" / "run_record.json").read_text())
-            original = next(e["ppl"] for e in record["heldout_log"] if e["event"] == "original")
-            results["original"] = original
+            results["original"] = r["ppl_original"]
             save()
             print(f"{loss} at {target:.0%}: {r['ppl_after_prune']}", flush=True)
     print(results["table"])

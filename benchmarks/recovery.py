@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from _harness import override_args
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = "smollm2/135M_adapt"
@@ -80,16 +82,12 @@ def arm_overrides(name: str, args: argparse.Namespace, out: Path) -> Dict[str, A
     return overrides
 
 
-def _value(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def run_arm(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     """One ``tune run`` (resumed if an earlier attempt left run checkpoints), then its scores."""
     out = args.work / name
     overrides = arm_overrides(name, args, out)
     command = ["tune", "run", "adapt_prune_recipe", "--config", CONFIG]
-    command += [f"{k}={_value(v)}" for k, v in overrides.items()]
+    command += override_args(overrides)
     record_path = out / "run_record.json"
     t0 = time.perf_counter()
     if not record_path.is_file():
