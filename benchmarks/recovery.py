@@ -13,6 +13,8 @@ unpruned model teaches) differs:
 * ``c``  uniform (A = 0), interleaved like ``a``
 * ``d``  ``a`` with distillation from the unpruned model
 * ``e``  ``b`` with distillation
+* ``d1`` ``a`` with logits-only distillation (α = 1, no label loss: Minitron's finding for
+  pruned students), to see whether ``d``'s α = 0.5 is what holds distillation back
 * ``n2``, ``n8``  the paper's Figure 4 in small: 2 stages × 4 steps, 8 stages × 1 step
   (N = 1 is ``b``, N = 4 is ``a``)
 
@@ -57,6 +59,8 @@ ARMS: Dict[str, Dict[str, Any]] = {
     "c": {"label": "uniform interleaved (A=0, N=4)", "overrides": {"adapt.stages": 4, "pruning.method.amplitude": 0.0}},
     "d": {"label": "Adapt-Accel + distillation (N=4)", "overrides": {"adapt.stages": 4, "distill.enabled": True}},
     "e": {"label": "prune-then-train + distillation (N=1)", "overrides": {"adapt.stages": 1, "distill.enabled": True}},
+    "d1": {"label": "Adapt-Accel + distillation, logits only (α=1, N=4)",
+           "overrides": {"adapt.stages": 4, "distill.enabled": True, "distill.alpha": 1.0}},
     "n2": {"label": "Adapt-Accel N=2", "overrides": {"adapt.stages": 2}},
     "n8": {"label": "Adapt-Accel N=8", "overrides": {"adapt.stages": 8}},
 }
@@ -209,7 +213,7 @@ def markdown(results: Dict[str, Any]) -> str:
 
 
 # The issue's targets: held-out perplexity after training, one arm ÷ another, on every text.
-TARGETS = (("d", "a", 0.9), ("a", "b", 1.0), ("a", "c", 1.0), ("e", "b", 0.9))
+TARGETS = (("d", "a", 0.9), ("d1", "a", 0.9), ("a", "b", 1.0), ("a", "c", 1.0), ("e", "b", 0.9))
 
 
 def targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:

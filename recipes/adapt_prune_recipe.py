@@ -834,12 +834,14 @@ def _configure_compile_widths(compiled: bool, widths: str) -> None:
     """How dynamo meets per-layer widths (torchtune compiles layer by layer, one code object).
 
     ``dynamic``: dynamo treats parameters' shapes like inputs' (``force_parameter_static_shapes``
-    and ``force_nn_module_property_static_shapes`` off), so the second distinct width it meets
-    turns the width dimensions symbolic and that one graph then serves every layer and every
-    later resize: no recompilation after a cut (a changed head count still recompiles: heads are
-    Python ints of the attention module). The matmuls are the same library calls; only fused
-    pointwise kernels see a symbolic size. ``static`` (torchtune's behaviour): one graph per
-    distinct layer shape (see ``_fit_compile_caches``).
+    and ``force_nn_module_property_static_shapes`` off), and the MLP width dimensions (rows of
+    w1/w3, columns of w2) are symbolic from the first trace (``torch.compiler.config
+    .dynamic_sources``): one graph serves every layer and every later resize. Without that
+    mark, dynamo would first compile a static graph for the first width it meets and recompile
+    at the second: two layer graphs for the price of the run's first training step. A changed
+    head count still recompiles (heads are Python ints of the attention module). The matmuls are
+    the same library calls; only fused pointwise kernels see a symbolic size. ``static``
+    (torchtune's behaviour): one graph per distinct layer shape (see ``_fit_compile_caches``).
     """
     if not compiled:
         return
@@ -850,6 +852,31 @@ def _configure_compile_widths(compiled: bool, widths: str) -> None:
     for name in ("force_parameter_static_shapes", "force_nn_module_property_static_shapes"):
         if hasattr(cfg, name):
             setattr(cfg, name, widths == "static")
+    if widths == "dynamic":
+        _mark_mlp_widths_dynamic()
+
+
+# Source names of torchtune's FeedForward weights inside a compiled layer, with the dimension
+# that pruning changes (``:N`` selects one dimension; the hidden size stays static).
+_MLP_WIDTH_SOURCES = tuple(
+    rf".*\['{proj}'\]\._parameters\['weight'\]:{dim}" for proj, dim in (("w1", 0), ("w3", 0), ("w2", 1))
+)
+
+
+def _mark_mlp_widths_dynamic() -> None:
+    """Add the MLP width dimensions to dynamo's ``dynamic_sources`` (kept: the user's own entries).
+
+    Needs a torch whose ``dynamic_sources`` understands the per-dimension ``:N`` suffix;
+    without it the mark would make every dimension of those weights symbolic (the hidden size
+    too), so older torch keeps dynamo's automatic dynamism (one extra graph at the first resize).
+    """
+    from torch._dynamo.variables import builder
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "dynamic_sources") or not hasattr(builder, "_parse_source_entry"):
+        return
+    entries = [e for e in config.dynamic_sources.split(",") if e.strip()]
+    config.dynamic_sources = ",".join(entries + [s for s in _MLP_WIDTH_SOURCES if s not in entries])
 
 
 def _fit_compile_caches(compiled: bool, arch: DecoderArch, teacher: bool = False) -> None:

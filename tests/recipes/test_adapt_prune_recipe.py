@@ -189,8 +189,9 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
 def test_compile_widths_bound_the_graphs_across_resizes(tmp_path, tiny_model, python_docs_dir, widths):
     """compile=True over 3 stages of MLP cuts (dynamo's capture, eager backend: seconds, not minutes).
 
-    dynamic: one recompile turns the widths symbolic, later resizes reuse that graph; static: the
-    widths of every stage are traced anew.
+    dynamic: the MLP widths are symbolic from the first trace, so no resize recompiles for a width
+    (on a torch without per-dimension ``dynamic_sources``, one automatic recompile turns them
+    symbolic); static: the widths of every stage are traced anew.
     """
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, compile=True, compile_widths=widths,
@@ -205,7 +206,9 @@ def test_compile_widths_bound_the_graphs_across_resizes(tmp_path, tiny_model, py
     record = json.loads((out / "run_record.json").read_text())
     assert len(record["stages"]) == 3 and all(math.isfinite(r["loss"]) for r in record["train_log"] if "loss" in r)
     if widths == "dynamic":
-        assert width_recompiles <= 1, proc.stderr[-4000:]
+        from torch._dynamo.variables import builder
+
+        assert width_recompiles <= (0 if hasattr(builder, "_parse_source_entry") else 1), proc.stderr[-4000:]
     else:
         assert width_recompiles >= 3, proc.stderr[-4000:]
 
