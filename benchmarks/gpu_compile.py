@@ -2,10 +2,12 @@
 
 The recipe's sequence, in one process, once per ``compile_widths``: layers compiled one by
 one as the stock ``_setup_model`` does (``training.compile_model``, loss compiled too),
-dynamo configured as the recipe does (``_configure_compile_widths``, ``_fit_compile_caches``); training steps on the uniform
-model; then two prune stages as ``_prune_stage`` runs them (``static`` resets dynamo; one
-adaptive step each, to 10 % and 20 % with ``round_to=64``, run eagerly), each followed by the
-resize, the new model compiled and training steps. Figure: each stage's first training step's
+training steps on the uniform model with torchtune's own dynamo settings (the baseline: what the
+stock recipe compiles); then dynamo reset and configured as the recipe does
+(``_configure_compile_widths``, ``_fit_compile_caches``) and two prune stages as ``_prune_stage``
+runs them (``static`` resets dynamo at each; one adaptive step each, to 10 % and 20 % with
+``round_to=64``, run eagerly), each followed by the resize, the new model compiled and training
+steps. Figure: each stage's first training step's
 excess over a steady step ÷ the uniform model's (target ≤ 1 after each resize).
 """
 
@@ -56,7 +58,7 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     batch, seq = size["train"]
     torch._dynamo.reset()
     model, arch = build_shape(size["shape"], device, dtype)
-    apr._configure_compile_widths(True, widths)  # before compiling, as the recipe does
+    apr._configure_compile_widths(True, "static")  # torchtune's defaults: the stock baseline
     apr._fit_compile_caches(True, arch)
     training.compile_model(model, verbose=False)
     loss_fn = chunked_loss(compiled=True)
@@ -66,10 +68,13 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     out: Dict[str, Any] = {"uniform": {**uniform, "graphs": _graphs() - g0}, "stages": []}
     log(f"[{widths}] uniform {size['shape']}: first step +{uniform['first_step_excess_s']:.1f}s over a steady "
         f"{uniform['steady_step_s']:.3f}s step ({out['uniform']['graphs']} graphs)")
+    # The recipe's first training step comes after its first prune, under its own settings.
+    torch._dynamo.reset()
+    apr._configure_compile_widths(True, widths)
     pruner = AdaptivePruner(PruningConfig(target_sparsity=0.2, steps=2, round_to=size["round_to"]), arch)
     batches = calibration_batches(arch.vocab_size, *size["calib"], size["calib_batch"], device)
     for target in (0.1, 0.2):
-        if widths == "static":
+        if widths == "static" and target > 0.1:
             torch._dynamo.reset()  # as _prune_stage: graphs of the old widths never match again
         with apr._eager_if(True):
             plan, _ = pruner.measure_and_plan(model, arch, batches, target)

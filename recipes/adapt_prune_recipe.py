@@ -852,8 +852,7 @@ def _configure_compile_widths(compiled: bool, widths: str) -> None:
     for name in ("force_parameter_static_shapes", "force_nn_module_property_static_shapes"):
         if hasattr(cfg, name):
             setattr(cfg, name, widths == "static")
-    if widths == "dynamic":
-        _mark_mlp_widths_dynamic()
+    _mark_mlp_widths_dynamic(widths == "dynamic")
 
 
 # Source names of torchtune's FeedForward weights inside a compiled layer, with the dimension
@@ -863,8 +862,10 @@ _MLP_WIDTH_SOURCES = tuple(
 )
 
 
-def _mark_mlp_widths_dynamic() -> None:
-    """Add the MLP width dimensions to dynamo's ``dynamic_sources`` (kept: the user's own entries).
+def _mark_mlp_widths_dynamic(on: bool) -> None:
+    """Add (or take back) the MLP width dimensions in dynamo's ``dynamic_sources``; entries of
+    the user's own are kept. Taking them back matters in a process that compiles both ways
+    (benchmarks): the list overrides ``force_parameter_static_shapes``.
 
     Needs a torch whose ``dynamic_sources`` understands the per-dimension ``:N`` suffix;
     without it the mark would make every dimension of those weights symbolic (the hidden size
@@ -875,8 +876,8 @@ def _mark_mlp_widths_dynamic() -> None:
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "dynamic_sources") or not hasattr(builder, "_parse_source_entry"):
         return
-    entries = [e for e in config.dynamic_sources.split(",") if e.strip()]
-    config.dynamic_sources = ",".join(entries + [s for s in _MLP_WIDTH_SOURCES if s not in entries])
+    entries = [e for e in config.dynamic_sources.split(",") if e.strip() and e not in _MLP_WIDTH_SOURCES]
+    config.dynamic_sources = ",".join(entries + (list(_MLP_WIDTH_SOURCES) if on else []))
 
 
 def _fit_compile_caches(compiled: bool, arch: DecoderArch, teacher: bool = False) -> None:
