@@ -17,7 +17,9 @@ adaptive steps (the package's own ``pruner.prune``; same calibration windows for
     python benchmarks/widths.py --steps 2 --quick  # smoke
 
 The JSON is rewritten after every phase (each round_to, the timings, the bf16 run), so a run
-stopped early keeps what it finished; ``summary`` appears once the timings are in.
+stopped early keeps what it finished; ``summary`` appears once the timings are in. The bf16 pass
+is slow on a CPU without native bf16 (over an hour at one thread here): ``--precision-only`` runs
+just that phase on top of a finished file.
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
                               num_tokens=args.eval_tokens)
     batches = calibration_batches(prepare_python_docs(), tok, args.calib_samples, 128, 8, seed=0)
     base, arch = load_hf_model(model_dir)
-    original, _ = evaluate(base, windows)
-    out.update(original=original, round_to={}, precision={})
+    if args.precision_only:  # the round_to phases and timings are already in ``out``
+        out["precision"] = {}
+    else:
+        original, _ = evaluate(base, windows)
+        out.update(original=original, round_to={}, precision={})
 
     def pruned(model: nn.Module, round_to: int) -> tuple:
         cfg = PruningConfig(target_sparsity=args.target, steps=args.steps, round_to=round_to, amplitude=0.02)
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
         return new_arch, time.perf_counter() - t0
 
     models: Dict[int, nn.Module] = {}
-    for r in args.round_to:
+    for r in [] if args.precision_only else args.round_to:
         model = copy.deepcopy(base)
         new_arch, seconds = pruned(model, r)
         ppl, _ = evaluate(model, windows)
@@ -105,15 +110,16 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
         print(f"round_to {r}: {ppl}, {new_arch.num_params():,} params, widths {sorted(set(widths))[:6]}...", flush=True)
     # What the widths buy: MLP forward time, all variants alternated in one loop (a shared CPU
     # slows each alike), and the unpruned model's as the reference.
-    timings: Dict[str, List[float]] = {"unpruned": []} | {str(r): [] for r in models}
-    for _ in range(args.rounds):
-        timings["unpruned"].append(mlp_seconds(base, args.mlp_tokens, 1))
-        for r, model in models.items():
-            timings[str(r)].append(mlp_seconds(model, args.mlp_tokens, 1))
-    out["mlp_seconds"] = {k: statistics.median(v) for k, v in timings.items()}
-    out["mlp_tokens"] = args.mlp_tokens
-    out["summary"] = summarize(out, args.round_to[0])
-    save()
+    if models:
+        timings: Dict[str, List[float]] = {"unpruned": []} | {str(r): [] for r in models}
+        for _ in range(args.rounds):
+            timings["unpruned"].append(mlp_seconds(base, args.mlp_tokens, 1))
+            for r, model in models.items():
+                timings[str(r)].append(mlp_seconds(model, args.mlp_tokens, 1))
+        out["mlp_seconds"] = {k: statistics.median(v) for k, v in timings.items()}
+        out["mlp_tokens"] = args.mlp_tokens
+        out["summary"] = summarize(out, args.round_to[0])
+        save()
 
     # bf16 vs fp32 pruning: kept channels and held-out perplexity (both evaluated in fp32).
     fp32_model = models.get(1)  # the round_to = 1 run above is the fp32 run
@@ -159,12 +165,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--mlp-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="smoke: tiny evaluation and timing")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="run only the bf16-vs-fp32 phase, keeping the round_to results already in --out "
+                             "(the bf16 pass is slow on CPUs without native bf16)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.eval_tokens, args.rounds, args.calib_samples = 1024, 2, 8
-    result = {"command": "python benchmarks/widths.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)}}
+    command = "python benchmarks/widths.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "precision_only")} | {"out": str(args.out)}
+    if args.precision_only:
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        kept = {k: v for k, v in result.get("settings", {}).items() if k != "precision_only"}
+        if "summary" not in result or kept != settings:
+            raise SystemExit(f"--precision-only needs {args.out} from a run with the same settings that finished its "
+                             f"round_to phases and timings; run without --precision-only first")
+        result["precision_command"] = command
+    else:
+        result = {"command": command, "machine": machine(), "settings": settings}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
