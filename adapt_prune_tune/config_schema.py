@@ -410,7 +410,8 @@ TOP_LEVEL = Section(
                 "`checkpoints/`, `final/`, `run_record.json` and report are deleted once every check has passed"),
         Setting("compile_widths", "str", "dynamic", "with `compile: True`, how graphs meet pruned widths: "
                 "dynamic = MLP widths are symbolic from the first trace, so one graph serves every width and a "
-                "resize compiles nothing new (a changed head count still does); static = one graph per distinct layer shape, rebuilt after every resize",
+                "resize compiles nothing new (a changed head count still does); static = one graph per "
+                "distinct layer shape, rebuilt after every resize",
                 choices=("dynamic", "static")),
         Setting("enable_fp8_training", "bool", False, "decoder projections train with torchao float8 matmuls, "
                 "re-converted after every resize; needs a CUDA GPU of compute capability >= 8.9 and "

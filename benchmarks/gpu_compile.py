@@ -68,14 +68,14 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     out: Dict[str, Any] = {"uniform": {**uniform, "graphs": _graphs() - g0}, "stages": []}
     log(f"[{widths}] uniform {size['shape']}: first step +{uniform['first_step_excess_s']:.1f}s over a steady "
         f"{uniform['steady_step_s']:.3f}s step ({out['uniform']['graphs']} graphs)")
-    # The recipe's first training step comes after its first prune, under its own settings.
-    torch._dynamo.reset()
     apr._configure_compile_widths(True, widths)
     pruner = AdaptivePruner(PruningConfig(target_sparsity=0.2, steps=2, round_to=size["round_to"]), arch)
     batches = calibration_batches(arch.vocab_size, *size["calib"], size["calib_batch"], device)
-    for target in (0.1, 0.2):
-        if widths == "static" and target > 0.1:
-            torch._dynamo.reset()  # as _prune_stage: graphs of the old widths never match again
+    for stage, target in enumerate((0.1, 0.2)):
+        # First stage: the recipe's first training step comes after its first prune, under its own
+        # settings. Static, every stage: as _prune_stage, graphs of the old widths never match again.
+        if stage == 0 or widths == "static":
+            torch._dynamo.reset()
         with apr._eager_if(True):
             plan, _ = pruner.measure_and_plan(model, arch, batches, target)
         new_model = rebuild(model, arch, plan.arch, plan.keeps, device, tdtype, opt)

@@ -176,8 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "precision_only")} | {"out": str(args.out)}
     if args.precision_only:
         result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        kept = {k: v for k, v in result.get("settings", {}).items() if k != "precision_only"}
-        if "summary" not in result or kept != settings:
+        if "summary" not in result or result.get("settings") != settings:
             raise SystemExit(f"--precision-only needs {args.out} from a run with the same settings that finished its "
                              f"round_to phases and timings; run without --precision-only first")
         result["precision_command"] = command
