@@ -209,7 +209,19 @@ def markdown(results: Dict[str, Any]) -> str:
         for c in comparisons:
             ratios = " | ".join(f"{c['ratios'][t]:.3f}" for t in texts)
             lines.append(f"| {c['name']} | ≤ {c['limit']:g} | {ratios} | {'yes' if c['met'] else 'no'} |")
+    interleavings = [(n, arms[name]) for name, n in ABLATION if name in arms]
+    if len(interleavings) > 1:
+        lines += ["", "| interleavings N (same prune steps and tokens) | "
+                  + " | ".join(f"{t}: pruned → trained" for t in texts) + " |",
+                  "|---|" + "---|" * len(texts)]
+        for n, r in interleavings:
+            cells = " | ".join(f"{r['ppl_after_prune'][t]:.2f} → {r['ppl_after_train'][t]:.2f}" for t in texts)
+            lines.append(f"| {n} | {cells} |")
     return "\n".join(lines)
+
+
+# The paper's Figure 4 in small: the arms that differ only in the number of stages N.
+ABLATION = (("b", 1), ("n2", 2), ("a", 4), ("n8", 8))
 
 
 # The targets: held-out perplexity after training, one arm ÷ another, on every text.
