@@ -340,7 +340,7 @@ def _run(tp, args, doc, settings, ours, same_model, tmp: Path, argv, log) -> Dic
                             *(sys.argv[1:] if argv is None else argv)])
         d[TORCH_PRUNING_KEY] = {
             "version": version("torch-pruning"),
-            "commands": [*(c for c in sec.get("commands", []) if c != command), command],  # a resumed one once
+            "commands": [*sec.get("commands", []), command],
             "machine": machine(),
             "model": args.model,
             "settings": settings,
