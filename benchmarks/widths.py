@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
         "kept_mlp_channel_overlap_per_layer": overlaps,
         "kept_mlp_channel_overlap_mean": sum(overlaps) / len(overlaps),
         "same_widths": [l.mlp.w1.weight.shape[0] for l in fp32_model.layers] == [l.intermediate_dim for l in arch16.layers],
-        "perplexity_fp32_pruned": evaluate(fp32_model, windows)[0],
+        # The round_to = 1 phase already evaluated this pruning (same windows and settings, deterministic).
+        "perplexity_fp32_pruned": out["round_to"].get("1", {}).get("perplexity") or evaluate(fp32_model, windows)[0],
         "perplexity_bf16_pruned": evaluate(bf16_model.float(), windows)[0],
     }
     save()
