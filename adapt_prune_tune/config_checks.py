@@ -66,6 +66,42 @@ class CheckedConfig:
     arch: DecoderArch
 
 
+def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
+    """The YAML at ``path`` with ``key=value`` overrides merged exactly as ``tune run`` merges them.
+
+    torchtune's merge stops at the first override OmegaConf cannot apply with a bare
+    ``TypeError``/``ValueError`` that names neither the override nor the fix (a list given
+    for a section, a value for a mapping). Here each override is tried alone and every one
+    that fails is named in one ``ConfigError``.
+    """
+    from argparse import Namespace
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    def merged(args: Sequence[str]) -> DictConfig:
+        yaml_args = Namespace(**OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        return _merge_yaml_and_cli_args(yaml_args, list(args))
+
+    try:
+        return merged(overrides)
+    except (OmegaConfBaseException, TypeError, ValueError) as first:
+        problems = []
+        for override in overrides:
+            try:
+                merged([override])
+            except (OmegaConfBaseException, TypeError, ValueError) as e:
+                key = override.split("=", 1)[0].lstrip("~")
+                problems.append(
+                    f"override `{override}` cannot be applied to {path.name}: {str(e).splitlines()[0]}. "
+                    f"Overrides are `key=value` and keep the type at `{key}`: a section stays a section "
+                    f"(set its keys one by one, `{key}.NAME=...`), a value stays a value; for larger changes "
+                    "edit a copy of the config (`tune cp`)"
+                )
+        raise ConfigError(problems or [f"the overrides cannot be applied to {path.name}: {first}"]) from first
+
+
 def launch_world_size() -> int:
     """Ranks of the run being launched (torchrun's WORLD_SIZE; one process without it).
 
@@ -83,7 +119,8 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     world_size = launch_world_size() if world_size is None else world_size
     arch, model_problem = meta_arch(cfg)
     schema = check_sections(cfg, world_size=world_size, arch=arch)
-    problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg) + component_problems(cfg)
+    problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
+    problems += stock_value_problems(cfg) + component_problems(cfg)
     if model_problem:
         problems.append(model_problem)
     if cfg.get("enable_fp8_training", False) is True:
@@ -220,6 +257,42 @@ def stock_setting_problems(cfg: DictConfig) -> List[str]:
             problems.append(
                 "enable_activation_offloading should only be True when enable_activation_checkpointing is True"
             )
+    return problems
+
+
+# Top-level numbers the stock recipe reads without checking them: a 0 batch divides by zero
+# in the token budget, a 0 accumulation never steps the optimizer, and either surfaces much later.
+_STOCK_COUNTS = (
+    ("batch_size", 1, False, "samples per rank per forward"),
+    ("gradient_accumulation_steps", 1, False, "forwards per optimizer step"),
+    ("epochs", 1, False, "passes over the dataset"),
+    ("log_every_n_steps", 1, True, "optimizer steps between metric-logger rows"),
+    ("max_steps_per_epoch", 1, True, "optimizer steps per epoch"),
+)
+
+
+def stock_value_problems(cfg: DictConfig) -> List[str]:
+    """Torchtune's own top-level numbers (``batch_size``, ``gradient_accumulation_steps``, ...) in range."""
+    problems = []
+    for key, low, nullable, what in _STOCK_COUNTS:
+        if key not in cfg:
+            continue
+        value = cfg.get(key)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            shown = f"{value!r} (a {type(value).__name__})" if not isinstance(value, int) or isinstance(value, bool) else value
+            problems.append(
+                f"{key} must be an integer >= {low} ({what}){' or null' if nullable else ''}, got {shown}"
+            )
+    clip = cfg.get("clip_grad_norm", None)
+    if clip is not None:
+        try:
+            bad = not math.isfinite(float(clip)) or float(clip) <= 0
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            problems.append(f"clip_grad_norm must be a finite number > 0 or null (no clipping), got {clip!r}")
     return problems
 
 

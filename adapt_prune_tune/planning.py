@@ -85,13 +85,12 @@ from __future__ import annotations
 
 import json
 import math
-from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
@@ -100,6 +99,7 @@ from adapt_prune_tune.config_checks import (
     check_total_steps,
     dataset_location,
     mean_sample_length,
+    merge_overrides,
     run_datasets,
     steps_for_tokens,
 )
@@ -114,11 +114,8 @@ GIB = float(1 << 30)
 
 def load_config(name: str, overrides: Sequence[str] = ()) -> Tuple[DictConfig, Path]:
     """A config by packaged name or path, with ``key=value`` overrides applied like ``tune run``."""
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
     path = packaged_configs.resolve(name)
-    yaml_args = Namespace(**OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-    return _merge_yaml_and_cli_args(yaml_args, list(overrides)), path
+    return merge_overrides(path, overrides), path
 
 
 # --------------------------------------------------------------------------- widths

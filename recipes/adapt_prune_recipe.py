@@ -48,10 +48,12 @@ from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import faults
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
+    ConfigError,
     check_inputs as _check_inputs,
     check_total_steps,
     clear_previous_run as _clear_previous_run,
     mean_sample_length,
+    merge_overrides,
     steps_for_tokens,
 )
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
@@ -981,6 +983,10 @@ def main() -> None:
                 launch={"nnodes": max(1, world // max(1, local)), "nproc_per_node": local},
             )
             sys.argv[i] = str(packaged_configs.resolve(sys.argv[i]))
+            try:  # torchtune's own merge would fail later with a bare TypeError naming no override
+                merge_overrides(Path(sys.argv[i]), sys.argv[i + 1 :])
+            except ConfigError as e:
+                sys.exit(str(e))
     sys.exit(recipe_main())
 
 

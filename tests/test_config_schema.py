@@ -152,11 +152,26 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         # torchtune's own config checks and what a resize cannot carry join the same message
         ("dtype=fp16", "full fp16 training is not supported"),
         ("optimizer_in_bwd=True", "optimizer_in_bwd=True (per-parameter optimizers cannot be resized)"),
+        # torchtune's numbers it reads unchecked: refused here, not as a ZeroDivisionError later
+        ("batch_size=0", "batch_size must be an integer >= 1 (samples per rank per forward), got 0"),
+        ("gradient_accumulation_steps=abc", "gradient_accumulation_steps must be an integer >= 1"),
+        ("max_steps_per_epoch=0", "max_steps_per_epoch must be an integer >= 1 (optimizer steps per epoch) or null"),
+        ("clip_grad_norm=-1", "clip_grad_norm must be a finite number > 0 or null"),
     ],
 )
 def test_bad_key_is_refused_by_name(tmp_path, override, message):
     found = problems_of(demo_config(tmp_path, *override.split()))
     assert any(message in p for p in found), found
+
+
+def test_override_that_cannot_merge_is_named_with_the_fix():
+    """OmegaConf's bare "Cannot merge incompatible container types" becomes the override and the fix."""
+    with pytest.raises(ConfigError) as err:
+        load_config("smollm2/135M_adapt", ["adapt.stages=2", "heldout.texts=[austen]", "pruning={}"])
+    assert len(err.value.problems) == 1, err.value.problems  # the good overrides are not blamed
+    (problem,) = err.value.problems
+    assert problem.startswith("override `heldout.texts=[austen]` cannot be applied to 135M_adapt.yaml")
+    assert "heldout.texts.NAME=..." in problem
 
 
 def test_model_and_rank_relations_wait_for_them(tmp_path):
