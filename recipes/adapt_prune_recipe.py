@@ -504,11 +504,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self._steps_per_epoch = self.max_steps_per_epoch
                 t0 = time.perf_counter()
                 super().train()
-                entry = self._stage_log[-1]
+                entry = self._stage_entry(stage)
                 entry["train_loss_end"] = self._last_loss()
                 # Time spent training this stage in this process (a resumed stage: since the resume).
                 entry["seconds_train"] = entry.get("seconds_train", 0.0) + time.perf_counter() - t0
-            entry = self._stage_log[-1]
+            # By number, not the log's last entry: a resumed run walks the finished stages first,
+            # and the last entry is then the stage it resumes into, not yet trained.
+            entry = self._stage_entry(stage)
             if self._stage_steps[stage - 1] > 0 and self._heldout and entry.get("heldout_ppl_after_train") is None:
                 values = self._heldout_ppl("trained")
                 entry["heldout_ppl_after_train"] = next(iter(values.values()))
@@ -516,6 +518,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._progress is not None:
             self._progress.finish()
         self._finish()
+
+    def _stage_entry(self, stage: int) -> Dict[str, Any]:
+        """The stage log's entry of ``stage`` (written by its prune)."""
+        return next(e for e in reversed(self._stage_log) if e["stage"] == stage)
 
     def _last_loss(self) -> Optional[float]:
         rows = [r for r in self._train_log if r["stage"] == self._stage and "loss" in r]

@@ -299,6 +299,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_do
     assert [r["loss"] for r in ref_record["train_log"] if "loss" in r] == [
         r["loss"] for r in res_record["train_log"] if "loss" in r
     ]
+    # The held-out evaluations too: each stage's after-training one once, labelled with its stage
+    # (a resume once evaluated the unfinished stage early, as stage 1, and skipped it later).
+    assert res_record["heldout_log"] == ref_record["heldout_log"]
+    heldout = ("heldout_after_prune", "heldout_after_train")
+    assert [{k: s[k] for k in heldout} for s in res_record["stages"]] == [
+        {k: s[k] for k in heldout} for s in ref_record["stages"]
+    ]
 
 
 def _run_2proc(cfg: Path, cwd: Path, *extra: str, kill_at: Optional[str] = None) -> subprocess.CompletedProcess:
