@@ -473,6 +473,8 @@ def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
         ("pruning.method.amplitde=0.1", "pruning.method.amplitde: unknown key (did you mean pruning.method.amplitude?)"),
         ("prunning.method.amplitude=0.1 adapt.stages=two", "(did you mean pruning?)"),  # and adapt.stages: one message
         ("resume_from_checkpoint=False", "already holds a run (final, run_record.json): set resume_from_checkpoint=True"),
+        ("heldout.texts=[python]", "override `heldout.texts=[python]` cannot be applied"),  # not a bare TypeError
+        ("batch_size=0", "batch_size must be an integer >= 1"),
     ],
 )
 def test_bad_input_fails_before_work(tmp_path, tiny_model, python_docs_dir, override, message):
