@@ -280,8 +280,9 @@ def stock_value_problems(cfg: DictConfig) -> List[str]:
         value = cfg.get(key)
         if value is None and nullable:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            shown = f"{value!r} (a {type(value).__name__})" if not isinstance(value, int) or isinstance(value, bool) else value
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not integer or value < low:
+            shown = value if integer else f"{value!r} (a {type(value).__name__})"
             problems.append(
                 f"{key} must be an integer >= {low} ({what}){' or null' if nullable else ''}, got {shown}"
             )
