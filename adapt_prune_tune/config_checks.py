@@ -31,7 +31,16 @@ from omegaconf import DictConfig, ListConfig
 from torchtune import config, utils
 
 from adapt_prune_tune import checkpointing as ckpt
-from adapt_prune_tune.config_schema import SchemaResult, check_sections, distill_config, pruning_config, stage_steps_problem
+from adapt_prune_tune.config_schema import (
+    REQUIRED,
+    Range,
+    SchemaResult,
+    Setting,
+    check_sections,
+    distill_config,
+    pruning_config,
+    stage_steps_problem,
+)
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.fp8 import fp8_problems
 from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
@@ -262,39 +271,22 @@ def stock_setting_problems(cfg: DictConfig) -> List[str]:
 
 # Top-level numbers the stock recipe reads without checking them: a 0 batch divides by zero
 # in the token budget, a 0 accumulation never steps the optimizer, and either surfaces much later.
-_STOCK_COUNTS = (
-    ("batch_size", 1, False, "samples per rank per forward"),
-    ("gradient_accumulation_steps", 1, False, "forwards per optimizer step"),
-    ("epochs", 1, False, "passes over the dataset"),
-    ("log_every_n_steps", 1, True, "optimizer steps between metric-logger rows"),
-    ("max_steps_per_epoch", 1, True, "optimizer steps per epoch"),
+# Checked by the config table's own ``Setting`` rows; not part of the table, which documents our keys.
+_STOCK_NUMBERS = (
+    Setting("batch_size", "int", REQUIRED, "", Range(1), why="samples per rank per forward"),
+    Setting("gradient_accumulation_steps", "int", 1, "", Range(1), why="forwards per optimizer step"),
+    Setting("epochs", "int", 1, "", Range(1), why="passes over the dataset"),
+    Setting("log_every_n_steps", "int", 1, "", Range(1), nullable=True,
+            why="optimizer steps between metric-logger rows"),
+    Setting("max_steps_per_epoch", "int", None, "", Range(1), nullable=True, why="optimizer steps per epoch"),
+    Setting("clip_grad_norm", "float", None, "", Range(0, low_open=True), nullable=True, why="null: no clipping"),
 )
 
 
 def stock_value_problems(cfg: DictConfig) -> List[str]:
     """Torchtune's own top-level numbers (``batch_size``, ``gradient_accumulation_steps``, ...) in range."""
-    problems = []
-    for key, low, nullable, what in _STOCK_COUNTS:
-        if key not in cfg:
-            continue
-        value = cfg.get(key)
-        if value is None and nullable:
-            continue
-        integer = isinstance(value, int) and not isinstance(value, bool)
-        if not integer or value < low:
-            shown = value if integer else f"{value!r} (a {type(value).__name__})"
-            problems.append(
-                f"{key} must be an integer >= {low} ({what}){' or null' if nullable else ''}, got {shown}"
-            )
-    clip = cfg.get("clip_grad_norm", None)
-    if clip is not None:
-        try:
-            bad = not math.isfinite(float(clip)) or float(clip) <= 0
-        except (TypeError, ValueError):
-            bad = True
-        if bad:
-            problems.append(f"clip_grad_norm must be a finite number > 0 or null (no clipping), got {clip!r}")
-    return problems
+    found = (s.problem(s.name, cfg.get(s.name)) for s in _STOCK_NUMBERS if s.name in cfg)
+    return [problem for problem in found if problem is not None]
 
 
 # --------------------------------------------------------------------------- files

@@ -155,7 +155,7 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         # torchtune's numbers it reads unchecked: refused here, not as a ZeroDivisionError later
         ("batch_size=0", "batch_size must be an integer >= 1 (samples per rank per forward), got 0"),
         ("gradient_accumulation_steps=abc", "gradient_accumulation_steps must be an integer >= 1"),
-        ("max_steps_per_epoch=0", "max_steps_per_epoch must be an integer >= 1 (optimizer steps per epoch) or null"),
+        ("max_steps_per_epoch=0", "max_steps_per_epoch must be an integer >= 1 or null (optimizer steps per epoch), got 0"),
         ("clip_grad_norm=-1", "clip_grad_norm must be a finite number > 0 or null"),
     ],
 )
