@@ -66,8 +66,10 @@ def slice_tensor(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor
 
 
 def _narrow_linear(old: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    new = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None,
+    # skip_init: nn.Linear's random init of a weight about to be overwritten was 80 % of the
+    # surgery's time on SmolLM2 (203 kaiming_uniform_ calls, 0.30 of 0.38 s per prune step).
+    new = torch.nn.utils.skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
         device=weight.device, dtype=weight.dtype,
     )
     with torch.no_grad():
