@@ -90,8 +90,9 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
 
     def pruned(model: nn.Module, round_to: int) -> tuple:
         cfg = PruningConfig(target_sparsity=args.target, steps=args.steps, round_to=round_to, amplitude=0.02)
+        name = f"{str(next(model.parameters()).dtype).removeprefix('torch.')}, round_to {round_to}"
         t0 = time.perf_counter()
-        new_arch, _ = prune(model, arch, batches, cfg)
+        new_arch, _ = prune(model, arch, batches, cfg, log=lambda msg: print(f"  {name}: {msg}", flush=True))
         return new_arch, time.perf_counter() - t0
 
     models: Dict[int, nn.Module] = {}
@@ -124,10 +125,14 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
     # bf16 vs fp32 pruning: kept channels and held-out perplexity (both evaluated in fp32).
     fp32_model = models.get(1)  # the round_to = 1 run above is the fp32 run
     bf16_model = copy.deepcopy(base).to(torch.bfloat16)
-    arch16, _ = pruned(bf16_model, 1)
-    if fp32_model is None:
+    arch16, seconds_bf16 = pruned(bf16_model, 1)
+    seconds_fp32 = out["round_to"].get("1", {}).get("seconds_pruning")
+    fp32_ppl = out["round_to"].get("1", {}).get("perplexity")
+    if fp32_model is None:  # --precision-only: prune (and evaluate) fp32 again on this machine,
+        # since the round_to phase may have run on another CPU whose fp32 kernels round differently
         fp32_model = copy.deepcopy(base)
-        pruned(fp32_model, 1)
+        _, seconds_fp32 = pruned(fp32_model, 1)
+        fp32_ppl = evaluate(fp32_model, windows)[0]
     overlaps = [
         len(a & b) / max(1, len(a), len(b))
         for a, b in zip(kept_channels(base, fp32_model), kept_channels(base, bf16_model))
@@ -135,10 +140,12 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
     out["precision"] = {
         "kept_mlp_channel_overlap_per_layer": overlaps,
         "kept_mlp_channel_overlap_mean": sum(overlaps) / len(overlaps),
-        "same_widths": [l.mlp.w1.weight.shape[0] for l in fp32_model.layers] == [l.intermediate_dim for l in arch16.layers],
-        # The round_to = 1 phase already evaluated this pruning (same windows and settings, deterministic).
-        "perplexity_fp32_pruned": out["round_to"].get("1", {}).get("perplexity") or evaluate(fp32_model, windows)[0],
+        "mlp_widths": {"fp32": [l.mlp.w1.weight.shape[0] for l in fp32_model.layers],
+                       "bf16": [l.intermediate_dim for l in arch16.layers]},
+        "perplexity_fp32_pruned": fp32_ppl,
         "perplexity_bf16_pruned": evaluate(bf16_model.float(), windows)[0],
+        "seconds_pruning": {"fp32": seconds_fp32, "bf16": seconds_bf16},
+        "machine": machine(),  # may differ from the round_to phases' (--precision-only runs later)
     }
     save()
 
