@@ -98,9 +98,12 @@ def machine() -> Dict[str, Any]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: the fields below are unknown, not false
         return info
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), None)
-    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
-    return info | {"cpu_model": model, "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+    fields: Dict[str, str] = {}  # the first CPU's lines; every core reports the same model and flags
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return info | {"cpu_model": fields.get("model name"), "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 # --------------------------------------------------------------------------- results file

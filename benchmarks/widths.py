@@ -126,10 +126,10 @@ def run(args: argparse.Namespace, out: Dict[str, Any], save: Callable[[], None])
     fp32_model = models.get(1)  # the round_to = 1 run above is the fp32 run
     bf16_model = copy.deepcopy(base).to(torch.bfloat16)
     arch16, seconds_bf16 = pruned(bf16_model, 1)
-    seconds_fp32 = out["round_to"].get("1", {}).get("seconds_pruning")
-    fp32_ppl = out["round_to"].get("1", {}).get("perplexity")
-    if fp32_model is None:  # --precision-only: prune (and evaluate) fp32 again on this machine,
-        # since the round_to phase may have run on another CPU whose fp32 kernels round differently
+    first = out["round_to"].get("1", {})
+    seconds_fp32, fp32_ppl = first.get("seconds_pruning"), first.get("perplexity")
+    if fp32_model is None:  # no round_to 1 run in this process (--precision-only, or not asked):
+        # prune and evaluate fp32 here; a stored run may come from a CPU whose fp32 kernels round differently
         fp32_model = copy.deepcopy(base)
         _, seconds_fp32 = pruned(fp32_model, 1)
         fp32_ppl = evaluate(fp32_model, windows)[0]
