@@ -5,18 +5,19 @@
 #   bash benchmarks/gpu_check.sh            # there: carry .whl; results in $OUT/gpu_check.json too
 #   bash benchmarks/gpu_check.sh --dry-run  # here, on the CPU (or CPU_DRY_RUN=1): tiny shapes, no FP8
 #
-# Sections, each in its own process with its own timeout (all of them share 470 s less the
-# install's time; a section with under 20 s left is skipped), each merged into the results
-# file with its status as it ends:
+# Sections, each in its own process with its own timeout (all of them share GPU_CHECK_BUDGET
+# seconds, 470 unless set, less the install's time; a section with under 20 s left is skipped),
+# each merged into the results file with its status as it ends; the whole log goes to
+# $OUT/gpu_check.log too when $OUT is set (the device tool's return folder):
 #   recipe      tune run adapt_prune_recipe --config smollm2/135M_adapt device=cuda dtype=bf16
 #               compile=True, two stages, SmolLM2's shape at random init; loss recovers after
-#               each resize; adapt-prune-tune export loads in transformers with finite logits (210 s)
+#               each resize; adapt-prune-tune export loads in transformers with finite logits (300 s)
 #   prune_loop  50 adaptive iterations on the Llama-3.1-8B shape, random bf16 weights (≤ 60 s);
-#               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (130 s)
-#   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (90 s)
+#               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (150 s)
+#   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (180 s)
 #   fp8         tokens/s with and without torchao float8 training on pruned widths (round_to=64);
-#               skipped below compute capability 8.9 (90 s, or what the budget has left)
-# Extra arguments go to gpu_check.py (e.g. --only recipe,fp8).
+#               skipped below compute capability 8.9 (120 s, or what the budget has left)
+# Extra arguments go to gpu_check.py (e.g. --only compile,fp8 to finish in a second call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +52,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$site" PATH="$site/bin:$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python3 -c "import torch, torchtune, torchao, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 '| torchtune', torchtune.__version__, '| torchao', torchao.__version__, '| transformers', transformers.__version__)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 installed=$(( $(date +%s) - t0 ))
-echo "gpu_check: wheels installed in ${installed}s"
-exec timeout 480 python3 benchmarks/gpu_check.py --budget $(( 470 - installed )) "${args[@]}"
+budget=$(( ${GPU_CHECK_BUDGET:-470} - installed ))
+echo "gpu_check: wheels installed in ${installed}s; ${budget}s for the sections"
+log=/dev/null
+[ -n "${OUT:-}" ] && [ -d "$OUT" ] && log="$OUT/gpu_check.log"
+timeout $(( budget + 15 )) python3 benchmarks/gpu_check.py --budget "$budget" "${args[@]}" 2>&1 | tee "$log"

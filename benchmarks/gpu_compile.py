@@ -9,11 +9,20 @@ runs them (``static`` resets dynamo at each; one adaptive step each, to 10 % and
 ``round_to=64``, run eagerly), each followed by the resize, the new model compiled and training
 steps. Figure: each stage's first training step's
 excess over a steady step ÷ the uniform model's (target ≤ 1 after each resize).
+
+Each ``compile_widths`` runs in its own process with its own empty inductor and Triton
+caches, after a warm-up compile: in one process the second trajectory's uniform compile
+would find the first one's kernels cached (and the first would carry the process's one-time
+costs), which skews the very ratio measured. Each trajectory's record is kept as it ends
+(``partial.json``), so a section stopped at its timeout still reports the ones that finished.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -97,17 +106,32 @@ def _trajectory(widths: str, device: str, dtype: str, size: Dict[str, Any], log)
     return out
 
 
-def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:
+def run_trajectory(widths: str, device: str, dtype: str, dry_run: bool, out: Path) -> None:
+    """One trajectory in this process (fresh): warm-up, then the uniform model and the cuts."""
     import torch._inductor.config
 
     size = SIZES["dry_run" if dry_run else "gpu"]
     # No FX graph cache: the loss graph compiled for the uniform model would be a cache hit after
-    # the resize, and a warm cache from an earlier run would hide both compiles.
+    # the resize (the process's own caches are fresh directories: see run).
     torch._inductor.config.fx_graph_cache = False
     _warm_up_inductor(device)
-    res: Dict[str, Any] = {"shape": size["shape"], "device": device, "dtype": dtype, "settings": size}
-    for widths in ("dynamic", "static"):
-        res[widths] = _trajectory(widths, device, dtype, size, log)
+    result = _trajectory(widths, device, dtype, size, lambda s: print(s, flush=True))
+    out.write_text(json.dumps(result, indent=2, default=float))
+
+
+def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:
+    size = SIZES["dry_run" if dry_run else "gpu"]
+    res: Dict[str, Any] = {"shape": size["shape"], "device": device, "dtype": dtype, "settings": size,
+                           "isolation": "one process per compile_widths, fresh inductor and Triton caches"}
+    for widths in ("dynamic", "static"):  # the recipe's default first: a timeout loses the other
+        out = work / f"trajectory_{widths}.json"
+        caches = work / f"caches_{widths}"
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+               "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONUNBUFFERED": "1"}
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), widths, device, dtype, str(int(dry_run)),
+                        str(out)], check=True, env=env, cwd=work)
+        res[widths] = json.loads(out.read_text())
+        (work / "partial.json").write_text(json.dumps(res, indent=2, default=float))
     ratio = res["dynamic"]["compile_ratio_after_resize"]
     res["compile_ratio_after_resize"] = ratio
     res["targets"] = {"compile_ratio_after_resize": {"value": ratio, "target": "<= 1.0", "met": ratio <= 1.0}}
@@ -118,3 +142,8 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
         f"{res[w]['uniform']['steady_step_s']:.3f}s -> {res[w]['stages'][-1]['steady_step_s']:.3f}s"
         for w in ("dynamic", "static"))
     return res
+
+
+if __name__ == "__main__":  # one trajectory: WIDTHS DEVICE DTYPE DRY_RUN OUT (see run)
+    _widths, _device, _dtype, _dry, _out = sys.argv[1:6]
+    run_trajectory(_widths, _device, _dtype, _dry == "1", Path(_out))

@@ -10,6 +10,7 @@ needs compute capability 8.9 or later (Ada, Hopper); elsewhere the section is sk
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -94,6 +95,7 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
             log(f"fp8: {name} failed: {results[name]['error'][:300]}")
         del m
         torch.cuda.empty_cache()
+        (work / "partial.json").write_text(json.dumps(results, indent=2, default=float))  # kept on a timeout
 
     def ratio(a: str, b: str) -> float:
         try:

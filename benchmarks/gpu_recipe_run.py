@@ -123,6 +123,17 @@ def stage_checks(record: Dict[str, Any], tokens_per_step: int) -> List[Dict[str,
     return out
 
 
+def keep_run_files(output_dir: Path) -> None:
+    """The run's record and report into ``$OUT`` (the device tool's return folder), when set:
+    the run directory itself stays on the lent machine."""
+    out = os.environ.get("OUT")
+    if not out or not Path(out).is_dir():
+        return
+    for name in ("run_record.json", "report.md"):
+        if (output_dir / name).is_file():
+            shutil.copyfile(output_dir / name, Path(out) / f"recipe_{name}")
+
+
 def export_check(output_dir: Path, export_dir: Path, model_dir: Path, env: Dict[str, str]) -> Dict[str, Any]:
     """``adapt-prune-tune export`` (compact), then transformers vs the recipe's model on one window."""
     import torch
@@ -180,6 +191,7 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
     subprocess.run(_command("tune", "torchtune._cli.tune") + args, check=True, env=env, cwd=work)
     wall = time.perf_counter() - t
     record = json.loads((output_dir / "run_record.json").read_text())
+    keep_run_files(output_dir)
     stages = stage_checks(record, s["batch_size"] * s["max_seq_len"])
     export = export_check(output_dir, work / "export", model_dir, env)
     completed = len(record["stages"]) == 2 and (output_dir / "final" / "model.safetensors").is_file()
