@@ -457,10 +457,14 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         sampler = ChunkSampler(len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size)
         calib = self._cfg.pruning.calibration
         calib_data = config.instantiate(calib.dataset, self._tokenizer)
-        self._calib_batches = calibration_batches(
-            calib_data, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
-            seed=self.seed, rank=self.dp_rank, world_size=self.dp_size,
-        )
+        # On the training device once: a few thousand token ids, read at every prune step.
+        self._calib_batches = [
+            {k: v.to(self._device) for k, v in batch.items()}
+            for batch in calibration_batches(
+                calib_data, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
+                seed=self.seed, rank=self.dp_rank, world_size=self.dp_size,
+            )
+        ]
         return StatefulDataLoader(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=stock.collate_fn, drop_last=True
         )

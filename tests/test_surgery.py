@@ -201,6 +201,29 @@ def test_save_rebuild_load_gives_identical_logits(family: str, tmp_path: Path) -
             assert torch.equal(rebuilt.eval()(tokens), expected)
 
 
+def test_rebuild_when_pruned_head_count_does_not_divide_embed_dim() -> None:
+    """Llama-3.1-8B keeping 7 of 8 GQA groups has 28 heads and 4096 % 28 != 0: the resize and
+    the export's rebuild must still build it (torchtune's constructor check is bypassed)."""
+    from torchtune.models.llama3_2._component_builders import llama3_2
+
+    torch.manual_seed(11)
+    model = llama3_2(vocab_size=VOCAB, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=64,
+                     max_seq_len=SEQ, intermediate_dim=40, scale_factor=32, tie_word_embeddings=False).eval()
+    arch = arch_from_model(model)
+    g = torch.Generator().manual_seed(11)
+    kv_keep, q_keep, _ = select_attention(torch.rand(4, generator=g), torch.rand(8, generator=g), 3, 2)
+    keeps = [LayerKeep(q_keep, kv_keep, torch.arange(40)), None]
+    pruned_sd = prune_state_dict(model.state_dict(), full_slice_map(arch, keeps))
+    new_arch = prune_decoder_(model, arch, keeps)
+    assert (new_arch.layers[0].num_heads, new_arch.layers[0].num_kv_heads) == (6, 3)  # 64 % 6 != 0
+    rebuilt = decoder_from_arch(new_arch)
+    rebuilt.load_state_dict(pruned_sd, strict=True)
+    assert (rebuilt.layers[0].attn.num_heads, rebuilt.layers[0].attn.num_kv_heads) == (6, 3)
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(tokens), model(tokens))
+
+
 def test_optimizer_state_follows_the_parameter_slices() -> None:
     model = build("qwen2", seed=9).train()
     arch = arch_from_model(model)

@@ -48,10 +48,14 @@ def _rope(arch: DecoderArch) -> nn.Module:
 def _layer(arch: DecoderArch, layer: LayerArch, rope: nn.Module) -> TransformerSelfAttentionLayer:
     dim, hd = arch.embed_dim, arch.head_dim
     q_dim, kv_dim = layer.num_heads * hd, layer.num_kv_heads * hd
+    # torchtune's constructor insists that embed_dim divide by num_heads, a rule of the unpruned
+    # shape only: head_dim is explicit and the forward never uses embed_dim / num_heads. A
+    # pruned Llama-3.1-8B layer with 7 of 8 GQA groups has 28 heads (4096 % 28 != 0), so the
+    # module is built with one head and given its real counts, as surgery does in place.
     attn = MultiHeadAttention(
         embed_dim=dim,
-        num_heads=layer.num_heads,
-        num_kv_heads=layer.num_kv_heads,
+        num_heads=1,
+        num_kv_heads=1,
         head_dim=hd,
         q_proj=nn.Linear(dim, q_dim, bias=arch.attn_bias),
         k_proj=nn.Linear(dim, kv_dim, bias=arch.attn_bias),
@@ -60,6 +64,9 @@ def _layer(arch: DecoderArch, layer: LayerArch, rope: nn.Module) -> TransformerS
         pos_embeddings=rope,
         max_seq_len=arch.max_seq_len,
     )
+    if layer.num_heads % layer.num_kv_heads:
+        raise ValueError(f"num_heads ({layer.num_heads}) must be a multiple of num_kv_heads ({layer.num_kv_heads})")
+    attn.num_heads, attn.num_kv_heads = layer.num_heads, layer.num_kv_heads
     hidden = layer.intermediate_dim
     mlp = FeedForward(
         gate_proj=nn.Linear(dim, hidden, bias=False),
