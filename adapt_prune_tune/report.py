@@ -27,7 +27,6 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from adapt_prune_tune import run_record as rr
 from adapt_prune_tune.base_model import BaseModelUnknown, resolve_base_model
 from adapt_prune_tune.run_record import format_perplexity
-from adapt_prune_tune.evaluation import evaluation_markdown
 from adapt_prune_tune.models import DecoderArch
 
 WIDTHS_PNG = "layer_widths.png"
@@ -735,6 +734,10 @@ def write_report(record: Mapping[str, Any], out_dir: Union[str, Path]) -> Path:
         plot_training(record["train_log"], out_dir / TRAINING_PNG)
         sections.append(("Training", _training_section(record["train_log"], TRAINING_PNG)))
     if record.get("evaluation"):
+        # Imported here: evaluation imports lm-eval, which a run without an evaluation (a
+        # machine that trains only, such as the GPU check's) need not have.
+        from adapt_prune_tune.evaluation import evaluation_markdown
+
         sections.append(("Evaluation", evaluation_markdown(record["evaluation"])))
 
     text = title + "\n\n" + "\n".join(f"## {name}\n\n{body}" for name, body in sections)

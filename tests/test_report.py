@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -410,3 +411,18 @@ def test_report_names_the_base_model_by_its_hub_id(tmp_path):
     unknown = tmp_path / "my-own-model"
     unknown.mkdir()
     assert base_model_name({"base_model": str(unknown)}) == str(unknown)  # nothing identifies it: as recorded
+
+
+def test_report_of_a_run_without_evaluation_needs_no_lm_eval(tmp_path):
+    """The GPU check's machine trains and reports without lm-eval installed."""
+    import subprocess
+    import sys
+
+    (tmp_path / "record.json").write_text(json.dumps({k: v for k, v in _record().items() if k != "evaluation"}))
+    code = (
+        "import json, sys; sys.modules['lm_eval'] = None\n"  # any lm_eval import now fails
+        "from adapt_prune_tune.report import write_report\n"
+        f"write_report(json.load(open({str(tmp_path / 'record.json')!r})), {str(tmp_path / 'out')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert (tmp_path / "out" / "report.md").is_file()
