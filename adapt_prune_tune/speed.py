@@ -310,7 +310,7 @@ def measure_speed(
     with _inference(model):
         # Warm-up of the same length: a shorter one leaves the timed run's cache and mask
         # sizes cold (on an H200 the first model measured decoded at 17.5 tokens/s, the second,
-        # of the same depth and heads, at 27.6: lazily loaded kernels, not the pruning).
+        # of the same depth and heads, at 27.6; cold kernels are the likely cause, not verified).
         greedy_decode_timed(model, prompt, new_tokens)
         with peak_memory_growth(device) as generate_memory:
             timed = greedy_decode_timed(model, prompt, new_tokens)
