@@ -81,6 +81,9 @@ def recipe_overrides(s: Dict[str, Any], dry_run: bool) -> List[str]:
         f"heldout.num_tokens={s['heldout_tokens']}", f"heldout.window={s['heldout_window']}",
         f"log_peak_memory_stats={s['device'] == 'cuda'}",
     ]
+    # More overrides from the environment (e.g. enable_fp8_training=True with a low-bit optimizer):
+    # the same checks on another configuration, without another script.
+    over += os.environ.get("GPU_RECIPE_OVERRIDES", "").split()
     if dry_run:  # the packaged builder is SmolLM2's full shape; the narrowed one is read off config.json
         over += ["model._component_=adapt_prune_tune.models.decoder_from_hf_config", "model.path=${model_dir}"]
     return over
@@ -180,7 +183,8 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
     init_s = time.perf_counter() - t
     os.environ["ADAPT_PRUNE_TUNE_CACHE"] = str(cache)  # for this process's view of the config too
     over = recipe_overrides(s, dry_run)
-    cfg = OmegaConf.merge(OmegaConf.load(configs.resolve("smollm2/135M_adapt")), OmegaConf.from_dotlist(over))
+    settable = [o for o in over if not o.startswith("~")]  # `~key` deletions do not move output_dir
+    cfg = OmegaConf.merge(OmegaConf.load(configs.resolve("smollm2/135M_adapt")), OmegaConf.from_dotlist(settable))
     output_dir = Path(cfg.output_dir)
     shutil.rmtree(output_dir, ignore_errors=True)
     args = ["run", "adapt_prune_recipe", "--config", "smollm2/135M_adapt", *over]
