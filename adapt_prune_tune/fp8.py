@@ -75,10 +75,16 @@ def convert_to_fp8_(model: nn.Module) -> nn.Module:
 
 
 def float8_decoder(model: Mapping[str, Any]) -> nn.Module:
-    """Builder: the model component ``model`` (a config node), converted for FP8 training."""
+    """Builder: the model component ``model`` (a config node), converted for FP8 training.
+
+    torchtune hands nested nodes over as plain dicts (``instantiate`` resolves only the outer
+    one) and refuses to instantiate anything but a ``DictConfig``: the node is wrapped back.
+    """
+    from omegaconf import DictConfig, OmegaConf
     from torchtune import config
 
-    return convert_to_fp8_(config.instantiate(model))
+    node = model if isinstance(model, DictConfig) else OmegaConf.create(dict(model))
+    return convert_to_fp8_(config.instantiate(node))
 
 
 def wrap_component(node: Mapping[str, Any]) -> dict:

@@ -41,7 +41,7 @@ def model_and_optimizer(cls_name: str, seed: int = 0):
     return model, arch, opt, batch
 
 
-@pytest.mark.parametrize("cls_name", ["AdamW8bit", "AdamW4bit"])
+@pytest.mark.parametrize("cls_name", ["AdamW8bit", "AdamW4bit", "AdamWFp8"])
 def test_resize_requantizes_sliced_moments(cls_name):
     model, arch, opt, batch = model_and_optimizer(cls_name)
     name = "layers.0.mlp.w1.weight"
@@ -76,7 +76,7 @@ def test_resize_requantizes_sliced_moments(cls_name):
     assert torch.isfinite(dense_moment(opt.state[q]["exp_avg"])).all()
 
 
-@pytest.mark.parametrize("cls_name", ["AdamW8bit", "AdamW4bit"])
+@pytest.mark.parametrize("cls_name", ["AdamW8bit", "AdamW4bit", "AdamWFp8"])
 def test_checkpoint_round_trip_is_exact(tmp_path, cls_name):
     """Dense moments in the checkpoint re-quantize to the very same codes and scales."""
     model, arch, opt, _ = model_and_optimizer(cls_name)

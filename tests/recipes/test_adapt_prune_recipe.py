@@ -425,6 +425,50 @@ def test_low_bit_adamw_two_processes_through_resizes_and_resume(tmp_path, tiny_m
     assert losses[-1] < losses[0]
 
 
+# The recipe refuses FP8 training off a GPU of compute capability >= 8.9 (no speed-up there).
+# torch >= 2.7 runs torchao's float8 matmuls on CPU too, so this shim, imported by the `tune`
+# process at start-up, lifts that one refusal and the whole FP8 path runs here.
+_FP8_ON_CPU = """
+import adapt_prune_tune.fp8 as fp8
+_checks = fp8.fp8_problems
+fp8.fp8_problems = lambda device, round_to: [p for p in _checks(device, round_to) if "CUDA GPU" not in p]
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["torch.optim.AdamW", "torchao.optim.AdamWFp8"])
+def test_fp8_training_through_resizes(tmp_path, tiny_model, python_docs_dir, optimizer):
+    """enable_fp8_training: the model is built, rebuilt at every resize and trained with
+    Float8Linear projections, and exports plain weights; with AdamW it recovers after each
+    cut. AdamWFp8 (FP8 moments) carries its state through the resizes to the end; its losses
+    are not asserted to fall: at this test's lr (1e-2) it diverges on a tiny random model even
+    without any resize, where AdamW and AdamW8bit do not."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_FP8_ON_CPU)
+    out = tmp_path / "run"
+    over = {"dtype": "bf16", "enable_fp8_training": True, "pruning.method.round_to": 16, "heldout": None,
+            "optimizer._component_": optimizer}
+    if optimizer.startswith("torchao"):
+        over["optimizer.fused"] = DELETE
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **over)
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path, env=env)
+    assert_ok(proc)
+    record = json.loads((out / "run_record.json").read_text())
+    losses = stage_losses(record)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(x) for v in losses.values() for x in v)
+    if optimizer == "torch.optim.AdamW":
+        for stage, values in losses.items():
+            assert values[-1] < values[0], (stage, values)
+    after = DecoderArch.from_dict(record["arch_after"])
+    assert all(layer.intermediate_dim % 16 == 0 for layer in after.layers)
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in weights.values())  # no float8 scales or casts saved
+    export = tmp_path / "export"
+    done = subprocess.run(["adapt-prune-tune", "export", str(out), str(export)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def ckpt_latest(out: Path) -> Path:
     from adapt_prune_tune.checkpointing import latest_checkpoint
 
