@@ -73,9 +73,9 @@ What each figure is:
     its final hidden state.
 
   Training peak = all of the above at the stage's widths. Prune peak = the
-  larger of the calibration pass (weights, *accumulated* gradients, the
-  optimizer state of earlier training, activations and logits of one calibration
-  batch) and the resize (old + new weights, the optimizer state, one full
+  larger of the calibration pass (weights, *accumulated* gradients — below fp32 an
+  fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state of
+  earlier training, activations and logits of one calibration batch) and the resize (old + new weights, the optimizer state, one full
   parameter gathered). With ``fsdp_cpu_offload`` the sharded weights, gradients
   and optimizer state live in host memory and are left out of the device peak.
   Held-out evaluation (forward only) and allocator fragmentation are not counted.
@@ -279,6 +279,11 @@ class MemoryModel:
         tokens = self.calib_batch_size * self.calib_seq_len
         kl = self.distill and self.distill_calibration_kl
         parts = self._step(arch, params, tokens, optimizer_state, kl, True)
+        if self.dtype_bytes < 4:
+            # Below fp32 the pass sums gradients in fp32 buffers (``pruner.calibrate``), alive
+            # beside each batch's own gradients: an H200 run measured the 8B prune peak 15 GiB
+            # above the estimate that left them out.
+            parts["gradients"] += (arch.num_params() if params is None else params) * 4.0 / self.world_size
         weights, optim = parts["weights"], parts["optimizer_state"]
         out = self._with_peak(parts)
         largest_param = max(
@@ -803,8 +808,9 @@ _MEMORY_NOTE = (
     "weights, gradients and optimizer state sharded over the ranks; the FSDP units being computed and "
     "prefetched unsharded; activations counted from what autograd saves per layer (checkpointing: each "
     "layer's input plus one recomputed layer); fp32 log-probabilities of the chunked loss; prune = the "
-    "calibration pass (gradients accumulated over its batches) or the resize, whichever is larger. Held-out "
-    "evaluation and allocator fragmentation are not counted"
+    "calibration pass (gradients accumulated over its batches, in fp32 beside each batch's own below fp32) or "
+    "the resize, whichever is larger. Held-out evaluation and allocator fragmentation are not counted; "
+    "autograd frees activations as gradients appear, so the sum errs high (one H200 check: ~20 %)"
 )
 
 

@@ -101,6 +101,18 @@ def test_memory_per_rank_falls_with_the_world_size(tmp_path):
     assert plan.stages[1].memory_prune_peak > plan.stages[0].memory_prune_peak
 
 
+def test_calibration_gradients_are_summed_in_fp32_below_fp32(tmp_path):
+    """calibrate keeps an fp32 sum beside each batch's bf16 gradients (pruner.calibrate)."""
+    bf16 = plan_8b(tmp_path, world_size=2)
+    params = bf16.params_before  # stage 1 prunes the unpruned model
+    prune, train = bf16.memory["prune_stage_1"], bf16.memory["train_stage_1"]
+    assert prune["gradients"] == pytest.approx((2 + 4) * params / 2)
+    assert prune["gradients"] == pytest.approx(3 * prune["weights"])
+    assert train["gradients"] == pytest.approx(train["weights"])  # training: the bf16 .grad only
+    fp32 = plan_8b(tmp_path, "dtype=fp32", world_size=2).memory["prune_stage_1"]
+    assert fp32["gradients"] == pytest.approx(fp32["weights"])  # fp32: sums in .grad itself
+
+
 def test_activation_checkpointing_and_distillation_change_the_estimate(tmp_path):
     plan = plan_8b(tmp_path, world_size=8)
     train = plan.memory["train_stage_1"]
