@@ -41,12 +41,12 @@ from _harness import ROOT, machine_info  # noqa: E402
 
 # name -> (module, timeout in seconds on the GPU, on the CPU dry run)
 SECTIONS = {
-    "recipe": ("gpu_recipe_run", 300, 900),
-    "prune_loop": ("gpu_prune_loop", 150, 600),
-    "compile": ("gpu_compile", 180, 600),
-    "fp8": ("gpu_fp8", 120, 60),
+    "recipe": ("gpu_recipe_run", 200, 900),  # H200, 2026-11-30: 92 s
+    "prune_loop": ("gpu_prune_loop", 150, 600),  # 80 s
+    "compile": ("gpu_compile", 160, 600),  # 103 s
+    "fp8": ("gpu_fp8", 180, 60),  # > 120 s (its compiled FP8 step alone: 73 s)
 }
-BUDGET_S = 470  # all sections together on the GPU (gpu_check.sh passes GPU_CHECK_BUDGET less its install)
+BUDGET_S = 530  # all sections together on the GPU (gpu_check.sh passes GPU_CHECK_BUDGET less its install)
 MIN_SECTION_S = 20  # a section given less than this is skipped, not started
 ASSETS = ROOT / ".whl" / "assets"
 
