@@ -74,9 +74,9 @@ What each figure is:
 
   Training peak = all of the above at the stage's widths. Prune peak = the
   larger of the calibration pass (weights, *accumulated* gradients — below fp32 an
-  fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state of
-  earlier training, activations and logits of one calibration batch) and the resize (old + new weights, the optimizer state, one full
-  parameter gathered). With ``fsdp_cpu_offload`` the sharded weights, gradients
+  fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state
+  of earlier training, activations and logits of one calibration batch) and the
+  resize (old + new weights, the optimizer state, one full parameter gathered). With ``fsdp_cpu_offload`` the sharded weights, gradients
   and optimizer state live in host memory and are left out of the device peak.
   Held-out evaluation (forward only) and allocator fragmentation are not counted.
 """
