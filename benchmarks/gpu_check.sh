@@ -9,10 +9,12 @@
 # seconds (545 unless set: a device call runs at most 600 s) less the install's time; a section
 # with under 20 s left is skipped. Each is merged into the results file with its status as it
 # ends (a timed-out one keeps what it finished); the whole log goes to $OUT/gpu_check.log too when
-# $OUT is set (the device tool's return folder). Timeouts below; the H200 took 92 / 80 / 103 / >120 s:
+# $OUT is set (the device tool's return folder). Timeouts below; the H200 took 92 s (recipe), 80 / 103 / >120 s:
 #   recipe      tune run adapt_prune_recipe --config smollm2/135M_adapt device=cuda dtype=bf16
 #               compile=True, two stages, SmolLM2's shape at random init; loss recovers after
 #               each resize; adapt-prune-tune export loads in transformers with finite logits (200 s)
+#   recipe_fp8  the same run with enable_fp8_training=True and torchao's AdamWFp8; skipped below
+#               compute capability 8.9 (200 s)
 #   prune_loop  50 adaptive iterations on the Llama-3.1-8B shape, random bf16 weights (≤ 60 s);
 #               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (150 s)
 #   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (160 s)

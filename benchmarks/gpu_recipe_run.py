@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from _harness import median
 
@@ -69,8 +69,11 @@ def _command(name: str, module: str) -> List[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
-def recipe_overrides(s: Dict[str, Any], dry_run: bool) -> List[str]:
-    """The command line's overrides: none of them paths (the run finds its inputs through cache_dir)."""
+def recipe_overrides(s: Dict[str, Any], dry_run: bool, extra: Sequence[str] = ()) -> List[str]:
+    """The command line's overrides: none of them paths (the run finds its inputs through cache_dir).
+
+    ``extra`` (and ``$GPU_RECIPE_OVERRIDES``, split on spaces) come last: the same checks on
+    another configuration (``gpu_recipe_fp8``: FP8 training with torchao's AdamWFp8)."""
     over = [
         f"device={s['device']}", f"dtype={s['dtype']}", f"compile={s['compile']}",
         "adapt.stages=2", "adapt.steps_per_stage=2", "adapt.total_tokens=null", f"adapt.total_steps={s['total_steps']}",
@@ -81,9 +84,7 @@ def recipe_overrides(s: Dict[str, Any], dry_run: bool) -> List[str]:
         f"heldout.num_tokens={s['heldout_tokens']}", f"heldout.window={s['heldout_window']}",
         f"log_peak_memory_stats={s['device'] == 'cuda'}",
     ]
-    # More overrides from the environment (e.g. enable_fp8_training=True with a low-bit optimizer):
-    # the same checks on another configuration, without another script.
-    over += os.environ.get("GPU_RECIPE_OVERRIDES", "").split()
+    over += [*extra, *os.environ.get("GPU_RECIPE_OVERRIDES", "").split()]
     if dry_run:  # the packaged builder is SmolLM2's full shape; the narrowed one is read off config.json
         over += ["model._component_=adapt_prune_tune.models.decoder_from_hf_config", "model.path=${model_dir}"]
     return over
@@ -126,7 +127,7 @@ def stage_checks(record: Dict[str, Any], tokens_per_step: int) -> List[Dict[str,
     return out
 
 
-def keep_run_files(output_dir: Path) -> None:
+def keep_run_files(output_dir: Path, tag: str) -> None:
     """The run's record and report into ``$OUT`` (the device tool's return folder), when set:
     the run directory itself stays on the lent machine."""
     out = os.environ.get("OUT")
@@ -134,7 +135,7 @@ def keep_run_files(output_dir: Path) -> None:
         return
     for name in ("run_record.json", "report.md"):
         if (output_dir / name).is_file():
-            shutil.copyfile(output_dir / name, Path(out) / f"recipe_{name}")
+            shutil.copyfile(output_dir / name, Path(out) / f"{tag}_{name}")
 
 
 def export_check(output_dir: Path, export_dir: Path, model_dir: Path, env: Dict[str, str]) -> Dict[str, Any]:
@@ -169,7 +170,8 @@ def export_check(output_dir: Path, export_dir: Path, model_dir: Path, env: Dict[
             "params": sum(p.numel() for p in hf.parameters())}
 
 
-def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:
+def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log, extra: Sequence[str] = (),
+        tag: str = "recipe") -> Dict[str, Any]:
     s = SETTINGS["dry_run" if dry_run else "gpu"]
     if (device, dtype) != (s["device"], s["dtype"]):
         s = {**s, "device": device, "dtype": dtype}
@@ -182,7 +184,7 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
     model_dir = lay_out_cache(cache, assets, dry_run)
     init_s = time.perf_counter() - t
     os.environ["ADAPT_PRUNE_TUNE_CACHE"] = str(cache)  # for this process's view of the config too
-    over = recipe_overrides(s, dry_run)
+    over = recipe_overrides(s, dry_run, extra)
     settable = [o for o in over if not o.startswith("~")]  # `~key` deletions do not move output_dir
     cfg = OmegaConf.merge(OmegaConf.load(configs.resolve("smollm2/135M_adapt")), OmegaConf.from_dotlist(settable))
     output_dir = Path(cfg.output_dir)
@@ -195,7 +197,7 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
     subprocess.run(_command("tune", "torchtune._cli.tune") + args, check=True, env=env, cwd=work)
     wall = time.perf_counter() - t
     record = json.loads((output_dir / "run_record.json").read_text())
-    keep_run_files(output_dir)
+    keep_run_files(output_dir, tag)
     stages = stage_checks(record, s["batch_size"] * s["max_seq_len"])
     export = export_check(output_dir, work / "export", model_dir, env)
     completed = len(record["stages"]) == 2 and (output_dir / "final" / "model.safetensors").is_file()

@@ -30,7 +30,8 @@ def bench():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
-                 "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "lowbit_optimizer",
+                 "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "gpu_recipe_fp8",
+                 "lowbit_optimizer",
                  "checkpoint_save", "calibration_loss")
         yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
     finally:
@@ -129,11 +130,11 @@ def test_gpu_prune_loop_cpu_sized(bench, tmp_path, monkeypatch):
 
 
 def test_gpu_compile_sequence_cpu_sized(bench, tmp_path, monkeypatch):
-    # The recipe's compile sequence with dynamo's graph capture but no inductor (seconds, not minutes).
+    # The recipe's compile sequence with dynamo's graph capture but no inductor (seconds, not minutes);
+    # each trajectory runs in a process of its own, which reads the backend from the environment.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "eager")
-    sizes = dict(bench.gpu_compile.SIZES["dry_run"], train_steps=1)
-    monkeypatch.setitem(bench.gpu_compile.SIZES, "dry_run", sizes)
     res = bench.gpu_compile.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
+    assert (tmp_path / "partial.json").is_file()  # kept as each trajectory ends, for a timeout
     static, dynamic = res["static"], res["dynamic"]
     assert static["uniform"]["graphs"] >= 1 and dynamic["uniform"]["graphs"] >= 1
     # static: every resize traces its widths anew; dynamic: the first stage (dynamo reset after the
@@ -148,6 +149,8 @@ def test_gpu_compile_sequence_cpu_sized(bench, tmp_path, monkeypatch):
 
 def test_gpu_fp8_skips_without_a_recent_gpu(bench, tmp_path):
     res = bench.gpu_fp8.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
+    assert res["status"] == "skipped" and "8.9" in res["reason"]
+    res = bench.gpu_recipe_fp8.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
     assert res["status"] == "skipped" and "8.9" in res["reason"]
 
 
@@ -167,6 +170,8 @@ def test_gpu_recipe_overrides_and_checks(bench, tmp_path, monkeypatch):
     assert cfg.pruning.method.round_to == 64
     assert cfg.checkpointer.checkpoint_dir == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
     assert cfg.heldout.texts.austen_novels.data_dir == str(tmp_path / "data" / "austen-novels")
+    fp8 = m.recipe_overrides(s, dry_run=False, extra=bench.gpu_recipe_fp8.OVERRIDES)
+    assert fp8[-3:] == list(bench.gpu_recipe_fp8.OVERRIDES)  # last: they win over the section's own
     dry = OmegaConf.merge(packaged, OmegaConf.from_dotlist(m.recipe_overrides(m.SETTINGS["dry_run"], True)))
     assert (dry.device, dry.model.path) == ("cpu", dry.model_dir)
     stage = {"params": 10, "seconds_prune": 1.0, "calib_loss_before_prune": 9.0, "calib_loss_after_prune": 9.5}
