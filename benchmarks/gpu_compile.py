@@ -148,7 +148,8 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
         out = work / f"trajectory_{widths}.json"
         caches = work / f"caches_{widths}"
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
-               "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONUNBUFFERED": "1"}
+               "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONUNBUFFERED": "1",
+               "TORCH_LOGS": "recompiles"}  # each recompile's reason, in the log (a few lines)
         subprocess.run([sys.executable, str(Path(__file__).resolve()), widths, device, dtype, str(int(dry_run)),
                         str(out)], check=True, env=env, cwd=work)
         res[widths] = json.loads(out.read_text())
