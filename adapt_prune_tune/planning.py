@@ -76,8 +76,9 @@ What each figure is:
   larger of the calibration pass (weights, *accumulated* gradients — below fp32 an
   fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state
   of earlier training, activations and logits of one calibration batch) and the
-  resize (old + new weights, the optimizer state, one full parameter gathered). With ``fsdp_cpu_offload`` the sharded weights, gradients
-  and optimizer state live in host memory and are left out of the device peak.
+  resize (old + new weights, the optimizer state, one full parameter gathered).
+  With ``fsdp_cpu_offload`` the sharded weights, gradients and optimizer state
+  live in host memory and are left out of the device peak.
   Held-out evaluation (forward only) and allocator fragmentation are not counted.
 """
 
@@ -283,7 +284,7 @@ class MemoryModel:
             # Below fp32 the pass sums gradients in fp32 buffers (``pruner.calibrate``), alive
             # beside each batch's own gradients: an H200 run measured the 8B prune peak 15 GiB
             # above the estimate that left them out.
-            parts["gradients"] += (arch.num_params() if params is None else params) * 4.0 / self.world_size
+            parts["gradients"] += parts["weights"] * 4.0 / self.dtype_bytes
         weights, optim = parts["weights"], parts["optimizer_state"]
         out = self._with_peak(parts)
         largest_param = max(

@@ -23,19 +23,12 @@ TRAIN = dict(batch=4, seq=2048, steps=4)
 
 
 def unavailable(device: str, dry_run: bool) -> str:
-    """Why float8 training cannot run here ('' when it can)."""
-    import torch
-
-    if dry_run or torch.device(device).type != "cuda":
+    """Why float8 training cannot run here ('' when it can): the recipe's own up-front check."""
+    if dry_run:
         return "float8 training needs a CUDA GPU of compute capability >= 8.9 (CPU dry run)"
-    major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if (major, minor) < (8, 9):
-        return f"float8 training needs compute capability >= 8.9, this GPU has {major}.{minor}"
-    try:
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - reported as the reason
-        return f"torchao.float8 does not import: {e!r}"
-    return ""
+    from adapt_prune_tune.fp8 import fp8_problems
+
+    return "; ".join(fp8_problems(device, round_to=None))
 
 
 def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:

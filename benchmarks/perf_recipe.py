@@ -37,7 +37,7 @@ def recipe_forward_backward(recipe) -> float:
     sync(recipe._device)
     t0 = time.perf_counter()
     for b in recipe._calib_batches:
-        next_token_loss(model, {"tokens": b["tokens"].to(recipe._device)})[0].backward()
+        next_token_loss(model, b)[0].backward()  # batches live on the device
     sync(recipe._device)
     s = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)

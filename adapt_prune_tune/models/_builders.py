@@ -51,7 +51,8 @@ def _layer(arch: DecoderArch, layer: LayerArch, rope: nn.Module) -> TransformerS
     # torchtune's constructor insists that embed_dim divide by num_heads, a rule of the unpruned
     # shape only: head_dim is explicit and the forward never uses embed_dim / num_heads. A
     # pruned Llama-3.1-8B layer with 7 of 8 GQA groups has 28 heads (4096 % 28 != 0), so the
-    # module is built with one head and given its real counts, as surgery does in place.
+    # module is built with one head and given its real counts, as surgery does in place
+    # (LayerArch has already checked that the heads divide into the KV groups).
     attn = MultiHeadAttention(
         embed_dim=dim,
         num_heads=1,
@@ -64,8 +65,6 @@ def _layer(arch: DecoderArch, layer: LayerArch, rope: nn.Module) -> TransformerS
         pos_embeddings=rope,
         max_seq_len=arch.max_seq_len,
     )
-    if layer.num_heads % layer.num_kv_heads:
-        raise ValueError(f"num_heads ({layer.num_heads}) must be a multiple of num_kv_heads ({layer.num_kv_heads})")
     attn.num_heads, attn.num_kv_heads = layer.num_heads, layer.num_kv_heads
     hidden = layer.intermediate_dim
     mlp = FeedForward(
