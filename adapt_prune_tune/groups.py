@@ -92,9 +92,3 @@ def unit_elements(keep: torch.Tensor, unit: int) -> torch.Tensor:
         return keep
     offsets = torch.arange(unit, device=keep.device)
     return (keep[:, None] * unit + offsets[None, :]).reshape(-1)
-
-
-def group_view(t: torch.Tensor, s: CoupledSlice, count: int) -> torch.Tensor:
-    """View a weight as [count, everything else] along the slice's group axis."""
-    moved = t.movedim(s.dim, 0) if s.dim != 0 else t
-    return moved.reshape(count, -1)

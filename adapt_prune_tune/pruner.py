@@ -12,7 +12,8 @@ back-propagated for Taylor scores), then
 3. keeps the best-scoring groups and removes the rest physically.
 
 The measuring and planning functions work on plain and FSDP2-sharded models
-alike (weights and gradients are gathered one layer at a time), so the
+alike (each rank scores its own shards; only per-channel totals are summed
+across ranks), so the
 single-process ``prune`` driver below and the distributed recipe share them;
 only how the cut is applied differs.
 """
@@ -36,11 +37,12 @@ from adapt_prune_tune.importance import (
 )
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_model
 from adapt_prune_tune.scoring import (
-    coupled_param_names,
     layer_scores,
     needs_gradients,
+    scores_from_totals,
     select_attention,
     select_channels,
+    slice_totals,
 )
 from adapt_prune_tune.sparsity import (
     _attention_params,
@@ -52,7 +54,7 @@ from adapt_prune_tune.sparsity import (
     sparsity_for_param_target,
     sparsity_schedule,
 )
-from adapt_prune_tune.resize import full_tensors, named_parameters
+from adapt_prune_tune.resize import full_tensor, local_rows, named_parameters
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]]
@@ -244,29 +246,50 @@ def score_layers(
     generator: Optional[torch.Generator] = None,
     summed_grads: Optional[Dict[str, torch.Tensor]] = None,
 ) -> List[Dict[str, torch.Tensor]]:
-    """Group scores of every layer, gathering one layer's weights/grads at a time.
+    """Group scores of every layer.
 
-    Gradients come from ``.grad`` or, when given, ``summed_grads`` (model-level
-    names, e.g. ``Calibration.grads``). Scores stay on the model's device until
-    all layers are done, then move to the host in one transfer (no host sync per
-    layer).
+    Every score is a sum of an element-wise salience over its group's rows or columns,
+    so it is built from per-row and per-column totals (``scoring.slice_totals``). Under
+    FSDP2 each rank reduces its own rows of every weight and gradient and one all-reduce
+    of those totals (a few numbers per channel, for the whole model) completes them:
+    no layer's weights or gradients are gathered, which on a multi-node run would move
+    the whole model twice per prune iteration. Tensors placed otherwise (one process, a
+    2-D mesh) are scored whole. Gradients come from ``.grad`` or, when given,
+    ``summed_grads`` (model-level names, e.g. ``Calibration.grads``). Scores stay on the
+    model's device until all layers are done, then move to the host in one transfer.
     """
+    sets = [layer_group_sets(layer, arch.head_dim, arch.attn_bias) for layer in arch.layers]
+    if scorer == "random":
+        return [layer_scores({}, s, scorer, generator) for s in sets]
     grads = needs_gradients(scorer)
-    out = []
+    totals: Dict[Tuple[int, Tuple[str, int]], torch.Tensor] = {}
+    partial: List[Tuple[Tuple[int, Tuple[str, int]], torch.Tensor, object]] = []  # summed across ranks
     for i, layer in enumerate(model.layers):
-        sets = layer_group_sets(arch.layers[i], arch.head_dim, arch.attn_bias)
         named = named_parameters(layer)
-        names = coupled_param_names(sets)
-        gs = [
-            (summed_grads.get(f"layers.{i}.{n}") if summed_grads is not None else named[n].grad) if grads else None
-            for n in names
-        ]
-        # Under FSDP2 the layer's weights and gradients come in one all-gather, not one per tensor.
-        fulls = full_tensors([named[n].detach() for n in names] + [g for g in gs if g is not None])
-        full_grads = iter(fulls[len(names):])
-        params = {n: (w, None if g is None else next(full_grads)) for n, w, g in zip(names, fulls, gs)}
-        out.append(layer_scores(params, sets, scorer, generator, to_host=False))
-        del params
+        for key in sorted({(s.param, s.dim) for gs in sets[i].values() for s in gs.slices}):
+            name, dim = key
+            weight, grad = named[name].detach(), None
+            if grads:
+                grad = summed_grads.get(f"layers.{i}.{name}") if summed_grads is not None else named[name].grad
+                if grad is None:
+                    raise RuntimeError(f"layers.{i}.{name} has no gradient; run the calibration backward first")
+            rows = local_rows(weight)
+            if rows is None or (grad is not None and local_rows(grad) != rows):
+                totals[(i, key)] = slice_totals(
+                    full_tensor(weight), None if grad is None else full_tensor(grad), dim, scorer
+                )
+                continue
+            part = slice_totals(weight.to_local(), None if grad is None else grad.to_local(), dim, scorer)
+            if dim == 0:  # this rank's rows, in place among all rows
+                placed = part.new_zeros(weight.shape[0])
+                placed[rows[0] : rows[1]] = part
+                part = placed
+            partial.append(((i, key), part, weight.device_mesh))
+    totals.update(_sum_across_ranks(partial))
+    out = []
+    for i, layer_sets in enumerate(sets):
+        layer_totals = {key: t for (j, key), t in totals.items() if j == i}
+        out.append({kind: scores_from_totals(layer_totals, gs, scorer) for kind, gs in layer_sets.items()})
     flat = [(d, k) for d in out for k in d]
     if any(d[k].device.type != "cpu" for d, k in flat):
         device = next(d[k].device for d, k in flat if d[k].device.type != "cpu")
@@ -274,6 +297,33 @@ def score_layers(
         for (d, k), t in zip(flat, host.split([d[k].numel() for d, k in flat])):
             d[k] = t
     return out
+
+
+def _sum_across_ranks(partial: Sequence[Tuple[object, torch.Tensor, object]]) -> Dict[object, torch.Tensor]:
+    """Sum each (key, tensor, mesh) over its mesh's ranks: one all-reduce per mesh.
+
+    Every rank calls it with the same keys and sizes in the same order (they follow
+    global shapes), so the flat buffers line up.
+    """
+    by_mesh: Dict[int, List[Tuple[object, torch.Tensor, object]]] = {}
+    for item in partial:
+        by_mesh.setdefault(id(item[2]), []).append(item)
+    out = {}
+    for items in by_mesh.values():
+        mesh = items[0][2]
+        device = _mesh_device(mesh)
+        flat = torch.cat([t.to(device) for _, t, _ in items])
+        dist.all_reduce(flat, group=mesh.get_group())
+        for (key, t, _), summed in zip(items, flat.split([t.numel() for _, t, _ in items])):
+            out[key] = summed
+    return out
+
+
+def _mesh_device(mesh) -> torch.device:
+    """Where a mesh's collectives run (a CPU-offloaded shard's totals move there first)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
 
 
 # --------------------------------------------------------------------------- planning

@@ -77,6 +77,31 @@ def _row_sharded(t: torch.Tensor) -> bool:
     return mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.device.type == mesh.device_type
 
 
+def _chunk_rows(n: int, world: int) -> List[int]:
+    """Rows each rank holds of ``n`` split FSDP2's way (``torch.chunk``: ceil(n / world) each,
+    the last ranks fewer or none)."""
+    chunk = -(-n // world)
+    return [max(0, min(chunk, n - k * chunk)) for k in range(world)]
+
+
+def local_rows(t: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(first, stop) of the global rows this rank holds of a DTensor split along dim 0
+    over a 1-D mesh (FSDP2's placement, on the device or offloaded); None otherwise."""
+    if not hasattr(t, "device_mesh") or t.dim() == 0:
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        return None
+    rank = mesh.get_local_rank()
+    rows = _chunk_rows(t.shape[0], mesh.size())
+    first = sum(rows[:rank])
+    if t.to_local().shape[0] != rows[rank]:
+        raise RuntimeError(f"unexpected shard of {tuple(t.shape)}: {tuple(t.to_local().shape)} on rank {rank}")
+    return first, first + rows[rank]
+
+
 def _layer_key(name: str) -> str:
     """``layers.3`` for ``layers.3.mlp.w1.weight``: the unit whose tensors are gathered together."""
     parts = name.split(".")
@@ -120,7 +145,7 @@ def _all_gather_rows(tensors: Sequence[torch.Tensor], mesh) -> List[torch.Tensor
     for t, local in zip(tensors, locals_):
         n, row = t.shape[0], math.prod(t.shape[1:])
         chunk = -(-n // world)
-        rows = [max(0, min(chunk, n - k * chunk)) for k in range(world)]
+        rows = _chunk_rows(n, world)
         if local.shape[0] != rows[rank]:
             raise RuntimeError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} on rank {rank}")
         layout.append((rows, row, chunk * row))

@@ -12,11 +12,12 @@ weights, no gradients needed) and random (a floor every method must beat).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from adapt_prune_tune.groups import GroupSet, group_view
+from adapt_prune_tune.groups import GroupSet
 
 SCORERS = ("taylor", "taylor_vector", "magnitude_l1", "magnitude_l2", "random")
 
@@ -38,6 +39,34 @@ def _salience(weight: torch.Tensor, grad: Optional[torch.Tensor], method: str) -
     if method == "magnitude_l2":
         return w * w
     raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {method!r}")
+
+
+def slice_totals(weight: torch.Tensor, grad: Optional[torch.Tensor], dim: int, method: str) -> torch.Tensor:
+    """Salience summed over every axis but ``dim``: one float64 total per index along ``dim``.
+
+    Why the split: these sums add up over any partition of the other axes, so a rank
+    holding only some rows of a weight (FSDP2) contributes its part and one all-reduce
+    completes them (``pruner.score_layers``); nothing needs gathering. Summed in fp32
+    along a row, as the weights' own matmuls do, then kept in float64.
+    """
+    if method not in SCORERS or method == "random":
+        raise ValueError(f"slice_totals needs a salience method, one of {SCORERS[:-1]}, got {method!r}")
+    if needs_gradients(method) and grad is None:
+        raise RuntimeError("a Taylor score needs the weight's gradient; run the calibration backward first")
+    sal = _salience(weight, grad, method)
+    moved = sal.movedim(dim, 0) if dim != 0 else sal
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:])).sum(dim=1).double()
+
+
+def scores_from_totals(totals: Mapping[Tuple[str, int], torch.Tensor], groups: GroupSet, method: str) -> torch.Tensor:
+    """Group scores of a set from the ``slice_totals`` of its coupled slices, keyed by (param, dim)."""
+    total: Optional[torch.Tensor] = None
+    for s in groups.slices:
+        per_group = totals[(s.param, s.dim)].view(groups.count, s.unit).sum(dim=1)
+        total = per_group if total is None else total + per_group.to(total.device)
+    if total is None:
+        total = torch.zeros(groups.count, dtype=torch.float64)
+    return total.abs() if method == "taylor_vector" else total
 
 
 def group_scores(
@@ -62,18 +91,16 @@ def group_scores(
     """
     if method == "random":
         return torch.rand(groups.count, generator=generator, dtype=torch.float64)
-    total: Optional[torch.Tensor] = None
+    if method not in SCORERS:
+        raise ValueError(f"pruning.scorer must be one of {SCORERS}, got {method!r}")
+    totals = {}
     for s in groups.slices:
         weight, grad = params[s.param]
         if needs_gradients(method) and grad is None:
             raise RuntimeError(f"{s.param} has no gradient; run the calibration backward first")
-        per_group = group_view(_salience(weight, grad, method), s, groups.count).sum(dim=1).double()
-        total = per_group if total is None else total + per_group.to(total.device)
-    if total is None:
-        total = torch.zeros(groups.count, dtype=torch.float64)
-    if to_host:
-        total = total.cpu()
-    return total.abs() if method == "taylor_vector" else total
+        totals[(s.param, s.dim)] = slice_totals(weight, grad, s.dim, method)
+    total = scores_from_totals(totals, groups, method)
+    return total.cpu() if to_host else total
 
 
 def select_attention(

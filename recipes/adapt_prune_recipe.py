@@ -16,10 +16,9 @@ carry over.
 
 Distributed design: every rank runs the calibration pass on its own share of
 the calibration batches (similarity sums are all-reduced, Taylor gradients are
-reduced by FSDP), gathers one layer's weights/gradients at a time to score
-groups, and rank 0's decision is broadcast so all ranks cut identically.
-Scores are a few floats per group, so this scales with model size like one
-extra forward/backward, not with a full state dict.
+reduced by FSDP), reduces its own shards to per-channel score totals that one
+all-reduce completes (no weights or gradients gathered), and rank 0's decision
+is broadcast so all ranks cut identically.
 """
 
 from __future__ import annotations
