@@ -262,7 +262,7 @@ def score_layers(
     if scorer == "random":
         return [layer_scores({}, s, scorer, generator) for s in sets]
     grads = needs_gradients(scorer)
-    totals: Dict[Tuple[int, Tuple[str, int]], torch.Tensor] = {}
+    totals: List[Dict[Tuple[str, int], torch.Tensor]] = [{} for _ in sets]  # per layer, by (param, dim)
     partial: List[Tuple[Tuple[int, Tuple[str, int]], torch.Tensor, object]] = []  # summed across ranks
     for i, layer in enumerate(model.layers):
         named = named_parameters(layer)
@@ -275,7 +275,7 @@ def score_layers(
                     raise RuntimeError(f"layers.{i}.{name} has no gradient; run the calibration backward first")
             rows = local_rows(weight)
             if rows is None or (grad is not None and local_rows(grad) != rows):
-                totals[(i, key)] = slice_totals(
+                totals[i][key] = slice_totals(
                     full_tensor(weight), None if grad is None else full_tensor(grad), dim, scorer
                 )
                 continue
@@ -285,11 +285,9 @@ def score_layers(
                 placed[rows[0] : rows[1]] = part
                 part = placed
             partial.append(((i, key), part, weight.device_mesh))
-    totals.update(_sum_across_ranks(partial))
-    out = []
-    for i, layer_sets in enumerate(sets):
-        layer_totals = {key: t for (j, key), t in totals.items() if j == i}
-        out.append({kind: scores_from_totals(layer_totals, gs, scorer) for kind, gs in layer_sets.items()})
+    for (i, key), summed in _sum_across_ranks(partial).items():
+        totals[i][key] = summed
+    out = [{kind: scores_from_totals(t, gs, scorer) for kind, gs in s.items()} for s, t in zip(sets, totals)]
     flat = [(d, k) for d in out for k in d]
     if any(d[k].device.type != "cpu" for d, k in flat):
         device = next(d[k].device for d, k in flat if d[k].device.type != "cpu")
