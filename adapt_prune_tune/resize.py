@@ -7,15 +7,17 @@ parameter, and so are the optimizer moments. Only rows that change rank move:
 
 * a parameter that is not cut, or cut along columns (``w2``, ``output_proj``),
   keeps its rows, so each rank narrows its own shard: no communication;
-* a parameter cut along rows (``q/k/v``, ``w1``/``w3``) needs rows other ranks
-  hold: all such parameters of one decoder layer are gathered by a single
-  all-gather (:func:`full_tensors`), sliced, and each rank keeps its new shard.
+* a parameter cut along rows (``q/k/v``, ``w1``/``w3``) is re-sharded over its
+  kept rows: each rank sends every other rank exactly the kept rows it holds
+  that land in that rank's new shard, for all such parameters of one decoder
+  layer in a single all-to-all (:func:`cut_rows`).
 
-So a resize costs one collective per layer for the weights and one for the
-moments, not one or two per tensor, and peak extra memory is one layer's
-row-cut parameters, not a full state dict. Every rank walks the same names in
-the same order and decides from global shapes and placements alone, which
-keeps the collectives matched.
+So a resize costs one collective per cut layer for the weights and one for the
+moments, not one or two per tensor; a rank receives about its own new shard,
+not the whole layer, and peak extra memory is one layer's row-cut shards. Every
+rank walks the same names in the same order and decides from global shapes,
+placements and the (shared) kept indices alone, which keeps the collectives
+matched.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def local_rows(t: torch.Tensor) -> Optional[Tuple[int, int]]:
 
 
 def _layer_key(name: str) -> str:
-    """``layers.3`` for ``layers.3.mlp.w1.weight``: the unit whose tensors are gathered together."""
+    """``layers.3`` for ``layers.3.mlp.w1.weight``: the unit whose tensors move together."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
@@ -112,58 +114,91 @@ def _layer_key(name: str) -> str:
 
 
 @torch.no_grad()
-def full_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """``full_tensor`` of each, batched: one all-gather per (mesh, dtype) for row-sharded DTensors.
+def cut_rows(tensors: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Row-sharded DTensors cut to the given (sorted, global) rows and re-sharded FSDP2's way.
 
-    FSDP2 splits dim 0 in ``torch.chunk`` pieces (the first ranks hold ceil(n / world) rows,
-    the last ones fewer or none). Each rank packs its pieces, each padded to that ceiling,
-    into one flat buffer; after one ``all_gather_into_tensor`` every rank cuts every piece
-    back out by the same arithmetic. Plain tensors are returned as they are; DTensors placed
-    otherwise take their own ``full_tensor``. A collective on every rank: call it with the
-    same list (same shapes, dtypes, placements) everywhere.
+    FSDP2 splits dim 0 in ``torch.chunk`` pieces (the first ranks hold ceil(n / world)
+    rows, the last ones fewer or none), before and after the cut. The new shard of rank r
+    is ``index[new rows of r]``; as the index is sorted, the part of it that rank q holds is
+    one contiguous run, found by ``searchsorted`` on both sides from shapes and indices
+    alone. Each rank sends those runs in one ``all_to_all_single`` per (mesh, dtype) and
+    concatenates what it receives in rank order, which is the new shard in row order. A
+    collective on every rank: call it with the same tensors (shapes, dtypes, placements)
+    and indices everywhere.
     """
     out: List[Optional[torch.Tensor]] = [None] * len(tensors)
     batches: Dict[Tuple[int, torch.dtype], List[int]] = {}  # by id: hashing a DeviceMesh is slow
     for i, t in enumerate(tensors):
-        if _row_sharded(t):
-            batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
-        else:
-            out[i] = full_tensor(t)
-    for index in batches.values():
-        batch = [tensors[i] for i in index]
-        for i, full in zip(index, _all_gather_rows(batch, batch[0].device_mesh)):
-            out[i] = full
+        if not _row_sharded(t):
+            raise ValueError(f"cut_rows needs tensors split along dim 0 over a 1-D mesh, got {type(t).__name__}")
+        batches.setdefault((id(t.device_mesh), t.dtype), []).append(i)
+    for members in batches.values():
+        moved = _exchange_rows([tensors[i] for i in members], [indices[i] for i in members])
+        for i, t in zip(members, moved):
+            out[i] = t
     return out
 
 
-def _all_gather_rows(tensors: Sequence[torch.Tensor], mesh) -> List[torch.Tensor]:
-    import torch.distributed as dist
+class _RowRuns:
+    """Where a row cut's kept rows come from and go to, over ``world`` ranks.
 
-    world, rank = mesh.size(), mesh.get_local_rank()
+    Positions in the sorted ``index``: rank q's old rows are ``[pos[q], pos[q + 1])`` of it,
+    rank r's new shard is ``[new[r], new[r + 1])``; rank r's new shard takes from rank q the
+    overlap of the two (one run, as the index is sorted).
+    """
+
+    def __init__(self, index: torch.Tensor, n: int, world: int) -> None:
+        old, new = _chunk_rows(n, world), _chunk_rows(int(index.numel()), world)
+        old_bounds = torch.tensor([sum(old[:q]) for q in range(world + 1)], dtype=index.dtype)
+        self.pos = torch.searchsorted(index, old_bounds).tolist()
+        self.new = [sum(new[:r]) for r in range(world + 1)]
+
+    def run(self, r: int, q: int) -> Tuple[int, int]:
+        lo, hi = max(self.pos[q], self.new[r]), min(self.pos[q + 1], self.new[r + 1])
+        return lo, max(lo, hi)
+
+    def count(self, r: int, q: int) -> int:
+        lo, hi = self.run(r, q)
+        return hi - lo
+
+
+def _exchange_rows(tensors: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    mesh = tensors[0].device_mesh
+    world, me = mesh.size(), mesh.get_local_rank()
     locals_ = [t.to_local() for t in tensors]
-    layout = []  # per tensor: rows held by each rank, elements per row, padded piece size
-    for t, local in zip(tensors, locals_):
-        n, row = t.shape[0], math.prod(t.shape[1:])
-        chunk = -(-n // world)
-        rows = _chunk_rows(n, world)
-        if local.shape[0] != rows[rank]:
-            raise RuntimeError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} on rank {rank}")
-        layout.append((rows, row, chunk * row))
-    size = sum(padded for _, _, padded in layout)
-    send = torch.empty(size, dtype=locals_[0].dtype, device=locals_[0].device)  # padding is never read
+    cpu_indices = [ix.detach().to("cpu", torch.int64) for ix in indices]
+    runs = [_RowRuns(ix, t.shape[0], world) for t, ix in zip(tensors, cpu_indices)]
+    row_elems = [math.prod(t.shape[1:]) for t in tensors]
+    old_first = [sum(_chunk_rows(t.shape[0], world)[:me]) for t in tensors]
+    send_parts, send_sizes, recv_sizes = [], [], []
+    for r in range(world):  # what this rank holds of rank r's new shard, tensor by tensor
+        for local, ix, run, first in zip(locals_, cpu_indices, runs, old_first):
+            lo, hi = run.run(r, me)
+            send_parts.append(local.index_select(0, (ix[lo:hi] - first).to(local.device)).reshape(-1))
+        send_sizes.append(sum(run.count(r, me) * e for run, e in zip(runs, row_elems)))
+        recv_sizes.append(sum(run.count(me, r) * e for run, e in zip(runs, row_elems)))
+    send = torch.cat(send_parts)
+    del send_parts
+    recv = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=mesh.get_group())
+    del send
+    pieces: List[List[torch.Tensor]] = [[] for _ in tensors]
     offset = 0
-    for local, (rows, row, padded) in zip(locals_, layout):
-        send[offset : offset + rows[rank] * row].copy_(local.reshape(-1))
-        offset += padded
-    del locals_
-    recv = torch.empty(world * size, dtype=send.dtype, device=send.device)
-    dist.all_gather_into_tensor(recv, send, group=mesh.get_group())
-    recv = recv.view(world, size)
-    out, offset = [], 0
-    for t, (rows, row, padded) in zip(tensors, layout):
-        pieces = [recv[k, offset : offset + rows[k] * row] for k in range(world)]
-        out.append(torch.cat(pieces).view(t.shape))
-        offset += padded
+    for q in range(world):  # from each rank, its rows of every tensor, in the order sent
+        for k, (run, e) in enumerate(zip(runs, row_elems)):
+            count = run.count(me, q) * e
+            pieces[k].append(recv[offset : offset + count])
+            offset += count
+    out = []
+    for t, ix, parts in zip(tensors, cpu_indices, pieces):
+        shape = (int(ix.numel()), *t.shape[1:])
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        local = torch.cat(parts).view(-1, *t.shape[1:])
+        out.append(DTensor.from_local(local, mesh, t.placements, run_check=False,
+                                      shape=torch.Size(shape), stride=stride))
     return out
 
 
@@ -193,7 +228,7 @@ def _cuts_rows(sl: Optional[Tuple[int, torch.Tensor]]) -> bool:
 
 
 class PrunedStateView(Mapping):
-    """A lazily gathered, sliced "full state dict" of a (sharded) model.
+    """A lazily computed, sliced "full state dict" of a (sharded) model.
 
     torchtune's ``load_from_full_model_state_dict`` iterates a full state dict
     item by item and keeps only shards; handing it this view instead of a real
@@ -201,20 +236,20 @@ class PrunedStateView(Mapping):
     FSDP2 parameters come back as DTensors already placed like the old parameter
     (``Shard(0)`` on the same mesh, as ``_setup_model`` places the new one), which
     torchtune's ``distribute_tensor`` passes through unscattered: columns are cut
-    on each rank's own rows, and the row-cut parameters of a layer are gathered
-    together the first time one of them is asked for.
+    on each rank's own rows, and the row-cut parameters of a layer are re-sharded
+    together (one all-to-all, :func:`cut_rows`) the first time one of them is asked for.
     """
 
     def __init__(self, model: nn.Module, slices: SliceMap) -> None:
         self._params = named_parameters(model)
         self._slices = slices
-        # Row-sharded parameters cut along rows, by layer: gathered together.
+        # Row-sharded parameters cut along rows, by layer: moved together.
         self._row_cut: Dict[str, List[str]] = defaultdict(list)
         self._sharded = {n: _row_sharded(p) for n, p in self._params.items()}
         for n, sharded in self._sharded.items():
             if sharded and _cuts_rows(slices.get(n)):
                 self._row_cut[_layer_key(n)].append(n)
-        self._gathered: Dict[str, torch.Tensor] = {}  # one layer's row-cut parameters, new shards
+        self._moved: Dict[str, torch.Tensor] = {}  # one layer's row-cut parameters, new shards
 
     @torch.no_grad()
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -224,13 +259,11 @@ class PrunedStateView(Mapping):
             return slice_tensor(full, *sl) if sl is not None else full
         if not _cuts_rows(sl):
             return _narrow_shard(p, sl)
-        if name not in self._gathered:
+        if name not in self._moved:
             names = self._row_cut[_layer_key(name)]
-            fulls = full_tensors([self._params[n] for n in names])
-            self._gathered = {
-                n: like(slice_tensor(f, *self._slices[n]), self._params[n]) for n, f in zip(names, fulls)
-            }
-        return self._gathered.pop(name)
+            cut = cut_rows([self._params[n] for n in names], [self._slices[n][1] for n in names])
+            self._moved = dict(zip(names, cut))
+        return self._moved.pop(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)
@@ -270,7 +303,7 @@ def rebind_optimizer_(
     resize. ``state_source`` maps names to the *old* state entries (sharded or
     full tensors); moments shaped like their parameter are sliced like the
     parameter and placed like the new parameter, layer by layer as the weights
-    are (see the module docstring: one all-gather per layer for the moments whose
+    are (see the module docstring: one all-to-all per layer for the moments whose
     rows change rank; low-bit torchao moments are dequantized first and
     re-quantized with the optimizer's block size: see ``optimizer_state``). An
     empty source resets the state (the official code's behaviour, kept for
@@ -288,26 +321,29 @@ def rebind_optimizer_(
     for name in new_params:
         layers[_layer_key(name)].append(name)
     for names in layers.values():
-        # One layer at a time: its old entries (consumed), one gather for all its moments whose
-        # rows change rank, then every entry in the original order; the rest of the moments are
-        # cut on each rank's own shard.
+        # One layer at a time: its old entries (consumed), one all-to-all for all its moments
+        # whose rows change rank, then every entry in the original order; the rest of the
+        # moments are cut on each rank's own shard.
         entries = {n: state_source.pop(n, None) if consume else state_source.get(n) for n in names}
         items = [(n, key, value) for n in names for key, value in sorted((entries[n] or {}).items())]
         del entries
         dense = [dense_moment(v) if _is_moment(v, old_shapes.get(n)) else None for n, _, v in items]
-        local = [d is not None and _row_sharded(d) and not _cuts_rows(slices.get(n))
-                 for (n, _, _), d in zip(items, dense)]
-        fulls = iter(full_tensors([d for d, own in zip(dense, local) if d is not None and not own]))
-        for (name, key, value), d, own in zip(items, dense, local):
+        sharded = [d is not None and _row_sharded(d) for d in dense]
+        row_cut = [s and _cuts_rows(slices.get(n)) for (n, _, _), s in zip(items, sharded)]
+        moved = iter(cut_rows([d for d, cut in zip(dense, row_cut) if cut],
+                              [slices[n][1] for (n, _, _), cut in zip(items, row_cut) if cut]))
+        for (name, key, value), d, own, cut in zip(items, dense, sharded, row_cut):
             p, sl = new_params[name], slices.get(name)
             if d is None:
                 new_state[p][key] = value
+            elif cut:  # re-sharded over the kept rows, placed like the new parameter
+                new_state[p][key] = new_moment(optimizer, p, key, next(moved))
             elif own:  # cut on this rank's rows, already placed like the new parameter
                 new_state[p][key] = new_moment(optimizer, p, key, _narrow_shard(d, sl))
-            else:
-                full = next(fulls)
+            else:  # plain (one process, a checkpoint's full tensors) or placed otherwise
+                full = full_tensor(d)
                 new_state[p][key] = new_moment(optimizer, p, key, slice_tensor(full, *sl) if sl is not None else full)
-        del items, dense, fulls
+        del items, dense, moved
     optimizer.param_groups[0]["params"] = list(new_params.values())
     optimizer.state = new_state
 

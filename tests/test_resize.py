@@ -82,7 +82,7 @@ def _fsdp_decoder(arch, mesh, meta: bool = False):
 
 
 def _rank_resize(rank: int, world: int, init_file: str, optimizer_cls: str) -> None:
-    """A resize under FSDP2 on two ranks, checked against per-parameter gathers (the previous path)."""
+    """A resize under FSDP2 on two ranks, checked against gathering, cutting and re-sharding every tensor."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -132,20 +132,30 @@ def _rank_resize(rank: int, world: int, init_file: str, optimizer_cls: str) -> N
             expected_dense = {n: {k: cut(n, dense_moment(v).full_tensor()) for k, v in e.items() if v.dim()}
                               for n, e in old_state.items()}
 
-            gathers, full_tensor_calls = [], []
-            all_gather, full_tensor = dist.all_gather_into_tensor, DTensor.full_tensor
-            dist.all_gather_into_tensor = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
+            collectives, full_tensor_calls = [], []
+            originals = {name: getattr(dist, name) for name in ("all_to_all_single", "all_gather_into_tensor",
+                                                                "all_gather", "broadcast")}
+
+            def counting(name):
+                return lambda *a, **k: collectives.append(name) or originals[name](*a, **k)
+
+            for name in originals:
+                setattr(dist, name, counting(name))
+            full_tensor = DTensor.full_tensor
             DTensor.full_tensor = lambda self, *a, **k: full_tensor_calls.append(1) or full_tensor(self, *a, **k)
             try:
                 new = _fsdp_decoder(new_arch, mesh, meta=True)
                 training.load_from_full_model_state_dict(new, PrunedStateView(model, slices), torch.device("cpu"),
                                                          strict=True)
-                weight_gathers = len(gathers)
+                weight_collectives = list(collectives)
                 rebind_optimizer_(opt, new, old_state, slices, old_shapes)
             finally:
-                dist.all_gather_into_tensor, DTensor.full_tensor = all_gather, full_tensor
-            # One all-gather per cut layer for the weights and one for the moments; nothing else moves.
-            assert (weight_gathers, len(gathers), len(full_tensor_calls)) == (2, 4, 0)
+                for name, fn in originals.items():
+                    setattr(dist, name, fn)
+                DTensor.full_tensor = full_tensor
+            # One all-to-all per cut layer for the weights and one for the moments; nothing is gathered.
+            assert weight_collectives == ["all_to_all_single"] * 2
+            assert (collectives, len(full_tensor_calls)) == (["all_to_all_single"] * 4, 0)
 
             new_params = resize.named_parameters(new)
             for name, p in new_params.items():
@@ -172,9 +182,50 @@ def _rank_resize(rank: int, world: int, init_file: str, optimizer_cls: str) -> N
 
 
 @pytest.mark.parametrize("optimizer_cls", ["AdamW", "AdamW8bit"])
-def test_two_rank_resize_gathers_per_layer_and_matches_per_parameter_gathers(tmp_path, optimizer_cls):
+def test_two_rank_resize_moves_rows_per_layer_and_matches_per_parameter_gathers(tmp_path, optimizer_cls):
     """FSDP2 on 2 ranks (gloo): weights and moments bitwise as gathered, cut and re-sharded one by one."""
     if optimizer_cls != "AdamW":
         pytest.importorskip("torchao.optim")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     mp.spawn(_rank_resize, args=(2, str(tmp_path / "init"), optimizer_cls), nprocs=2, join=True)
+
+
+def _rank_cut_rows(rank: int, world: int, init_file: str) -> None:
+    """``cut_rows`` on three ranks: uneven old and new shards, ranks holding no rows before or
+    after, two dtypes (two all-to-alls), each result placed as FSDP2 would place the cut tensor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from adapt_prune_tune.resize import cut_rows
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)  # the same tensors and indices on every rank
+        fulls = [torch.randn(7, 5, generator=g), torch.randn(2, 3, generator=g),
+                 torch.randn(11, generator=g).to(torch.bfloat16), torch.randn(9, 2, 2, generator=g)]
+        indices = [torch.tensor([0, 3, 4, 6]), torch.tensor([1]),
+                   torch.randperm(11, generator=g)[:6].sort().values, torch.arange(9)]
+        sharded = [distribute_tensor(f, mesh, [Shard(0)]) for f in fulls]
+        sent = []
+        all_to_all = dist.all_to_all_single
+        dist.all_to_all_single = lambda *a, **k: sent.append(1) or all_to_all(*a, **k)
+        try:
+            cut = cut_rows(sharded, indices)
+        finally:
+            dist.all_to_all_single = all_to_all
+        assert len(sent) == 2  # fp32 and bf16
+        for full, index, got in zip(fulls, indices, cut):
+            expected = distribute_tensor(full.index_select(0, index), mesh, [Shard(0)])
+            assert got.shape == expected.shape and got.placements == expected.placements
+            assert got.to_local().shape == expected.to_local().shape
+            assert torch.equal(got.to_local(), expected.to_local())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cut_rows_on_three_ranks_matches_cut_then_shard(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_rank_cut_rows, args=(3, str(tmp_path / "init")), nprocs=3, join=True)
