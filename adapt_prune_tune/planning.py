@@ -76,7 +76,8 @@ What each figure is:
   larger of the calibration pass (weights, *accumulated* gradients — below fp32 an
   fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state
   of earlier training, activations and logits of one calibration batch) and the
-  resize (old + new weights, the optimizer state, one full parameter gathered).
+  resize (old + new weights, the optimizer state, and what is in flight: one sliced
+  parameter in one process, under FSDP2 one layer's row-cut moments exchanged).
   With ``fsdp_cpu_offload`` the sharded weights, gradients and optimizer state
   live in host memory and are left out of the device peak.
   Held-out evaluation (forward only) and allocator fragmentation are not counted.
@@ -287,11 +288,18 @@ class MemoryModel:
             parts["gradients"] += parts["weights"] * 4.0 / self.dtype_bytes
         weights, optim = parts["weights"], parts["optimizer_state"]
         out = self._with_peak(parts)
-        largest_param = max(
-            [arch.vocab_size * arch.embed_dim]
-            + [max(l.num_heads * arch.head_dim, l.intermediate_dim) * arch.embed_dim for l in arch.layers]
-        )
-        resize = (0.0 if self.fsdp_cpu_offload else 2 * weights + optim) + largest_param * self.dtype_bytes
+        if self.world_size > 1:
+            # One layer's row-cut moments (q/k/v and w1/w3 rows; two moments, dense fp32 at most)
+            # leave and arrive in one all-to-all: about a 1/world share of them each way.
+            row_cut = max((l.num_heads + 2 * l.num_kv_heads) * arch.head_dim + 2 * l.intermediate_dim
+                          for l in arch.layers) * arch.embed_dim
+            moving = 2 * 2 * row_cut / self.world_size * 4.0
+        else:  # the state dict view slices one parameter at a time
+            moving = max(
+                [arch.vocab_size * arch.embed_dim]
+                + [max(l.num_heads * arch.head_dim, l.intermediate_dim) * arch.embed_dim for l in arch.layers]
+            ) * self.dtype_bytes
+        resize = (0.0 if self.fsdp_cpu_offload else 2 * weights + optim) + moving
         out["resize"] = resize + self.teacher_resident()
         out["peak"] = max(out["peak"], out["resize"])
         return out
