@@ -173,15 +173,22 @@ def _exchange_rows(tensors: Sequence[torch.Tensor], indices: Sequence[torch.Tens
     runs = [_RowRuns(ix, t.shape[0], world) for t, ix in zip(tensors, cpu_indices)]
     row_elems = [math.prod(t.shape[1:]) for t in tensors]
     old_first = [sum(_chunk_rows(t.shape[0], world)[:me]) for t in tensors]
+    # The kept rows this rank holds, in index order, which is also destination order: one
+    # index_select per tensor, then each destination's run is a view of it.
+    kept = []
+    for local, ix, run, first in zip(locals_, cpu_indices, runs, old_first):
+        mine = ix[run.pos[me] : run.pos[me + 1]] - first
+        kept.append(local.index_select(0, mine.to(local.device)).reshape(-1))
     send_parts, send_sizes, recv_sizes = [], [], []
-    for r in range(world):  # what this rank holds of rank r's new shard, tensor by tensor
-        for local, ix, run, first in zip(locals_, cpu_indices, runs, old_first):
+    for r in range(world):
+        for rows, run, e in zip(kept, runs, row_elems):
             lo, hi = run.run(r, me)
-            send_parts.append(local.index_select(0, (ix[lo:hi] - first).to(local.device)).reshape(-1))
+            start = (lo - run.pos[me]) * e
+            send_parts.append(rows[start : start + (hi - lo) * e])
         send_sizes.append(sum(run.count(r, me) * e for run, e in zip(runs, row_elems)))
         recv_sizes.append(sum(run.count(me, r) * e for run, e in zip(runs, row_elems)))
     send = torch.cat(send_parts)
-    del send_parts
+    del send_parts, kept
     recv = send.new_empty(sum(recv_sizes))
     dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=mesh.get_group())
     del send
