@@ -648,7 +648,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         del old_state
         self._arch = new_arch
         _fit_compile_caches(self._compile, new_arch, self._teacher is not None)
-        _check_same_arch_everywhere(new_arch)
+        _check_same_arch_everywhere(new_arch, self._device)
 
     # ------------------------------------------------------------------ state
     def save_run_checkpoint(self) -> None:
@@ -929,17 +929,25 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]]) -> List[Optional[LayerKee
     return [None if k is None else LayerKeep.from_dict(k) for k in payload[0]]
 
 
-def _check_same_arch_everywhere(arch: DecoderArch) -> None:
-    """Fail loudly if ranks ever disagree on the model's shape (they must cut identically)."""
+def _check_same_arch_everywhere(arch: DecoderArch, device: torch.device) -> None:
+    """Fail loudly if ranks ever disagree on the model's shape (they must cut identically).
+
+    One all-reduce (MAX) of every layer's widths beside their negatives: the ranks agree
+    exactly when each width's maximum is minus its negative's maximum (its minimum), and
+    every rank reaches the same verdict, so all stop together.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    mine = json.dumps(arch.to_dict()["layers"])
-    everyone: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if any(other != mine for other in everyone):
+    widths = torch.tensor(
+        [w for layer in arch.layers for w in (layer.num_heads, layer.num_kv_heads, layer.intermediate_dim)],
+        dtype=torch.int64, device=device,
+    )
+    extremes = torch.cat([widths, -widths])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if not torch.equal(extremes[: widths.numel()], -extremes[widths.numel() :]):
         raise RuntimeError("Ranks hold different architectures after a resize; refusing to continue")
     utils.log_rank_zero(
-        log, f"architecture identical on all {len(everyone)} ranks ({arch.num_params():,} params)"
+        log, f"architecture identical on all {dist.get_world_size()} ranks ({arch.num_params():,} params)"
     )
 
 

@@ -229,3 +229,29 @@ def _rank_cut_rows(rank: int, world: int, init_file: str) -> None:
 def test_cut_rows_on_three_ranks_matches_cut_then_shard(tmp_path):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     mp.spawn(_rank_cut_rows, args=(3, str(tmp_path / "init")), nprocs=3, join=True)
+
+
+def _rank_arch_check(rank: int, world: int, init_file: str) -> None:
+    """The recipe's after-resize check: silent when every rank holds the same widths, and every
+    rank raises when one of them differs (so all stop together)."""
+    import torch.distributed as dist
+
+    import adapt_prune_recipe as apr
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        arch = tiny()[1]
+        apr._check_same_arch_everywhere(arch, torch.device("cpu"))
+        layers = list(arch.layers)
+        if rank == 1:  # one layer one MLP channel narrower on one rank
+            layers[1] = type(layers[1])(layers[1].num_heads, layers[1].num_kv_heads, layers[1].intermediate_dim - 1)
+        with pytest.raises(RuntimeError, match="different architectures"):
+            apr._check_same_arch_everywhere(arch.with_layers(layers), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_holding_different_architectures_all_stop(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_rank_arch_check, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
