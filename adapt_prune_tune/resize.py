@@ -209,13 +209,16 @@ def _exchange_rows(tensors: Sequence[torch.Tensor], indices: Sequence[torch.Tens
     return out
 
 
-def _narrow_shard(t: torch.Tensor, sl: Optional[Tuple[int, torch.Tensor]]) -> torch.Tensor:
+def _narrow_shard(t: torch.Tensor, sl: Optional[Tuple[int, torch.Tensor]], copy: bool = True) -> torch.Tensor:
     """A row-sharded tensor cut along a dimension other than rows (or not cut): each rank's own rows.
 
-    A fresh tensor (never the old storage), placed like ``t`` at its new global shape.
+    Placed like ``t`` at its new global shape; a fresh tensor, except an uncut ``t`` with
+    ``copy=False`` (a caller that owns ``t`` and drops it), which comes back as it is.
     """
     from torch.distributed.tensor import DTensor
 
+    if sl is None and not copy:
+        return t
     local = t.to_local()
     shape = list(t.shape)
     if sl is None:
@@ -345,8 +348,8 @@ def rebind_optimizer_(
                 new_state[p][key] = value
             elif cut:  # re-sharded over the kept rows, placed like the new parameter
                 new_state[p][key] = new_moment(optimizer, p, key, next(moved))
-            elif own:  # cut on this rank's rows, already placed like the new parameter
-                new_state[p][key] = new_moment(optimizer, p, key, _narrow_shard(d, sl))
+            elif own:  # cut on this rank's rows (an uncut moment consumed is kept, not copied)
+                new_state[p][key] = new_moment(optimizer, p, key, _narrow_shard(d, sl, copy=not consume))
             else:  # plain (one process, a checkpoint's full tensors) or placed otherwise
                 full = full_tensor(d)
                 new_state[p][key] = new_moment(optimizer, p, key, slice_tensor(full, *sl) if sl is not None else full)
