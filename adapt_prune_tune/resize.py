@@ -172,7 +172,7 @@ def _exchange_rows(tensors: Sequence[torch.Tensor], indices: Sequence[torch.Tens
     cpu_indices = [ix.detach().to("cpu", torch.int64) for ix in indices]
     runs = [_RowRuns(ix, t.shape[0], world) for t, ix in zip(tensors, cpu_indices)]
     row_elems = [math.prod(t.shape[1:]) for t in tensors]
-    old_first = [sum(_chunk_rows(t.shape[0], world)[:me]) for t in tensors]
+    old_first = [local_rows(t)[0] for t in tensors]  # (checks each shard is FSDP2's)
     # The kept rows this rank holds, in index order, which is also destination order: one
     # index_select per tensor, then each destination's run is a view of it.
     kept = []
