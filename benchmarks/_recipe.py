@@ -135,7 +135,7 @@ def prune_step(apr, recipe, target: float) -> Dict[str, float]:
         rss_measure = maxrss_mb()
         peaks = {"peak_measure_mb": proc_status_mb("VmHWM")}
         reset_peak_rss()
-        keeps = apr._broadcast_keeps(plan.keeps)
+        keeps = apr._broadcast_keeps(plan.keeps, recipe._device)
         recipe._resize(keeps, plan.arch)
         sync(recipe._device)
         t2 = time.perf_counter()

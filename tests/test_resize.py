@@ -255,3 +255,31 @@ def _rank_arch_check(rank: int, world: int, init_file: str) -> None:
 def test_ranks_holding_different_architectures_all_stop(tmp_path):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     mp.spawn(_rank_arch_check, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def _rank_broadcast_keeps(rank: int, world: int, init_file: str) -> None:
+    """Every rank ends with rank 0's cut, uncut layers (None) included, whatever it planned itself."""
+    import torch.distributed as dist
+
+    import adapt_prune_recipe as apr
+    from adapt_prune_tune.surgery import LayerKeep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rank0 = [LayerKeep(torch.tensor([0, 2, 3]), torch.tensor([1]), torch.tensor([4, 9, 17])), None,
+                 LayerKeep(torch.arange(4), torch.arange(2), torch.arange(100, 301))]
+        other = [None, LayerKeep(torch.tensor([1]), torch.tensor([0]), torch.tensor([5])), None]
+        got = apr._broadcast_keeps(rank0 if rank == 0 else other, torch.device("cpu"))
+        assert [k is None for k in got] == [False, True, False]
+        for a, b in zip(got, rank0):
+            if b is not None:
+                assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "kv", "mlp"))
+        assert apr._broadcast_keeps([None, None, None] if rank == 0 else other, torch.device("cpu")) == [None] * 3
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_cuts_as_rank_0(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(_rank_broadcast_keeps, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
