@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _gloo import on_ranks
 
 from adapt_prune_tune.models import DecoderArch, decoder_from_arch
 from adapt_prune_tune.perplexity import jsonl_text, perplexity, text_windows
@@ -79,16 +77,11 @@ def test_perplexity_reads_chunked_output():
     assert perplexity(model, windows) == pytest.approx(expected, rel=1e-6)
 
 
-def _rank_perplexity(rank: int, world: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(3))
-        value = perplexity(tiny_model(), windows, batch_size=2)
-        with open(f"{out_file}.{rank}", "w") as f:
-            f.write(repr(value))
-    finally:
-        dist.destroy_process_group()
+def _rank_perplexity(rank: int, world: int, out_file: str) -> None:
+    windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(3))
+    value = perplexity(tiny_model(), windows, batch_size=2)
+    with open(f"{out_file}.{rank}", "w") as f:
+        f.write(repr(value))
 
 
 def test_two_ranks_with_uneven_windows_agree_with_one_process(tmp_path):
@@ -96,7 +89,6 @@ def test_two_ranks_with_uneven_windows_agree_with_one_process(tmp_path):
     windows = torch.randint(0, VOCAB, (5, 9), generator=torch.Generator().manual_seed(3))
     expected = perplexity(tiny_model(), windows)
     out = str(tmp_path / "ppl")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_rank_perplexity, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    on_ranks(_rank_perplexity, 2, tmp_path, out)
     values = [float(open(f"{out}.{rank}").read()) for rank in range(2)]
     assert values[0] == values[1] == pytest.approx(expected, rel=1e-6)

@@ -5,6 +5,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from _gloo import on_ranks
 from torch import nn
 
 from adapt_prune_tune.models import DecoderArch, RopeSpec, arch_from_model, decoder_from_arch
@@ -336,7 +337,7 @@ def test_bf16_calibration_sums_gradients_in_fp32_and_picks_like_fp32():
 # --------------------------------------------------------------------------- two ranks, FSDP2
 
 
-def _rank_scores(rank: int, world: int, init_file: str) -> None:
+def _rank_scores(rank: int, world: int) -> None:
     """Scores of an FSDP2 model on two ranks equal the single-process scores of the same
     model, and come from one all-reduce of per-channel totals: no weight or gradient is
     gathered."""
@@ -348,49 +349,39 @@ def _rank_scores(rank: int, world: int, init_file: str) -> None:
 
     from adapt_prune_tune.pruner import score_layers
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # Uneven shards: 97 MLP rows and 16-row KV biases over 2 ranks; biases (Qwen2) are 1-D.
+    arch = DecoderArch.uniform(vocab_size=131, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=1,
+                               intermediate_dim=97, max_seq_len=32, rope=RopeSpec("default", 1e4),
+                               attn_bias=True)
+    torch.manual_seed(0)
+    plain = decoder_from_arch(arch)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.1)
+    sharded = copy.deepcopy(plain)
+    mesh = init_device_mesh("cpu", (world,))
+    training.shard_model(sharded, [lambda n, m: isinstance(m, TransformerSelfAttentionLayer)],
+                         cpu_offload=False, dp_mesh=mesh)
+    batch = {"tokens": torch.randint(0, 131, (2, 16), generator=torch.Generator().manual_seed(3))}
+    # The same batch on both ranks: FSDP's averaged gradient is the single-process gradient.
+    for model in (plain, sharded):
+        next_token_loss(model, batch)[0].backward()
+    gathers = []
+    all_gather, full_tensor = dist.all_gather_into_tensor, DTensor.full_tensor
+    dist.all_gather_into_tensor = lambda *a, **k: gathers.append("all_gather") or all_gather(*a, **k)
+    DTensor.full_tensor = lambda self, *a, **k: gathers.append("full_tensor") or full_tensor(self, *a, **k)
     try:
-        # Uneven shards: 97 MLP rows and 16-row KV biases over 2 ranks; biases (Qwen2) are 1-D.
-        arch = DecoderArch.uniform(vocab_size=131, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=1,
-                                   intermediate_dim=97, max_seq_len=32, rope=RopeSpec("default", 1e4),
-                                   attn_bias=True)
-        torch.manual_seed(0)
-        plain = decoder_from_arch(arch)
-        with torch.no_grad():
-            for p in plain.parameters():
-                p.normal_(0.0, 0.1)
-        sharded = copy.deepcopy(plain)
-        mesh = init_device_mesh("cpu", (world,))
-        training.shard_model(sharded, [lambda n, m: isinstance(m, TransformerSelfAttentionLayer)],
-                             cpu_offload=False, dp_mesh=mesh)
-        batch = {"tokens": torch.randint(0, 131, (2, 16), generator=torch.Generator().manual_seed(3))}
-        # The same batch on both ranks: FSDP's averaged gradient is the single-process gradient.
-        for model in (plain, sharded):
-            next_token_loss(model, batch)[0].backward()
-        gathers = []
-        all_gather, full_tensor = dist.all_gather_into_tensor, DTensor.full_tensor
-        dist.all_gather_into_tensor = lambda *a, **k: gathers.append("all_gather") or all_gather(*a, **k)
-        DTensor.full_tensor = lambda self, *a, **k: gathers.append("full_tensor") or full_tensor(self, *a, **k)
-        try:
-            for scorer in ("taylor", "taylor_vector", "magnitude_l2"):
-                expected = score_layers(plain, arch, scorer)
-                got = score_layers(sharded, arch, scorer)
-                for e, g in zip(expected, got):
-                    assert e.keys() == g.keys()
-                    for kind in e:
-                        torch.testing.assert_close(g[kind], e[kind], rtol=1e-5, atol=1e-9, msg=f"{scorer} {kind}")
-        finally:
-            dist.all_gather_into_tensor, DTensor.full_tensor = all_gather, full_tensor
-        assert gathers == []
+        for scorer in ("taylor", "taylor_vector", "magnitude_l2"):
+            expected = score_layers(plain, arch, scorer)
+            got = score_layers(sharded, arch, scorer)
+            for e, g in zip(expected, got):
+                assert e.keys() == g.keys()
+                for kind in e:
+                    torch.testing.assert_close(g[kind], e[kind], rtol=1e-5, atol=1e-9, msg=f"{scorer} {kind}")
     finally:
-        dist.destroy_process_group()
+        dist.all_gather_into_tensor, DTensor.full_tensor = all_gather, full_tensor
+    assert gathers == []
 
 
 def test_two_rank_scores_match_one_process_without_gathering_weights(tmp_path):
-    import os
-
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_rank_scores, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    on_ranks(_rank_scores, 2, tmp_path)
