@@ -70,13 +70,9 @@ def like(full: torch.Tensor, reference: torch.Tensor, dtype: Optional[torch.dtyp
 
 
 def _row_sharded(t: torch.Tensor) -> bool:
-    """A DTensor split along dim 0 over a 1-D mesh: how FSDP2 places every parameter."""
-    if not hasattr(t, "device_mesh") or t.dim() == 0:
-        return False
-    from torch.distributed.tensor import Shard
-
-    mesh = t.device_mesh  # (a DTensor's device is its local tensor's: CPU when FSDP2 offloads)
-    return mesh.ndim == 1 and tuple(t.placements) == (Shard(0),) and t.device.type == mesh.device_type
+    """Split along dim 0 over a 1-D mesh (FSDP2's placement, :func:`local_rows`) and on the mesh's
+    device: what a collective can move as it is (FSDP2 keeps offloaded shards on the CPU)."""
+    return local_rows(t) is not None and t.device.type == t.device_mesh.device_type
 
 
 def _chunk_rows(n: int, world: int) -> List[int]:
