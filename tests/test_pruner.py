@@ -275,6 +275,42 @@ def test_lora_linear_is_rejected_before_work() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_decoder_the_rebuild_would_change_is_rejected_before_work() -> None:
+    """Gemma reads as a valid Llama-like spec (same projections, widths and RoPE), but every
+    resize rebuilds from the spec: its scaled embeddings, own norm and GELU gate would be lost."""
+    from torchtune.models.gemma._component_builders import gemma
+
+    torch.manual_seed(0)
+    model = gemma(vocab_size=VOCAB, num_layers=2, num_heads=4, head_dim=12, num_kv_heads=1, embed_dim=48,
+                  intermediate_dim=64, max_seq_len=64)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"(?s)GemmaNormEmbeddings.*GELU.*GemmaRMSNorm"):
+        arch_from_model(model)
+    with pytest.raises(TypeError, match="rebuild"):
+        prune(model, ARCH, batches(), PruningConfig(target_sparsity=0.2, steps=1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A scalar the spec keeps once (norm eps) but one layer overrides is a difference too.
+    llama = tiny()
+    llama.layers[2].mlp_norm.eps = 1e-3
+    with pytest.raises(TypeError, match=r"layers\.2\.mlp_norm`\.eps is 0\.001"):
+        arch_from_model(llama)
+
+
+def test_wrapped_decoders_read_as_the_network_they_wrap() -> None:
+    """Activation checkpointing adds a path segment and a wrapper module, not a layer: the spec
+    and the rebuild check see through it (the recipe compiles layer by layer, in place)."""
+    from torchtune.modules import TransformerSelfAttentionLayer
+    from torchtune.training import set_activation_checkpointing
+
+    model = tiny()
+    set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    assert "_checkpoint_wrapped_module" in next(n for n, _ in model.named_modules() if "layers.0." in n)
+    assert arch_from_model(model) == ARCH
+    for layer in model.layers:
+        layer.compile()
+    assert arch_from_model(model) == ARCH
+
+
 def test_spec_that_does_not_match_the_model_is_rejected() -> None:
     model = tiny()
     wrong = ARCH.with_layers([ARCH.layers[0]] * 3 + [type(ARCH.layers[0])(6, 3, 32)])

@@ -240,7 +240,7 @@ def arch_from_model(model: nn.Module) -> DecoderArch:
             raise TypeError(f"layers[{i}] has unsupported position embeddings {type(pe).__name__}")
     first = model.layers[0]
     first = getattr(first, "_checkpoint_wrapped_module", first)
-    return DecoderArch(
+    arch = DecoderArch(
         vocab_size=model.tok_embeddings.num_embeddings,
         embed_dim=model.tok_embeddings.embedding_dim,
         head_dim=first.attn.head_dim,
@@ -251,3 +251,14 @@ def arch_from_model(model: nn.Module) -> DecoderArch:
         tie_word_embeddings=isinstance(model.output, TiedLinear),
         attn_bias=attn_bias,
     )
+    from adapt_prune_tune.models._builders import rebuild_differences  # builds from this module's spec
+
+    differences = rebuild_differences(model, arch)
+    if differences:
+        raise TypeError(
+            "this decoder is not one the pruner can rebuild: every resize builds the pruned model "
+            "from stock Llama/Qwen2 blocks (plain embeddings, RMSNorm, SiLU-gated MLP), and this one "
+            "would silently change at the first prune: " + "; ".join(differences) + ". Supported: "
+            "torchtune's llama3/3.1/3.2 and qwen2/2.5 builders, and adapt_prune_tune.models builders."
+        )
+    return arch

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
+import torch
 from torch import nn
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
@@ -164,3 +165,75 @@ def deepseek_r1_distill_qwen_1_5b(max_seq_len: int = 131072) -> TransformerDecod
     before anything loads, so a checkpoint that disagrees is named, not trained.
     """
     return decoder_from_arch(replace(DEEPSEEK_R1_DISTILL_QWEN_1_5B, max_seq_len=max_seq_len))
+
+
+# Activation checkpointing adds a path segment around the module it wraps; the wrapped module
+# is what the rebuild must reproduce.
+_WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module"})
+# Scalars of the blocks that are not parameters, yet change what the network computes.
+_SCALARS = ("eps", "is_causal", "attn_dropout", "head_dim", "base", "scale_factor")
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class before FSDP2's ``fully_shard`` swapped in its ``FSDP<Class>``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: classes are never swapped
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _canonical(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _tree(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every submodule by its unwrapped path (a wrapper's path goes to what it wraps);
+    generation KV caches, which come and go with ``setup_caches``, are left out."""
+    out: Dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if "kv_cache" in name.split("."):
+            continue
+        out[_canonical(name)] = module  # parents come first: the wrapped module overwrites
+    return out
+
+
+def rebuild_differences(model: nn.Module, arch: DecoderArch, limit: int = 3) -> List[str]:
+    """How ``model`` differs from ``decoder_from_arch(arch)``, the network every resize builds.
+
+    The spec records widths and a few shared numbers, not the module classes: a decoder it does
+    not describe completely (Gemma's scaled embeddings, its own norm and GELU gate; a custom
+    block) would read as a valid spec and silently become another network at the first prune.
+    Compared: each submodule's class (any ``nn.Linear`` subclass may stand for a projection:
+    the FP8 conversion swaps them at every build), each parameter's path and shape (sharded
+    parameters report their global shape), and the scalars in ``_SCALARS``.
+    """
+    with torch.device("meta"):
+        reference = decoder_from_arch(arch)
+    have, want = _tree(model), _tree(reference)
+    diffs: List[str] = []
+    for path in list(want) + [p for p in have if p not in want]:
+        where = f"`{path or 'model'}`"
+        if path not in have:
+            diffs.append(f"{where} missing (the rebuilt network has a {type(want[path]).__name__})")
+        elif path not in want:
+            diffs.append(f"{where} ({_own_class(have[path]).__name__}) has no place in the rebuilt network")
+        else:
+            ours, theirs = _own_class(have[path]), type(want[path])
+            if ours is not theirs and not (theirs is nn.Linear and issubclass(ours, nn.Linear)):
+                diffs.append(f"{where} is a {ours.__module__}.{ours.__name__} where the rebuilt network has "
+                             f"{theirs.__module__}.{theirs.__name__}")
+            else:
+                diffs += [f"{where}.{a} is {getattr(have[path], a)!r}, rebuilt {getattr(want[path], a)!r}"
+                          for a in _SCALARS
+                          if hasattr(want[path], a) and getattr(have[path], a, None) != getattr(want[path], a)]
+        if len(diffs) >= limit:
+            return diffs[:limit]
+    have_params = {_canonical(n): tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    want_params = {n: tuple(p.shape) for n, p in reference.named_parameters(remove_duplicate=False)}
+    for name in sorted(have_params.keys() | want_params.keys()):
+        if have_params.get(name) != want_params.get(name):
+            diffs.append(f"parameter `{name}`: shape {have_params.get(name)}, rebuilt {want_params.get(name)}")
+        if len(diffs) >= limit:
+            break
+    return diffs[:limit]
