@@ -184,12 +184,48 @@ def component_problems(cfg: DictConfig) -> List[str]:
             f"{world} ranks (its compiled step mis-handles uneven shards): set pruning.method.round_to "
             f"to a multiple of {world} (got {round_to}; the GPU configs use 64)"
         )
+    problems += optimizer_state_problems(cfg)
     if cfg.get("lr_scheduler", None) is not None:
         try:
             config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
         except Exception as e:  # noqa: BLE001
             problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {e}")
     return problems
+
+
+def optimizer_state_problems(cfg: DictConfig) -> List[str]:
+    """State a resize cannot slice, found by one step on a dummy matrix before any work.
+
+    ``adapt.optimizer_state: slice`` cuts every state tensor shaped like its parameter (AdamW's
+    moments, SGD's momentum, Adagrad's sums; torchao's block-quantized moments through their
+    dense form). A factored state such as Adafactor's row and column statistics has another
+    shape: it would survive a resize unchanged and fail at the first step after it, hours into
+    a run. Only ``reset`` (fresh state at every resize) can carry such an optimizer.
+    """
+    if ((cfg.get("adapt") or {}).get("optimizer_state", "slice")) != "slice":
+        return []
+    from adapt_prune_tune.optimizer_state import is_quantized, uses_quantized_state
+
+    param = torch.nn.Parameter(torch.zeros(64, 64))
+    try:
+        optimizer = config.instantiate(cfg.optimizer, [param])
+        if uses_quantized_state(optimizer):
+            return []  # torchao's moments: dense or block-quantized, parameter-shaped; its step compiles (s)
+        param.grad = torch.full_like(param, 1e-3)
+        optimizer.step()
+    except Exception as e:  # noqa: BLE001 - the optimizer's own words, with the key to change
+        return [f"optimizer: {cfg.optimizer.get('_component_')} cannot take a step on a 64 x 64 parameter: "
+                f"{type(e).__name__}: {e}"]
+    odd = {key: tuple(value.shape) for key, value in optimizer.state[param].items()
+           if isinstance(value, torch.Tensor) and value.dim() > 0
+           and value.shape != param.shape and not is_quantized(value)}
+    if not odd:
+        return []
+    shapes = ", ".join(f"`{key}` {shape}" for key, shape in odd.items())
+    return [f"optimizer: {cfg.optimizer.get('_component_')} keeps state shaped otherwise than its parameter "
+            f"({shapes} for a (64, 64) parameter), which a resize cannot slice: set "
+            "adapt.optimizer_state=reset (fresh state at every resize), or use an optimizer with per-element "
+            "state (torch.optim.AdamW, SGD, Adagrad; torchao.optim.AdamW8bit / AdamW4bit / AdamWFp8)"]
 
 
 def unsupported_features(cfg: DictConfig) -> List[str]:

@@ -510,8 +510,9 @@ ADAPT = Section(
                 "(and after every stage's prune)", Range(1)),
         Setting("keep_last_checkpoints", "int", 2, "checkpoints kept in `output_dir/checkpoints` (0 = all)",
                 Range(0)),
-        Setting("optimizer_state", "str", "slice", "at a resize: carry the kept channels' AdamW moments "
-                "(slice) or start fresh (reset)", choices=("slice", "reset")),
+        Setting("optimizer_state", "str", "slice", "at a resize: carry the kept channels' optimizer state "
+                "(slice) or start fresh (reset; needed for state not shaped like its parameter, e.g. Adafactor's)",
+                choices=("slice", "reset")),
     ),
     (
         exactly_one("total_tokens", "total_steps", "adapt", " (0 = prune only)"),

@@ -164,6 +164,23 @@ def test_bad_key_is_refused_by_name(tmp_path, override, message):
     assert any(message in p for p in found), found
 
 
+def test_optimizer_state_a_resize_cannot_slice_is_refused_unless_reset(tmp_path):
+    """Adafactor's factored statistics are not shaped like their parameter: sliced runs would
+    fail at the first step after a resize; ``reset`` starts fresh state there instead."""
+    adafactor = ("optimizer._component_=torch.optim.Adafactor", "~optimizer.fused")
+    found = problems_of(demo_config(tmp_path, *adafactor))
+    assert found == [
+        "optimizer: torch.optim.Adafactor keeps state shaped otherwise than its parameter (`row_var` (64, 1), "
+        "`col_var` (1, 64) for a (64, 64) parameter), which a resize cannot slice: set adapt.optimizer_state=reset "
+        "(fresh state at every resize), or use an optimizer with per-element state (torch.optim.AdamW, SGD, "
+        "Adagrad; torchao.optim.AdamW8bit / AdamW4bit / AdamWFp8)"
+    ]
+    check_inputs(demo_config(tmp_path, *adafactor, "adapt.optimizer_state=reset"))
+    for per_element in ("optimizer._component_=torch.optim.SGD optimizer.momentum=0.9",
+                        "optimizer._component_=torch.optim.Adagrad", "optimizer.amsgrad=True"):
+        check_inputs(demo_config(tmp_path, *per_element.split(), "~optimizer.fused"))
+
+
 def test_override_that_cannot_merge_is_named_with_the_fix():
     """OmegaConf's bare "Cannot merge incompatible container types" becomes the override and the fix."""
     with pytest.raises(ConfigError) as err:
