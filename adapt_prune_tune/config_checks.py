@@ -511,6 +511,77 @@ def data_problems(cfg: DictConfig) -> List[str]:
     return problems
 
 
+def dataset_problems(cfg: DictConfig, world_size: Optional[int] = None, hub: bool = True) -> List[str]:
+    """Every dataset the run reads, built with the run's tokenizer and its first sample read, and
+    the calibration windows counted, before the model loads.
+
+    The stock setup builds the data after the weights: a column the data does not have, a
+    dataset argument missing or too little calibration text would otherwise surface minutes
+    into an 8B run. Packing is left out here (it rarely fails and costs a pass over the data);
+    ``hub=False`` skips datasets that would be downloaded (the planner's offline view).
+    """
+    from adapt_prune_tune.data import calibration_batches
+
+    world_size = launch_world_size() if world_size is None else world_size
+    try:
+        tokenizer = config.instantiate(cfg.tokenizer)
+    except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
+        return [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {type(e).__name__}: {e}"]
+    problems = []
+    for name, node in run_datasets(cfg):
+        if not hub and dataset_location(node)[0] != "local":
+            continue
+        node = node.copy()
+        if node.get("packed", False):
+            node.packed = False
+        try:
+            dataset = config.instantiate(node, tokenizer)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: {node.get('_component_')} cannot be built: {type(e).__name__}: {e}")
+            continue
+        if len(dataset) == 0:
+            problems.append(f"{name}: {node.get('source', node.get('_component_'))} holds no samples")
+            continue
+        try:
+            dataset[0]["tokens"]
+        except Exception as e:  # noqa: BLE001
+            columns = getattr(getattr(dataset, "_data", None), "column_names", None)
+            hint = f" (the data's columns: {columns}; check {name}.column / column_map)" if columns else ""
+            problems.append(f"{name}: its first sample cannot be read: {type(e).__name__}: {e}{hint}")
+            continue
+        if name != "pruning.calibration.dataset" and not _has_label_tokens(dataset, int(cfg.get("seed", 0) or 0)):
+            cut = cfg.tokenizer.get("max_seq_len", None)
+            problems.append(
+                f"{name}: none of the sampled examples has a label token to train on"
+                + (f" (responses cut off at tokenizer.max_seq_len = {cut} tokens?)" if cut else "")
+                + ": every optimizer step would divide by zero tokens and write NaN into the weights; raise "
+                "tokenizer.max_seq_len, shorten the prompts, or check the dataset's train_on_input / column_map"
+            )
+        if name == "pruning.calibration.dataset":
+            calib = cfg.pruning.calibration
+            try:
+                calibration_batches(dataset, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
+                                    seed=int(cfg.get("seed", 0) or 0), world_size=world_size)
+            except ValueError as e:
+                cut = cfg.tokenizer.get("max_seq_len", None)
+                problems.append(f"{e}" + (f" (each sample is cut at tokenizer.max_seq_len = {cut} tokens before "
+                                          "the windows are drawn)" if cut else ""))
+    return problems
+
+
+def _has_label_tokens(dataset: Any, seed: int, probe: int = 64) -> bool:
+    """Whether any of ``probe`` seeded samples has a label that is not ignored (datasets without
+    labels, which the collate derives from the tokens, count as having them)."""
+    from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:probe]
+    for i in order.tolist():
+        labels = dataset[i].get("labels")
+        if labels is None or any(label != CROSS_ENTROPY_IGNORE_IDX for label in labels):
+            return True
+    return False
+
+
 def walk(node: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
     """(dotted key, value) of every leaf under ``node``."""
     if isinstance(node, DictConfig):

@@ -97,9 +97,11 @@ from omegaconf import DictConfig
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
     DTYPE_BYTES,
+    ConfigError,
     check_inputs,
     check_total_steps,
     dataset_location,
+    dataset_problems,
     mean_sample_length,
     merge_overrides,
     run_datasets,
@@ -401,6 +403,12 @@ def plan_run(
 
     # The recipe's own checks (AdaptPruneRecipe.__init__ and the stock __init__'s config checks).
     checked = check_inputs(cfg, world_size=world_size, warn=warnings.append)
+    tokenizer_path = cfg.tokenizer.get("path", None)
+    if read_data and tokenizer_path is not None and Path(str(tokenizer_path)).expanduser().exists():
+        # As the recipe reads the data before the weights load; only local data here.
+        data = dataset_problems(cfg, world_size=world_size, hub=False)
+        if data:
+            raise ConfigError(data)
     pruning, distill, arch = checked.pruning, checked.distill, checked.arch
     if cfg.get("resume_from_checkpoint", False):
         notes.append("resume_from_checkpoint=True: the plan shows the whole run from its start")

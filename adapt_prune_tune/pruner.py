@@ -21,6 +21,7 @@ only how the cut is applied differs.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -512,6 +513,15 @@ class AdaptivePruner:
     ) -> Tuple[StepPlan, Calibration]:
         """Calibrate, score and decide one step toward overall sparsity ``target``."""
         calib = calibrate(model, batches, self.cfg.similarity, needs_gradients(self.cfg.scorer), loss_fn)
+        if not math.isfinite(calib.loss) or not bool(torch.isfinite(calib.mean_similarity).all()):
+            # Scores and widths computed from NaN would fail deep in the plan, naming nothing.
+            raise FloatingPointError(
+                f"the calibration pass is not finite (loss {calib.loss}): the model's weights or activations "
+                "have diverged. If training ran before this prune, its loss log shows when: lower "
+                "optimizer.lr or set clip_grad_norm; a loss of nan from the first step on means optimizer "
+                "steps without a single label token (instruction data whose responses tokenizer.max_seq_len "
+                "cuts off)"
+            )
         importance = normalize_importance(
             importance_from_similarity(calib.mean_similarity, self.cfg.similarity),
             self.cfg.importance_normalization,

@@ -51,6 +51,7 @@ from adapt_prune_tune.config_checks import (
     check_inputs as _check_inputs,
     check_total_steps,
     clear_previous_run as _clear_previous_run,
+    dataset_problems as _dataset_problems,
     mean_sample_length,
     merge_overrides,
     steps_for_tokens,
@@ -62,6 +63,7 @@ from adapt_prune_tune.distillation import (
     kl_calibration_loss,
     own_storage_,
 )
+from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import perplexity, text_windows
 from adapt_prune_tune.fp8 import wrap_component
@@ -214,6 +216,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._t_start = time.perf_counter()
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
+        data_problems = _dataset_problems(cfg)  # the data, read before the weights load
+        if data_problems:
+            raise ConfigError(data_problems)
         self._pruning_cfg, self._distill = checked.pruning, checked.distill
         _clear_previous_run(cfg)  # overwrite_output_dir=True only, now that every check has passed
         adapt = cfg.adapt
@@ -258,7 +263,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
         self._teacher: Optional[Teacher] = None
         if self._distill.enabled:
-            self._setup_distillation(self._cfg)
+            self._setup_distillation(self._cfg)  # its loss counts at least one token: never NaN
+        else:
+            self._loss_fn = EmptyLabelsSafeLoss(self._loss_fn)
         self._model_cfg_kwargs = dict(
             enable_activation_checkpointing=self._enable_activation_checkpointing,
             enable_activation_offloading=self._enable_activation_offloading,
@@ -1023,7 +1030,10 @@ def main() -> None:
                 merge_overrides(Path(sys.argv[i]), sys.argv[i + 1 :])
             except ConfigError as e:
                 sys.exit(str(e))
-    sys.exit(recipe_main())
+    try:
+        sys.exit(recipe_main())
+    except ConfigError as e:  # the problems and their fixes, not a traceback (every rank: none is cut off)
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":

@@ -474,3 +474,50 @@ def test_reference_names_every_key(tmp_path, capsys):
     assert readme_reference(readme.read_text()) == text and readme.read_text().endswith(f"{MARKERS[1]}\n\n## After\n")
     config_schema.main(["--markdown"])
     assert text in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the data, read
+
+
+def data_config(tmp_path: Path, smollm2_dir: Path, python_docs_dir: Path, *overrides: str):
+    """The demo config on the real tokenizer and corpus (the fake cache's files are empty)."""
+    return demo_config(tmp_path, f"model_dir={smollm2_dir}", f"data_dir={python_docs_dir}", *overrides)
+
+
+def instruct_file(tmp_path: Path, python_docs_dir: Path, prompt_chars: int) -> Path:
+    """Instruction pairs from the corpus: a prompt of ``prompt_chars`` characters, then a response."""
+    rows = [json.loads(line) for line in (python_docs_dir / "train.jsonl").read_text().splitlines()[:50]]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"input": (r["text"] * 20)[:prompt_chars], "output": r["text"][:200]}) + "\n"
+                            for r in rows))
+    return path
+
+
+def test_data_that_cannot_be_read_is_refused_before_the_model_loads(tmp_path, smollm2_dir, python_docs_dir):
+    ok = data_config(tmp_path, smollm2_dir, python_docs_dir)
+    assert config_checks.dataset_problems(ok) == []
+    found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, "dataset.column=content"))
+    assert found == ["dataset: its first sample cannot be read: KeyError: 'content' (the data's columns: "
+                     "['text', 'path', 'chunk']; check dataset.column / column_map)"]
+    found = config_checks.dataset_problems(data_config(
+        tmp_path, smollm2_dir, python_docs_dir, "dataset._component_=torchtune.datasets.chat_dataset"))
+    assert len(found) == 1 and found[0].startswith("dataset: torchtune.datasets.chat_dataset cannot be built: TypeError")
+    found = config_checks.dataset_problems(data_config(
+        tmp_path, smollm2_dir, python_docs_dir, "pruning.calibration.num_samples=4000"))
+    assert found == ["Calibration data has 27,705 tokens but pruning.calibration asks for 4000 × 128 = 512,000; lower "
+                     "num_samples/seq_len or add data (each sample is cut at tokenizer.max_seq_len = 256 tokens "
+                     "before the windows are drawn)"]
+
+
+def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, python_docs_dir):
+    """Instruction pairs whose prompts fill max_seq_len leave no response token to train on."""
+    instruct = ("dataset._component_=torchtune.datasets.instruct_dataset", "~dataset.column")
+    long = instruct_file(tmp_path, python_docs_dir, prompt_chars=4000)
+    found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
+                                                       f"dataset.data_files={long}"))
+    assert len(found) == 1 and found[0].startswith(
+        "dataset: none of the sampled examples has a label token to train on (responses cut off at "
+        "tokenizer.max_seq_len = 256 tokens?)")
+    short = instruct_file(tmp_path, python_docs_dir, prompt_chars=200)
+    assert config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
+                                                      f"dataset.data_files={short}")) == []

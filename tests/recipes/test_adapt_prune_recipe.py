@@ -475,6 +475,29 @@ def ckpt_latest(out: Path) -> Path:
     return latest_checkpoint(out / "checkpoints")
 
 
+def test_instruction_data_with_cut_off_responses_trains_without_nan(tmp_path, tiny_model, python_docs_dir):
+    """Half the pairs have prompts longer than max_seq_len: their labels are all ignored. Steps made
+    only of them change nothing (the stock loop would write NaN into every weight); the rest train."""
+    rows = [json.loads(line) for line in (python_docs_dir / "train.jsonl").read_text().splitlines()[:80]]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"input": (r["text"] * 20)[: 2000 if i % 2 else 80], "output": r["text"][:120]}) + "\n"
+        for i, r in enumerate(rows)))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{
+        "dataset._component_": "torchtune.datasets.instruct_dataset", "dataset.data_files": str(pairs),
+        "dataset.column": DELETE, "speed": None, "heldout": None})
+    proc = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
+    assert_ok(proc)
+    rows = [r for r in json.loads((out / "run_record.json").read_text())["train_log"] if "loss" in r]
+    skipped = [r for r in rows if r["tokens_per_second_per_gpu"] == 0]
+    trained = [r for r in rows if r["tokens_per_second_per_gpu"] > 0]
+    assert skipped and trained and all(math.isfinite(r["loss"]) for r in trained), rows
+    assert "without a label token on any rank" in proc.stderr
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_prune_only_config(tmp_path, tiny_model, python_docs_dir):
     out = tmp_path / "run"
     cfg = OmegaConf.load(configs.resolve("smollm2/135M_prune"))
