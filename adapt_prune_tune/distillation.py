@@ -306,6 +306,9 @@ class DistillationLoss(nn.Module):
     ranks, the parts of every micro-batch for logging (:meth:`pop_stats`).
     """
 
+    # A micro-batch without label tokens averages over max(count, 1): zero loss, zero gradient.
+    finite_without_labels = True
+
     def __init__(
         self,
         teacher: Teacher,

@@ -34,7 +34,9 @@ class EmptyLabelsSafeLoss(nn.Module):
     """``loss_fn`` with micro-batches that have no label token contributing nothing.
 
     A rank's micro-batch without labels gets one stand-in label (token 0 at its first
-    position) so the wrapped loss stays finite, and the result is multiplied by zero.
+    position) so the wrapped loss stays finite, and the result is multiplied by zero; a loss
+    that is already finite and gradient-free there (``finite_without_labels``, as
+    ``DistillationLoss``) sees it unchanged, which keeps its logged parts free of the stand-in.
     ``ignore_index`` and ``num_output_chunks`` are the wrapped loss's, as the stock loop and
     the model's chunked output read them.
     """
@@ -42,6 +44,7 @@ class EmptyLabelsSafeLoss(nn.Module):
     def __init__(self, loss_fn: nn.Module) -> None:
         super().__init__()
         self.inner = loss_fn
+        self.finite_without_labels = bool(getattr(loss_fn, "finite_without_labels", False))
         self.ignore_index = loss_fn.ignore_index
         if hasattr(loss_fn, "num_output_chunks"):
             self.num_output_chunks = loss_fn.num_output_chunks
@@ -58,6 +61,8 @@ class EmptyLabelsSafeLoss(nn.Module):
                 log.warning("%d micro-batch(es) so far without a label token on any rank: nothing to learn, "
                             "no gradient (their logged loss is nan)", self.skipped)
             return torch.zeros((), device=labels.device, requires_grad=True)
+        if self.finite_without_labels:
+            return self.inner(logits, labels)
         empty = count == 0
         first = torch.zeros_like(labels, dtype=torch.bool)
         first.view(-1)[0] = True

@@ -130,7 +130,7 @@ def resolve_target_sparsity(arch: DecoderArch, cfg: PruningConfig) -> float:
         raise ValueError(
             f"pruning target ({target:.1%} of prunable parameters) exceeds what the minimum "
             f"widths and max_layer_sparsity allow ({reachable:.1%}); lower the target or "
-            "raise pruning.max_layer_sparsity / lower pruning.min_* widths"
+            "raise pruning.method.max_layer_sparsity / lower pruning.method.min_* widths"
         )
     return target
 

@@ -113,11 +113,11 @@ def sparsity_for_param_target(arch: DecoderArch, target_params: int, prunable: O
     fixed = total - prunable
     if target_params >= total:
         raise ValueError(
-            f"pruning.target_params={target_params:,} is not below the model's {total:,} parameters"
+            f"pruning.method.target_params={target_params:,} is not below the model's {total:,} parameters"
         )
     if target_params <= fixed:
         raise ValueError(
-            f"pruning.target_params={target_params:,} is below the {fixed:,} parameters this "
+            f"pruning.method.target_params={target_params:,} is below the {fixed:,} parameters this "
             "configuration cannot prune (embeddings, norms, disabled group kinds): pruning cannot "
             "remove them; raise it"
         )

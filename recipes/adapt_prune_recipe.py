@@ -161,8 +161,9 @@ class _RecordingLogger:
         return getattr(self._inner, name)
 
     def log_dict(self, payload: Dict[str, Any], step: int) -> None:
-        if "loss" in payload and isinstance(self._recipe._loss_fn, DistillationLoss):
-            payload = {**payload, **self._recipe._loss_fn.pop_stats()}  # CE / KL / teacher CE parts
+        loss_fn = self._recipe._loss_fn.inner  # inside EmptyLabelsSafeLoss
+        if "loss" in payload and isinstance(loss_fn, DistillationLoss):
+            payload = {**payload, **loss_fn.pop_stats()}  # CE / KL / teacher CE parts
         progress = self._recipe._progress
         if "loss" in payload and progress is not None:
             progress.train_step_done(
@@ -263,9 +264,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
         self._teacher: Optional[Teacher] = None
         if self._distill.enabled:
-            self._setup_distillation(self._cfg)  # its loss counts at least one token: never NaN
-        else:
-            self._loss_fn = EmptyLabelsSafeLoss(self._loss_fn)
+            self._setup_distillation(self._cfg)
+        self._loss_fn = EmptyLabelsSafeLoss(self._loss_fn)
         self._model_cfg_kwargs = dict(
             enable_activation_checkpointing=self._enable_activation_checkpointing,
             enable_activation_offloading=self._enable_activation_offloading,

@@ -65,3 +65,24 @@ def _two_ranks(rank: int, world: int, chunked: bool) -> None:
 @pytest.mark.parametrize("chunked", [True, False])
 def test_rank_without_labels_adds_zero_loss_and_zero_gradient(tmp_path, chunked):
     on_ranks(_two_ranks, 2, tmp_path, chunked)
+
+
+def test_a_loss_finite_without_labels_sees_the_labels_unchanged():
+    """DistillationLoss averages over max(count, 1): no stand-in label enters its logged parts."""
+    seen = []
+
+    class Finite(torch.nn.Module):
+        finite_without_labels = True
+        ignore_index = IGNORE
+
+        def forward(self, logits, labels):
+            seen.append(labels)
+            return (logits * 0).sum()
+
+    leaf, logits, labels = logits_and_labels(masked=True, chunked=False)
+    safe = EmptyLabelsSafeLoss(Finite())
+    safe(logits, labels)  # one process: "no rank has labels", skipped before the inner loss
+    assert seen == [] and safe.skipped == 1
+    labels[0] = 3
+    safe(logits, labels)
+    assert len(seen) == 1 and seen[0] is labels

@@ -475,7 +475,8 @@ def ckpt_latest(out: Path) -> Path:
     return latest_checkpoint(out / "checkpoints")
 
 
-def test_instruction_data_with_cut_off_responses_trains_without_nan(tmp_path, tiny_model, python_docs_dir):
+@pytest.mark.parametrize("distill", [False, True], ids=["ce", "distill"])
+def test_instruction_data_with_cut_off_responses_trains_without_nan(tmp_path, tiny_model, python_docs_dir, distill):
     """Half the pairs have prompts longer than max_seq_len: their labels are all ignored. Steps made
     only of them change nothing (the stock loop would write NaN into every weight); the rest train."""
     rows = [json.loads(line) for line in (python_docs_dir / "train.jsonl").read_text().splitlines()[:80]]
@@ -486,7 +487,7 @@ def test_instruction_data_with_cut_off_responses_trains_without_nan(tmp_path, ti
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{
         "dataset._component_": "torchtune.datasets.instruct_dataset", "dataset.data_files": str(pairs),
-        "dataset.column": DELETE, "speed": None, "heldout": None})
+        "dataset.column": DELETE, "speed": None, "heldout": None, "distill.enabled": distill})
     proc = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
     assert_ok(proc)
     rows = [r for r in json.loads((out / "run_record.json").read_text())["train_log"] if "loss" in r]
