@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,31 @@ def jsonl_text(data_files: Union[str, Path], column: str = "text") -> str:
     """The ``column`` of every row of a JSONL file, in file order, joined by blank lines."""
     rows = Path(data_files).read_text(encoding="utf-8").splitlines()
     return "\n\n".join(json.loads(line)[column] for line in rows if line.strip())
+
+
+def heldout_windows(section: Optional[Mapping[str, Any]], tokenizer: Any) -> Dict[str, torch.Tensor]:
+    """Token windows of every text a ``heldout:`` section names (none for ``heldout: null``).
+
+    ``texts`` names several (the first is the run's headline figure, e.g. the training domain;
+    others show what recovery on that domain costs elsewhere); ``text`` is a single one, named
+    ``heldout``. Each text is a component returning a string.
+    """
+    from torchtune import config
+
+    if section is None:
+        return {}
+    if (section.get("texts") is None) == (section.get("text") is None):
+        raise ValueError("heldout: give either `text:` (one text) or `texts:` (name: text, ...), not both")
+    several = section.get("texts") is not None
+    nodes = section["texts"] if several else {"heldout": section["text"]}
+    num_tokens, window = int(section["num_tokens"]), int(section["window"])
+    windows = {}
+    for name, node in nodes.items():
+        try:
+            windows[str(name)] = text_windows(tokenizer, config.instantiate(node), num_tokens, window)
+        except ValueError as e:
+            raise ValueError(f"heldout.{f'texts.{name}' if several else 'text'}: {e}") from e
+    return windows
 
 
 def text_windows(tokenizer: Any, text: str, num_tokens: int, window: int) -> torch.Tensor:

@@ -65,7 +65,7 @@ from adapt_prune_tune.distillation import (
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
 from adapt_prune_tune.models import DecoderArch, arch_from_model
-from adapt_prune_tune.perplexity import perplexity, text_windows
+from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
 from adapt_prune_tune.pruner import AdaptivePruner, calibrate, next_token_loss
@@ -218,6 +218,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
         data_problems = _dataset_problems(cfg)  # the data, read before the weights load
+        try:  # and the held-out texts, tokenized once, here
+            self._heldout_windows = heldout_windows(cfg.get("heldout", None), config.instantiate(cfg.tokenizer))
+        except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key
+            data_problems.append(str(e) if isinstance(e, ValueError) else f"heldout: {type(e).__name__}: {e}")
         if data_problems:
             raise ConfigError(data_problems)
         self._pruning_cfg, self._distill = checked.pruning, checked.distill
@@ -384,25 +388,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         return checkpointer.load_checkpoint()[training.MODEL_KEY]
 
     def _setup_heldout(self, cfg_heldout: Optional[DictConfig]) -> Dict[str, torch.Tensor]:
-        """Token windows of each held-out text, identical on every rank (empty: no evaluation).
-
-        ``heldout.texts`` names several texts (the first is the run's headline figure, e.g. the
-        training domain; others show what recovery on that domain costs elsewhere);
-        ``heldout.text`` is a single one, named ``heldout``.
-        """
+        """Token windows of each held-out text (read in ``__init__``), identical on every rank."""
         if cfg_heldout is None:
             return {}
         self._heldout_batch_size = int(cfg_heldout.get("batch_size", 4))
         self._heldout_at_checkpoints = bool(cfg_heldout.get("at_checkpoints", False))
-        if (cfg_heldout.get("texts") is None) == (cfg_heldout.get("text") is None):
-            raise ValueError("heldout: give either `text:` (one text) or `texts:` (name: text, ...), not both")
-        nodes = cfg_heldout.texts if cfg_heldout.get("texts") is not None else {"heldout": cfg_heldout.text}
-        return {
-            str(name): text_windows(
-                self._tokenizer, config.instantiate(node), int(cfg_heldout.num_tokens), int(cfg_heldout.window)
-            )
-            for name, node in nodes.items()
-        }
+        return self._heldout_windows
 
     def _heldout_ppl(self, event: str) -> Optional[Dict[str, float]]:
         """Held-out perplexity of the current model on every text (all ranks), or None.

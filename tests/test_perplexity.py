@@ -92,3 +92,24 @@ def test_two_ranks_with_uneven_windows_agree_with_one_process(tmp_path):
     on_ranks(_rank_perplexity, 2, tmp_path, out)
     values = [float(open(f"{out}.{rank}").read()) for rank in range(2)]
     assert values[0] == values[1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_heldout_section_gives_windows_per_text_and_names_the_short_one(tmp_path):
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune.perplexity import heldout_windows
+
+    for name, words in (("long", 400), ("short", 30)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": " ".join(["word"] * words)}) + "\n")
+
+    def node(name):
+        return {"_component_": "adapt_prune_tune.perplexity.jsonl_text", "data_files": str(tmp_path / f"{name}.jsonl")}
+
+    section = OmegaConf.create({"texts": {"a": node("long"), "b": node("long")}, "num_tokens": 64, "window": 16})
+    windows = heldout_windows(section, CharTokenizer())
+    assert list(windows) == ["a", "b"] and windows["a"].shape == (4, 16)
+    assert heldout_windows(None, CharTokenizer()) == {}
+    section.texts.b = node("short")
+    section.num_tokens = 256
+    with pytest.raises(ValueError, match=r"^heldout\.texts\.b: The held-out text has"):
+        heldout_windows(section, CharTokenizer())
