@@ -698,6 +698,12 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if isinstance(model, (str, Path)) and not (Path(model) / "config.json").is_file():
+        # Before the task index and the datasets: a run directory is the usual mix-up.
+        raise FileNotFoundError(
+            f"{model} is not a Hugging Face model directory (no config.json); a run's output_dir or its "
+            f"final/ checkpoint is exported first: `adapt-prune-tune export {model} OUT`, then evaluate OUT"
+        )
     specs = resolve_tasks(tasks)
     if isinstance(local_size, str):
         if local_size not in LOCAL_SIZES:

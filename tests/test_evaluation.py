@@ -654,3 +654,11 @@ def test_cli_eval_defaults_to_the_quick_size_and_saves_for_the_card(monkeypatch,
     assert calls[-1]["local_size"] == "full"
     main(["eval", str(tmp_path), "--tasks", "piqa"])  # not an export: nothing saved
     assert not (tmp_path / "eval_results.json").exists()
+
+
+def test_a_run_directory_is_refused_with_the_export_command(tmp_path):
+    from adapt_prune_tune.evaluation import evaluate
+
+    (tmp_path / "run_record.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"adapt-prune-tune export .* OUT`, then evaluate OUT"):
+        evaluate(tmp_path, "local")
