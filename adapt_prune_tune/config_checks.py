@@ -44,6 +44,7 @@ from adapt_prune_tune.config_schema import (
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.fp8 import fp8_problems
 from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
+from adapt_prune_tune.models._hf import UnsupportedRope
 from adapt_prune_tune.pruner import PruningConfig
 
 Warn = Optional[Callable[[str], None]]
@@ -381,6 +382,8 @@ def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
     config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
     try:
         expected = read_hf_arch(config_path)
+    except UnsupportedRope as e:
+        return [f"model: {config_path}: {e}"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     built, wanted = arch_fields(arch), arch_fields(expected)
@@ -413,6 +416,10 @@ def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
         "attention biases": arch.attn_bias,
         "rope": arch.rope.kind,
         "rope base": arch.rope.base,
+        "rope scaling (factor, low/high frequency factors, original context)": (
+            (arch.rope.scale_factor, arch.rope.low_freq_factor, arch.rope.high_freq_factor, arch.rope.old_context_len)
+            if arch.rope.kind == "llama3_scaled" else None
+        ),
         "norm_eps": arch.norm_eps,
     }
 

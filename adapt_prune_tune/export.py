@@ -67,7 +67,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 # torchtune's Llama3ScaledRoPE defaults, which ``decoder_from_arch`` builds with.
-_LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -370,7 +369,9 @@ def _rope_scaling(arch: DecoderArch) -> Optional[Dict[str, Any]]:
     """HF ``rope_scaling`` of the spec's RoPE (None when unscaled)."""
     if arch.rope.kind != "llama3_scaled":
         return None
-    return {"rope_type": "llama3", "factor": arch.rope.scale_factor, **_LLAMA3_ROPE_DEFAULTS}
+    rope = arch.rope
+    return {"rope_type": "llama3", "factor": rope.scale_factor, "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor, "original_max_position_embeddings": rope.old_context_len}
 
 
 def _token_ids(base_config: Mapping[str, Any], tokenizer_dir: Optional[Path]) -> Dict[str, Any]:

@@ -307,9 +307,40 @@ def test_builder_must_match_the_checkpoints_config(tmp_path):
     assert problem.startswith("model: the builder does not match") and "decoder_from_hf_config" in problem
     assert "tie_word_embeddings False (checkpoint: True)" in problem and "rope base 10000.0 (checkpoint: 1000000.0)" in problem
     assert "num_heads" not in problem
+    # A RoPE scaling torchtune cannot build (Qwen2.5's long-context YaRN) is refused whatever the builder.
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    (tmp_path / "config.json").write_text(json.dumps({**deepseek, "rope_scaling": yarn}))
+    (problem,) = checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B)
+    assert "rope_scaling of type 'yarn' is not supported for Qwen2ForCausalLM" in problem
     # No config.json, or one we cannot read: nothing to compare, nothing refused.
     (tmp_path / "config.json").write_text("{not json")
     assert checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B) == []
+
+
+def test_llama3_rope_scaling_is_read_whole(tmp_path):
+    """Meta's checkpoints share low/high frequency factors 1/4 and an 8,192-token original context;
+    a derivative with others is another network, which the builder comparison names."""
+    from adapt_prune_tune.config_checks import checkpoint_arch_problems
+    from adapt_prune_tune.models import DecoderArch, RopeSpec, arch_from_hf_config, read_hf_arch
+    from adapt_prune_tune.models._hf import UnsupportedRope
+
+    llama = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    }
+    assert arch_from_hf_config(llama).rope == RopeSpec("llama3_scaled", 500000.0, 8.0)
+    longer = {**llama, "rope_scaling": {**llama["rope_scaling"], "original_max_position_embeddings": 32768}}
+    (tmp_path / "config.json").write_text(json.dumps(longer))
+    assert read_hf_arch(tmp_path).rope.old_context_len == 32768
+    # Meta's band is left out of arch.json (specs and fingerprints from before stay the same); others round-trip.
+    assert set(arch_from_hf_config(llama).to_dict()["rope"]) == {"kind", "base", "scale_factor"}
+    assert DecoderArch.from_dict(read_hf_arch(tmp_path).to_dict()) == read_hf_arch(tmp_path)
+    (problem,) = checkpoint_arch_problems(OmegaConf.create({"checkpoint_dir": str(tmp_path)}), arch_from_hf_config(llama))
+    assert "(8.0, 1.0, 4.0, 8192) (checkpoint: (8.0, 1.0, 4.0, 32768))" in problem
+    with pytest.raises(UnsupportedRope, match="'linear'"):
+        arch_from_hf_config({**llama, "rope_scaling": {"type": "linear", "factor": 2.0}})
 
 
 def test_formatted_checkpoint_files_are_expanded(tmp_path):

@@ -30,6 +30,9 @@ FLAVORS = {
     "llama3": dict(rope=RopeSpec("llama3_scaled", 500_000.0, 32.0), tie_word_embeddings=False, attn_bias=False),
     "qwen2": dict(rope=RopeSpec("qwen2", 1_000_000.0), tie_word_embeddings=True, attn_bias=True),
     "smollm2": dict(rope=RopeSpec("default", 100_000.0), tie_word_embeddings=True, attn_bias=False),
+    # Llama 3 scaling with another original context and frequency band than Meta's (1, 4, 8192).
+    "llama3_ctx": dict(rope=RopeSpec("llama3_scaled", 500_000.0, 8.0, 2.0, 8.0, 64), tie_word_embeddings=False,
+                       attn_bias=False),
 }
 # Base: 8 query / 4 KV heads (2 per group), MLP 128. Layer 2 keeps all 4 KV heads with
 # one query head each; layer 3 is unpruned.
@@ -124,7 +127,7 @@ def test_export_matches_torchtune(tiny, flavor: str, mode: str, tmp_path: Path) 
 
     family = "Qwen2" if flavor == "qwen2" else "Llama"
     assert config["rope_theta"] == arch.rope.base  # also readable by transformers 4.x
-    assert ("rope_scaling" in config) == (flavor == "llama3")
+    assert ("rope_scaling" in config) == flavor.startswith("llama3")
     if mode == "compact":
         assert type(hf_model).__name__ == f"Adapt{family}ForCausalLM"
         assert config["num_attention_heads_per_layer"] == [layer.num_heads for layer in PRUNED]

@@ -41,14 +41,22 @@ class LayerArch:
             )
 
 
+# RopeSpec's Llama 3 frequency band and original context in every Meta checkpoint (torchtune's defaults).
+_LLAMA3_BAND = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "old_context_len": 8192}
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Which rotary embedding a family uses; its buffers are not in the state dict."""
 
     kind: str = "default"
     base: float = 10_000.0
-    # Llama 3.1/3.2 frequency scaling (``Llama3ScaledRoPE``); ignored otherwise.
+    # Llama 3.1/3.2 frequency scaling (``Llama3ScaledRoPE``, HF ``rope_type: llama3``); ignored
+    # otherwise. The last three are the same in every Meta checkpoint, not in every derivative.
     scale_factor: Optional[float] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    old_context_len: int = 8192
 
     def __post_init__(self) -> None:
         if self.kind not in ROPE_KINDS:
@@ -113,6 +121,11 @@ class DecoderArch:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(layer) for layer in self.layers]
+        # Llama 3 scaling's band and original context appear only where they differ from Meta's:
+        # specs written before they were read stay byte-identical (arch.json, run fingerprints).
+        for key, default in _LLAMA3_BAND.items():
+            if d["rope"][key] == default:
+                del d["rope"][key]
         return d
 
     @classmethod
@@ -231,7 +244,8 @@ def arch_from_model(model: nn.Module) -> DecoderArch:
         )
         pe = attn.pos_embeddings
         if isinstance(pe, Llama3ScaledRoPE):
-            rope = RopeSpec("llama3_scaled", float(pe.base), float(pe.scale_factor))
+            rope = RopeSpec("llama3_scaled", float(pe.base), float(pe.scale_factor), float(pe.low_freq_factor),
+                            float(pe.high_freq_factor), int(pe.old_context_len))
         elif isinstance(pe, Qwen2RotaryPositionalEmbeddings):
             rope = RopeSpec("qwen2", float(pe.base))
         elif isinstance(pe, RotaryPositionalEmbeddings):

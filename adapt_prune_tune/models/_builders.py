@@ -36,6 +36,9 @@ def _rope(arch: DecoderArch) -> nn.Module:
             max_seq_len=arch.max_seq_len,
             base=spec.base,
             scale_factor=spec.scale_factor,
+            low_freq_factor=spec.low_freq_factor,
+            high_freq_factor=spec.high_freq_factor,
+            old_context_len=spec.old_context_len,
         )
     if spec.kind == "qwen2":
         return Qwen2RotaryPositionalEmbeddings(
@@ -171,7 +174,8 @@ def deepseek_r1_distill_qwen_1_5b(max_seq_len: int = 131072) -> TransformerDecod
 # is what the rebuild must reproduce.
 _WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module"})
 # Scalars of the blocks that are not parameters, yet change what the network computes.
-_SCALARS = ("eps", "is_causal", "attn_dropout", "head_dim", "base", "scale_factor")
+_SCALARS = ("eps", "is_causal", "attn_dropout", "head_dim", "base", "scale_factor", "low_freq_factor",
+            "high_freq_factor", "old_context_len")
 
 
 def _own_class(module: nn.Module) -> type:

@@ -23,6 +23,10 @@ from adapt_prune_tune.models._builders import decoder_from_arch
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
+class UnsupportedRope(ValueError):
+    """A ``rope_scaling`` torchtune's RoPE modules cannot reproduce."""
+
+
 def arch_from_hf_config(config: Dict) -> DecoderArch:
     """Spec of an unpruned Llama/Qwen2 HF config (clear error for anything else)."""
     archs = config.get("architectures") or [config.get("model_type", "?")]
@@ -34,10 +38,20 @@ def arch_from_hf_config(config: Dict) -> DecoderArch:
     qwen = archs[0] == "Qwen2ForCausalLM"
     scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
     theta = config.get("rope_theta", scaling.get("rope_theta", 10_000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", None) and (qwen or kind != "llama3"):
+        # torchtune has no such RoPE: the model would be built with unscaled frequencies.
+        raise UnsupportedRope(
+            f"rope_scaling of type {kind!r} is not supported for {archs[0]} (supported: none, and Llama 3's "
+            f"'llama3'); this checkpoint would be built with other rotary frequencies than it was trained with"
+        )
     if qwen:
         rope = RopeSpec("qwen2", float(theta))
-    elif scaling.get("rope_type") == "llama3":
-        rope = RopeSpec("llama3_scaled", float(theta), float(scaling["factor"]))
+    elif kind == "llama3":
+        rope = RopeSpec(
+            "llama3_scaled", float(theta), float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
+            float(scaling.get("high_freq_factor", 4.0)), int(scaling.get("original_max_position_embeddings", 8192)),
+        )
     else:
         rope = RopeSpec("default", float(theta))
     heads = config["num_attention_heads"]
