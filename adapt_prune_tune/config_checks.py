@@ -44,7 +44,7 @@ from adapt_prune_tune.config_schema import (
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.fp8 import fp8_problems
 from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
-from adapt_prune_tune.models._hf import UnsupportedRope
+from adapt_prune_tune.models._hf import UnsupportedHFConfig
 from adapt_prune_tune.pruner import PruningConfig
 
 Warn = Optional[Callable[[str], None]]
@@ -382,7 +382,7 @@ def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
     config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
     try:
         expected = read_hf_arch(config_path)
-    except UnsupportedRope as e:
+    except UnsupportedHFConfig as e:
         return [f"model: {config_path}: {e}"]
     except (OSError, ValueError, KeyError, TypeError):
         return []

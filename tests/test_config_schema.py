@@ -311,7 +311,7 @@ def test_builder_must_match_the_checkpoints_config(tmp_path):
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     (tmp_path / "config.json").write_text(json.dumps({**deepseek, "rope_scaling": yarn}))
     (problem,) = checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B)
-    assert "rope_scaling of type 'yarn' is not supported for Qwen2ForCausalLM" in problem
+    assert "Qwen2ForCausalLM config with rope_scaling of type 'yarn'" in problem and "not supported" in problem
     # No config.json, or one we cannot read: nothing to compare, nothing refused.
     (tmp_path / "config.json").write_text("{not json")
     assert checkpoint_arch_problems(node, DEEPSEEK_R1_DISTILL_QWEN_1_5B) == []
@@ -322,7 +322,7 @@ def test_llama3_rope_scaling_is_read_whole(tmp_path):
     a derivative with others is another network, which the builder comparison names."""
     from adapt_prune_tune.config_checks import checkpoint_arch_problems
     from adapt_prune_tune.models import DecoderArch, RopeSpec, arch_from_hf_config, read_hf_arch
-    from adapt_prune_tune.models._hf import UnsupportedRope
+    from adapt_prune_tune.models._hf import UnsupportedHFConfig
 
     llama = {
         "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
@@ -339,8 +339,10 @@ def test_llama3_rope_scaling_is_read_whole(tmp_path):
     assert DecoderArch.from_dict(read_hf_arch(tmp_path).to_dict()) == read_hf_arch(tmp_path)
     (problem,) = checkpoint_arch_problems(OmegaConf.create({"checkpoint_dir": str(tmp_path)}), arch_from_hf_config(llama))
     assert "(8.0, 1.0, 4.0, 8192) (checkpoint: (8.0, 1.0, 4.0, 32768))" in problem
-    with pytest.raises(UnsupportedRope, match="'linear'"):
+    with pytest.raises(UnsupportedHFConfig, match="'linear'"):
         arch_from_hf_config({**llama, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(UnsupportedHFConfig, match="hidden_act 'gelu'.*attention_bias"):
+        arch_from_hf_config({**llama, "hidden_act": "gelu", "attention_bias": True})
 
 
 def test_formatted_checkpoint_files_are_expanded(tmp_path):

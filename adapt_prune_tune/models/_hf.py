@@ -23,8 +23,8 @@ from adapt_prune_tune.models._builders import decoder_from_arch
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
-class UnsupportedRope(ValueError):
-    """A ``rope_scaling`` torchtune's RoPE modules cannot reproduce."""
+class UnsupportedHFConfig(ValueError):
+    """A Llama/Qwen2 config.json with a feature torchtune's blocks cannot reproduce."""
 
 
 def arch_from_hf_config(config: Dict) -> DecoderArch:
@@ -39,12 +39,19 @@ def arch_from_hf_config(config: Dict) -> DecoderArch:
     scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
     theta = config.get("rope_theta", scaling.get("rope_theta", 10_000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    # What torchtune's blocks cannot build; each would load into a network other than the checkpoint's.
+    unsupported = []
     if kind not in ("default", None) and (qwen or kind != "llama3"):
-        # torchtune has no such RoPE: the model would be built with unscaled frequencies.
-        raise UnsupportedRope(
-            f"rope_scaling of type {kind!r} is not supported for {archs[0]} (supported: none, and Llama 3's "
-            f"'llama3'); this checkpoint would be built with other rotary frequencies than it was trained with"
-        )
+        unsupported.append(f"rope_scaling of type {kind!r} (supported: none, and Llama 3's 'llama3')")
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):
+        unsupported.append(f"hidden_act {config['hidden_act']!r} (supported: 'silu')")
+    if not qwen and (config.get("attention_bias") or config.get("mlp_bias")):
+        unsupported.append("attention_bias / mlp_bias (Llama blocks here have no projection biases)")
+    if qwen and config.get("use_sliding_window"):
+        unsupported.append("use_sliding_window (torchtune attends over the whole sequence)")
+    if unsupported:
+        raise UnsupportedHFConfig(f"{archs[0]} config with " + "; ".join(unsupported) + " is not supported: "
+                                  "this checkpoint would be built as another network than it was trained as")
     if qwen:
         rope = RopeSpec("qwen2", float(theta))
     elif kind == "llama3":
