@@ -518,23 +518,28 @@ def data_problems(cfg: DictConfig) -> List[str]:
     return problems
 
 
-def dataset_problems(cfg: DictConfig, world_size: Optional[int] = None, hub: bool = True) -> List[str]:
+def dataset_problems(cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None) -> List[str]:
     """Every dataset the run reads, built with the run's tokenizer and its first sample read, and
     the calibration windows counted, before the model loads.
 
     The stock setup builds the data after the weights: a column the data does not have, a
     dataset argument missing or too little calibration text would otherwise surface minutes
     into an 8B run. Packing is left out here (it rarely fails and costs a pass over the data);
-    ``hub=False`` skips datasets that would be downloaded (the planner's offline view).
+    ``hub=False`` skips datasets that would be downloaded (the planner's offline view). With
+    the model's ``vocab_size``, token ids the embedding does not have (another model's
+    tokenizer) are found in what was read, and in the padding id.
     """
     from adapt_prune_tune.data import calibration_batches
 
-    world_size = launch_world_size() if world_size is None else world_size
     try:
         tokenizer = config.instantiate(cfg.tokenizer)
     except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
         return [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {type(e).__name__}: {e}"]
     problems = []
+    pad_id = getattr(tokenizer, "pad_id", None)
+    if vocab_size is not None and isinstance(pad_id, int) and pad_id >= vocab_size:
+        problems.append(f"tokenizer: its padding id {pad_id:,} is outside the model's {vocab_size:,} embeddings: "
+                        f"tokenizer.path ({cfg.tokenizer.get('path')}) is not this model's tokenizer")
     for name, node in run_datasets(cfg):
         if not hub and dataset_location(node)[0] != "local":
             continue
@@ -550,11 +555,15 @@ def dataset_problems(cfg: DictConfig, world_size: Optional[int] = None, hub: boo
             problems.append(f"{name}: {node.get('source', node.get('_component_'))} holds no samples")
             continue
         try:
-            dataset[0]["tokens"]
+            tokens = dataset[0]["tokens"]
         except Exception as e:  # noqa: BLE001
             columns = getattr(getattr(dataset, "_data", None), "column_names", None)
             hint = f" (the data's columns: {columns}; check {name}.column / column_map)" if columns else ""
             problems.append(f"{name}: its first sample cannot be read: {type(e).__name__}: {e}{hint}")
+            continue
+        if vocab_size is not None and tokens and max(tokens) >= vocab_size:
+            problems.append(f"{name}: the tokenizer gives token id {max(tokens):,}, outside the model's {vocab_size:,} "
+                            f"embeddings: tokenizer.path ({cfg.tokenizer.get('path')}) is not this model's tokenizer")
             continue
         if name != "pruning.calibration.dataset" and not _has_label_tokens(dataset, int(cfg.get("seed", 0) or 0)):
             cut = cfg.tokenizer.get("max_seq_len", None)
@@ -567,13 +576,34 @@ def dataset_problems(cfg: DictConfig, world_size: Optional[int] = None, hub: boo
         if name == "pruning.calibration.dataset":
             calib = cfg.pruning.calibration
             try:
-                calibration_batches(dataset, int(calib.num_samples), int(calib.seq_len), int(calib.batch_size),
-                                    seed=int(cfg.get("seed", 0) or 0), world_size=world_size)
+                # All ranks' windows (their split over the ranks is the table's check).
+                windows = calibration_batches(dataset, int(calib.num_samples), int(calib.seq_len),
+                                              int(calib.batch_size), seed=int(cfg.get("seed", 0) or 0))
+                highest = max(int(w["tokens"].max()) for w in windows)
+                if vocab_size is not None and highest >= vocab_size:
+                    problems.append(f"{name}: the tokenizer gives token id {highest:,}, outside the model's "
+                                    f"{vocab_size:,} embeddings: tokenizer.path ({cfg.tokenizer.get('path')}) "
+                                    "is not this model's tokenizer")
             except ValueError as e:
                 cut = cfg.tokenizer.get("max_seq_len", None)
                 problems.append(f"{e}" + (f" (each sample is cut at tokenizer.max_seq_len = {cut} tokens before "
                                           "the windows are drawn)" if cut else ""))
     return problems
+
+
+def device_problems(cfg: DictConfig) -> List[str]:
+    """The run's ``device`` exists on this machine (the planner, which plans GPU runs anywhere,
+    does not ask): without it the stock setup fails inside process-group creation."""
+    name = str(cfg.get("device", "cpu"))
+    try:
+        kind = torch.device(name).type
+    except RuntimeError as e:
+        return [f"device: {name!r} is not a torch device ({e}); e.g. cpu, cuda, cuda:1"]
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        return [f"device={name}, but this machine has no {kind} device available to torch {torch.__version__}: "
+                "set device=cpu, or run where the accelerator (and a torch build for it) is"]
+    return []
 
 
 def _has_label_tokens(dataset: Any, seed: int, probe: int = 64) -> bool:

@@ -406,7 +406,7 @@ def plan_run(
     tokenizer_path = cfg.tokenizer.get("path", None)
     if read_data and tokenizer_path is not None and Path(str(tokenizer_path)).expanduser().exists():
         # As the recipe reads the data before the weights load; only local data here.
-        data = dataset_problems(cfg, world_size=world_size, hub=False)
+        data = dataset_problems(cfg, hub=False, vocab_size=checked.arch.vocab_size)
         if data:
             raise ConfigError(data)
     pruning, distill, arch = checked.pruning, checked.distill, checked.arch

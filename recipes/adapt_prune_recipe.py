@@ -52,6 +52,7 @@ from adapt_prune_tune.config_checks import (
     check_total_steps,
     clear_previous_run as _clear_previous_run,
     dataset_problems as _dataset_problems,
+    device_problems as _device_problems,
     mean_sample_length,
     merge_overrides,
     steps_for_tokens,
@@ -217,7 +218,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._t_start = time.perf_counter()
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
-        data_problems = _dataset_problems(cfg)  # the data, read before the weights load
+        # This machine's device, and the data, read before the weights load.
+        data_problems = _device_problems(cfg) + _dataset_problems(cfg, vocab_size=checked.arch.vocab_size)
         try:  # and the held-out texts, tokenized once, here
             self._heldout_windows = heldout_windows(cfg.get("heldout", None), config.instantiate(cfg.tokenizer))
         except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key

@@ -554,3 +554,22 @@ def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, p
     short = instruct_file(tmp_path, python_docs_dir, prompt_chars=200)
     assert config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
                                                       f"dataset.data_files={short}")) == []
+
+
+def test_another_models_tokenizer_is_refused_by_its_token_ids(tmp_path, smollm2_dir, python_docs_dir):
+    """SmolLM2's tokenizer against a 1,000-token embedding: ids past it would index out of range
+    in the first calibration pass, after the weights loaded."""
+    cfg = data_config(tmp_path, smollm2_dir, python_docs_dir)
+    assert config_checks.dataset_problems(cfg, vocab_size=49152) == []
+    found = config_checks.dataset_problems(cfg, vocab_size=1000)
+    assert [p.split(":")[0] for p in found] == ["dataset", "pruning.calibration.dataset"]
+    assert all("outside the model's 1,000 embeddings" in p and "is not this model's tokenizer" in p for p in found)
+
+
+def test_a_device_this_machine_lacks_is_refused(tmp_path):
+    import torch
+
+    assert config_checks.device_problems(demo_config(tmp_path)) == []
+    (problem,) = config_checks.device_problems(demo_config(tmp_path, "device=cuda:0" if not torch.cuda.is_available()
+                                                           else "device=nonsense"))
+    assert "set device=cpu" in problem or "is not a torch device" in problem
