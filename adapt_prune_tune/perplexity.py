@@ -32,6 +32,27 @@ def jsonl_text(data_files: Union[str, Path], column: str = "text") -> str:
     return "\n\n".join(json.loads(line)[column] for line in rows if line.strip())
 
 
+def dataset_text(
+    source: str, split: str, column: str = "text", separator: Optional[str] = None, **load_dataset_kwargs: Any
+) -> str:
+    """One column of a ``datasets`` split as one text: any held-out text a run can read.
+
+    Local files through ``datasets``' builders (``source: text`` with ``data_files: notes.txt``,
+    one row per line; ``json``, ``csv``, ``parquet``), or a Hub dataset (``source:
+    Salesforce/wikitext``, ``name: wikitext-2-raw-v1``, ``split: test``: the usual held-out
+    perplexity text). Rows are joined by ``separator``: a newline for ``text`` (its rows are the
+    file's lines), a blank line otherwise (rows are documents).
+    """
+    from datasets import load_dataset
+
+    data = load_dataset(source, split=split, **load_dataset_kwargs)
+    if column not in data.column_names:
+        raise ValueError(f"column {column!r} is not in {source} ({split}): its columns are {data.column_names}")
+    if separator is None:
+        separator = "\n" if source == "text" else "\n\n"
+    return separator.join(str(row) for row in data[column])
+
+
 def heldout_windows(section: Optional[Mapping[str, Any]], tokenizer: Any) -> Dict[str, torch.Tensor]:
     """Token windows of every text a ``heldout:`` section names (none for ``heldout: null``).
 

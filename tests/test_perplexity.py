@@ -113,3 +113,15 @@ def test_heldout_section_gives_windows_per_text_and_names_the_short_one(tmp_path
     section.num_tokens = 256
     with pytest.raises(ValueError, match=r"^heldout\.texts\.b: The held-out text has"):
         heldout_windows(section, CharTokenizer())
+
+
+def test_dataset_text_reads_local_files_through_datasets(tmp_path):
+    from adapt_prune_tune.perplexity import dataset_text
+
+    (tmp_path / "notes.txt").write_text("first line\nsecond line\n\nafter a blank\n")
+    assert dataset_text("text", "train", data_files=str(tmp_path / "notes.txt")) == (
+        "first line\nsecond line\n\nafter a blank")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "one"}) + "\n" + json.dumps({"body": "two"}) + "\n")
+    assert dataset_text("json", "train", column="body", data_files=str(tmp_path / "docs.jsonl")) == "one\n\ntwo"
+    with pytest.raises(ValueError, match=r"column 'text' is not in json \(train\): its columns are \['body'\]"):
+        dataset_text("json", "train", data_files=str(tmp_path / "docs.jsonl"))
