@@ -399,3 +399,31 @@ def test_smollm2_pruned_export(smollm2_dir: Path, tmp_path: Path) -> None:
     diff = (logits["compact"] - logits["padded"]).abs().max().item()
     print(f"SmolLM2-135M pruned: compact vs padded in float64: max |logits diff| = {diff:.2e}")
     assert diff < 1e-9
+
+
+def test_mistral_checkpoint_loads_prunes_and_exports_as_llama_blocks(tmp_path: Path) -> None:
+    """Mistral without a sliding window is Llama's network: read from its config.json, equal to
+    transformers' Mistral, and exported (after a cut) with the same logits; a sliding window is refused."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from adapt_prune_tune.models import arch_from_hf_config
+    from adapt_prune_tune.models._hf import UnsupportedHFConfig
+    from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                           rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+    mistral = _randomize(MistralForCausalLM(config), seed=3)
+    mistral.save_pretrained(tmp_path / "base", safe_serialization=True)
+    model, arch = load_hf_model(tmp_path / "base")
+    _assert_same_model(model.eval(), mistral, "mistral/load")
+    assert arch.rope.kind == "default" and not arch.attn_bias
+    base = arch
+    # Layer 0 keeps KV groups 0 and 2 with both of their query heads, and every other MLP channel.
+    keep = LayerKeep(q=torch.tensor([0, 1, 4, 5]), kv=torch.tensor([0, 2]), mlp=torch.arange(0, 128, 2))
+    arch = prune_decoder_(model, arch, [keep, None])
+    out = export_hf(model, tmp_path / "export", arch=arch, original_arch=base, base_config=tmp_path / "base")
+    _assert_same_model(model, _load(out, "compact"), "mistral/export")
+    with pytest.raises(UnsupportedHFConfig, match="sliding_window 64"):
+        arch_from_hf_config({**config.to_dict(), "sliding_window": 64})

@@ -273,6 +273,6 @@ def arch_from_model(model: nn.Module) -> DecoderArch:
             "this decoder is not one the pruner can rebuild: every resize builds the pruned model "
             "from stock Llama/Qwen2 blocks (plain embeddings, RMSNorm, SiLU-gated MLP), and this one "
             "would silently change at the first prune: " + "; ".join(differences) + ". Supported: "
-            "torchtune's llama3/3.1/3.2 and qwen2/2.5 builders, and adapt_prune_tune.models builders."
+            "torchtune's llama3/3.1/3.2, qwen2/2.5 and mistral builders, and adapt_prune_tune.models builders."
         )
     return arch

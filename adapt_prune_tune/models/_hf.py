@@ -20,7 +20,8 @@ from torch import nn
 from adapt_prune_tune.models._arch import DecoderArch, RopeSpec
 from adapt_prune_tune.models._builders import decoder_from_arch
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# Mistral's blocks are Llama's (no biases, SiLU gate, plain RoPE) once its sliding window is off.
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 class UnsupportedHFConfig(ValueError):
@@ -33,7 +34,8 @@ def arch_from_hf_config(config: Dict) -> DecoderArch:
     if archs[0] not in SUPPORTED_HF_ARCHITECTURES:
         raise ValueError(
             f"Unsupported model architecture {archs[0]!r}; supported: "
-            f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (Llama 3/3.1/3.2, SmolLM2, Qwen2/2.5)"
+            f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (Llama 3/3.1/3.2, SmolLM2, Qwen2/2.5, Mistral without "
+            "a sliding window)"
         )
     qwen = archs[0] == "Qwen2ForCausalLM"
     scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {})
@@ -49,6 +51,9 @@ def arch_from_hf_config(config: Dict) -> DecoderArch:
         unsupported.append("attention_bias / mlp_bias (Llama blocks here have no projection biases)")
     if qwen and config.get("use_sliding_window"):
         unsupported.append("use_sliding_window (torchtune attends over the whole sequence)")
+    window = config.get("sliding_window")
+    if archs[0] == "MistralForCausalLM" and window is not None and window < config.get("max_position_embeddings", 0):
+        unsupported.append(f"sliding_window {window} (torchtune attends over the whole sequence)")
     if unsupported:
         raise UnsupportedHFConfig(f"{archs[0]} config with " + "; ".join(unsupported) + " is not supported: "
                                   "this checkpoint would be built as another network than it was trained as")
