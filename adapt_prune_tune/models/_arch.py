@@ -41,10 +41,6 @@ class LayerArch:
             )
 
 
-# RopeSpec's Llama 3 frequency band and original context in every Meta checkpoint (torchtune's defaults).
-_LLAMA3_BAND = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "old_context_len": 8192}
-
-
 @dataclass(frozen=True)
 class RopeSpec:
     """Which rotary embedding a family uses; its buffers are not in the state dict."""
@@ -61,6 +57,10 @@ class RopeSpec:
     def __post_init__(self) -> None:
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"rope.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
+
+
+# RopeSpec's Llama 3 frequency band and original context in every Meta checkpoint: its defaults.
+_LLAMA3_BAND = {name: getattr(RopeSpec, name) for name in ("low_freq_factor", "high_freq_factor", "old_context_len")}
 
 
 @dataclass(frozen=True)

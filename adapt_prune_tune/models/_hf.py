@@ -61,8 +61,10 @@ def arch_from_hf_config(config: Dict) -> DecoderArch:
         rope = RopeSpec("qwen2", float(theta))
     elif kind == "llama3":
         rope = RopeSpec(
-            "llama3_scaled", float(theta), float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)),
-            float(scaling.get("high_freq_factor", 4.0)), int(scaling.get("original_max_position_embeddings", 8192)),
+            "llama3_scaled", float(theta), float(scaling["factor"]),
+            float(scaling.get("low_freq_factor", RopeSpec.low_freq_factor)),
+            float(scaling.get("high_freq_factor", RopeSpec.high_freq_factor)),
+            int(scaling.get("original_max_position_embeddings", RopeSpec.old_context_len)),
         )
     else:
         rope = RopeSpec("default", float(theta))
