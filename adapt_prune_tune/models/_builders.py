@@ -180,10 +180,8 @@ _SCALARS = ("eps", "is_causal", "attn_dropout", "head_dim", "base", "scale_facto
 
 def _own_class(module: nn.Module) -> type:
     """The module's class before FSDP2's ``fully_shard`` swapped in its ``FSDP<Class>``."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2: classes are never swapped
-        return type(module)
+    from torch.distributed.fsdp import FSDPModule
+
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
