@@ -518,7 +518,17 @@ def data_problems(cfg: DictConfig) -> List[str]:
     return problems
 
 
-def dataset_problems(cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None) -> List[str]:
+def run_tokenizer(cfg: DictConfig) -> Tuple[Any, List[str]]:
+    """The run's tokenizer, or ``None`` and why it cannot be built."""
+    try:
+        return config.instantiate(cfg.tokenizer), []
+    except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
+        return None, [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {type(e).__name__}: {e}"]
+
+
+def dataset_problems(
+    cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None, tokenizer: Any = None
+) -> List[str]:
     """Every dataset the run reads, built with the run's tokenizer and its first sample read, and
     the calibration windows counted, before the model loads.
 
@@ -527,19 +537,28 @@ def dataset_problems(cfg: DictConfig, hub: bool = True, vocab_size: Optional[int
     into an 8B run. Packing is left out here (it rarely fails and costs a pass over the data);
     ``hub=False`` skips datasets that would be downloaded (the planner's offline view). With
     the model's ``vocab_size``, token ids the embedding does not have (another model's
-    tokenizer) are found in what was read, and in the padding id.
+    tokenizer) are found in what was read, and in the padding id. ``tokenizer``: the run's,
+    when the caller has built it already (else built here).
     """
     from adapt_prune_tune.data import calibration_batches
 
-    try:
-        tokenizer = config.instantiate(cfg.tokenizer)
-    except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
-        return [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {type(e).__name__}: {e}"]
+    if tokenizer is None:
+        tokenizer, problems = run_tokenizer(cfg)
+        if problems:
+            return problems
+    cut = cfg.tokenizer.get("max_seq_len", None)
+    seed = int(cfg.get("seed", 0) or 0)
+
+    def foreign(where: str, what: str, token_id: int) -> Optional[str]:
+        if vocab_size is None or token_id < vocab_size:
+            return None
+        return (f"{where}: {what} {token_id:,}, outside the model's {vocab_size:,} embeddings: tokenizer.path "
+                f"({cfg.tokenizer.get('path')}) is not this model's tokenizer")
+
     problems = []
     pad_id = getattr(tokenizer, "pad_id", None)
-    if vocab_size is not None and isinstance(pad_id, int) and pad_id >= vocab_size:
-        problems.append(f"tokenizer: its padding id {pad_id:,} is outside the model's {vocab_size:,} embeddings: "
-                        f"tokenizer.path ({cfg.tokenizer.get('path')}) is not this model's tokenizer")
+    if isinstance(pad_id, int) and (problem := foreign("tokenizer", "its padding id", pad_id)):
+        problems.append(problem)
     for name, node in run_datasets(cfg):
         if not hub and dataset_location(node)[0] != "local":
             continue
@@ -561,33 +580,30 @@ def dataset_problems(cfg: DictConfig, hub: bool = True, vocab_size: Optional[int
             hint = f" (the data's columns: {columns}; check {name}.column / column_map)" if columns else ""
             problems.append(f"{name}: its first sample cannot be read: {type(e).__name__}: {e}{hint}")
             continue
-        if vocab_size is not None and tokens and max(tokens) >= vocab_size:
-            problems.append(f"{name}: the tokenizer gives token id {max(tokens):,}, outside the model's {vocab_size:,} "
-                            f"embeddings: tokenizer.path ({cfg.tokenizer.get('path')}) is not this model's tokenizer")
-            continue
-        if name != "pruning.calibration.dataset" and not _has_label_tokens(dataset, int(cfg.get("seed", 0) or 0)):
-            cut = cfg.tokenizer.get("max_seq_len", None)
-            problems.append(
-                f"{name}: none of the sampled examples has a label token to train on"
-                + (f" (responses cut off at tokenizer.max_seq_len = {cut} tokens?)" if cut else "")
-                + ": every optimizer step would divide by zero tokens and write NaN into the weights; raise "
-                "tokenizer.max_seq_len, shorten the prompts, or check the dataset's train_on_input / column_map"
-            )
-        if name == "pruning.calibration.dataset":
+        problem = foreign(name, "the tokenizer gives token id", max(tokens)) if tokens else None
+        if problem:
+            problems.append(problem)
+        elif name != "pruning.calibration.dataset":
+            if not _has_label_tokens(dataset, seed):
+                problems.append(
+                    f"{name}: none of the sampled examples has a label token to train on"
+                    + (f" (responses cut off at tokenizer.max_seq_len = {cut} tokens?)" if cut else "")
+                    + ": every optimizer step would divide by zero tokens and write NaN into the weights; raise "
+                    "tokenizer.max_seq_len, shorten the prompts, or check the dataset's train_on_input / column_map"
+                )
+        else:
             calib = cfg.pruning.calibration
             try:
                 # All ranks' windows (their split over the ranks is the table's check).
                 windows = calibration_batches(dataset, int(calib.num_samples), int(calib.seq_len),
-                                              int(calib.batch_size), seed=int(cfg.get("seed", 0) or 0))
-                highest = max(int(w["tokens"].max()) for w in windows)
-                if vocab_size is not None and highest >= vocab_size:
-                    problems.append(f"{name}: the tokenizer gives token id {highest:,}, outside the model's "
-                                    f"{vocab_size:,} embeddings: tokenizer.path ({cfg.tokenizer.get('path')}) "
-                                    "is not this model's tokenizer")
+                                              int(calib.batch_size), seed=seed)
             except ValueError as e:
-                cut = cfg.tokenizer.get("max_seq_len", None)
                 problems.append(f"{e}" + (f" (each sample is cut at tokenizer.max_seq_len = {cut} tokens before "
                                           "the windows are drawn)" if cut else ""))
+                continue
+            problem = foreign(name, "the tokenizer gives token id", max(int(w["tokens"].max()) for w in windows))
+            if problem:
+                problems.append(problem)
     return problems
 
 

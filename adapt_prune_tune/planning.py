@@ -393,7 +393,6 @@ def plan_run(
     """
     from torchtune import config
 
-    from adapt_prune_tune.data import calibration_batches
     from adapt_prune_tune.pruner import minimum_arch, prunable_per_layer, resolve_target_sparsity
 
     if world_size < 1:
@@ -403,12 +402,6 @@ def plan_run(
 
     # The recipe's own checks (AdaptPruneRecipe.__init__ and the stock __init__'s config checks).
     checked = check_inputs(cfg, world_size=world_size, warn=warnings.append)
-    tokenizer_path = cfg.tokenizer.get("path", None)
-    if read_data and tokenizer_path is not None and Path(str(tokenizer_path)).expanduser().exists():
-        # As the recipe reads the data before the weights load; only local data here.
-        data = dataset_problems(cfg, hub=False, vocab_size=checked.arch.vocab_size)
-        if data:
-            raise ConfigError(data)
     pruning, distill, arch = checked.pruning, checked.distill, checked.arch
     if cfg.get("resume_from_checkpoint", False):
         notes.append("resume_from_checkpoint=True: the plan shows the whole run from its start")
@@ -422,15 +415,15 @@ def plan_run(
 
     _note_hub_sources(cfg, notes)
     tokenizer = _local_tokenizer(cfg) if read_data else None
-
-    # Calibration split (and, when the data is here, its size), as the recipe's setup checks it.
+    if tokenizer is not None:
+        # The data as the recipe reads it before the weights load (local data only here): columns,
+        # label tokens, token ids, and the calibration windows counted (their split over the ranks
+        # is check_inputs').
+        data = dataset_problems(cfg, hub=False, vocab_size=arch.vocab_size, tokenizer=tokenizer)
+        if data:
+            raise ConfigError(data)
     calib = cfg.pruning.calibration
     num_samples, calib_len, calib_bs = int(calib.num_samples), int(calib.seq_len), int(calib.batch_size)
-    if tokenizer is not None and _local_files_exist(calib.dataset):
-        calib_data = config.instantiate(calib.dataset, tokenizer)
-    else:
-        calib_data = [{"tokens": [0] * (num_samples * calib_len)}]  # stand-in: checks the split only
-    calibration_batches(calib_data, num_samples, calib_len, calib_bs, seed=seed, rank=0, world_size=world_size)
 
     # Run length, as the recipe's _resolve_total_steps computes it.
     batch_size, accumulation = int(cfg.batch_size), int(cfg.gradient_accumulation_steps)

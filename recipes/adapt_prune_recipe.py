@@ -55,6 +55,7 @@ from adapt_prune_tune.config_checks import (
     device_problems as _device_problems,
     mean_sample_length,
     merge_overrides,
+    run_tokenizer as _run_tokenizer,
     steps_for_tokens,
 )
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
@@ -219,11 +220,14 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
         # This machine's device, and the data, read before the weights load.
-        data_problems = _device_problems(cfg) + _dataset_problems(cfg, vocab_size=checked.arch.vocab_size)
-        try:  # and the held-out texts, tokenized once, here
-            self._heldout_windows = heldout_windows(cfg.get("heldout", None), config.instantiate(cfg.tokenizer))
-        except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key
-            data_problems.append(str(e) if isinstance(e, ValueError) else f"heldout: {type(e).__name__}: {e}")
+        tokenizer, tokenizer_problems = _run_tokenizer(cfg)
+        data_problems = _device_problems(cfg) + tokenizer_problems
+        if tokenizer is not None:
+            data_problems += _dataset_problems(cfg, vocab_size=checked.arch.vocab_size, tokenizer=tokenizer)
+            try:  # and the held-out texts, tokenized once, here
+                self._heldout_windows = heldout_windows(cfg.get("heldout", None), tokenizer)
+            except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key
+                data_problems.append(str(e) if isinstance(e, ValueError) else f"heldout: {type(e).__name__}: {e}")
         if data_problems:
             raise ConfigError(data_problems)
         self._pruning_cfg, self._distill = checked.pruning, checked.distill
