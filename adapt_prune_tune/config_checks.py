@@ -166,8 +166,8 @@ def component_problems(cfg: DictConfig) -> List[str]:
     class the installed packages lack, or an argument it does not take, fails here, not after
     the model loaded."""
     problems = []
-    try:
-        optimizer = config.instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(8))])
+    try:  # a matrix: optimizer_state_problems steps it to see the state's shapes
+        optimizer = config.instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(64, 64))])
     except Exception as e:  # noqa: BLE001 - whatever the constructor says, with the key to change
         hint = ""
         if "fused" in str(e):
@@ -185,16 +185,15 @@ def component_problems(cfg: DictConfig) -> List[str]:
             f"{world} ranks (its compiled step mis-handles uneven shards): set pruning.method.round_to "
             f"to a multiple of {world} (got {round_to}; the GPU configs use 64)"
         )
-    problems += optimizer_state_problems(cfg)
     if cfg.get("lr_scheduler", None) is not None:
         try:
             config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
         except Exception as e:  # noqa: BLE001
             problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {e}")
-    return problems
+    return optimizer_state_problems(cfg, optimizer) + problems
 
 
-def optimizer_state_problems(cfg: DictConfig) -> List[str]:
+def optimizer_state_problems(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> List[str]:
     """State a resize cannot slice, found by one step on a dummy matrix before any work.
 
     ``adapt.optimizer_state: slice`` cuts every state tensor shaped like its parameter (AdamW's
@@ -202,16 +201,16 @@ def optimizer_state_problems(cfg: DictConfig) -> List[str]:
     dense form). A factored state such as Adafactor's row and column statistics has another
     shape: it would survive a resize unchanged and fail at the first step after it, hours into
     a run. Only ``reset`` (fresh state at every resize) can carry such an optimizer.
+    ``optimizer``: the config's, built over one 64 x 64 parameter (``component_problems``).
     """
     if ((cfg.get("adapt") or {}).get("optimizer_state", "slice")) != "slice":
         return []
     from adapt_prune_tune.optimizer_state import is_quantized, uses_quantized_state
 
-    param = torch.nn.Parameter(torch.zeros(64, 64))
+    if uses_quantized_state(optimizer):
+        return []  # torchao's moments: dense or block-quantized, parameter-shaped; its step compiles (s)
+    (param,) = optimizer.param_groups[0]["params"]
     try:
-        optimizer = config.instantiate(cfg.optimizer, [param])
-        if uses_quantized_state(optimizer):
-            return []  # torchao's moments: dense or block-quantized, parameter-shaped; its step compiles (s)
         param.grad = torch.full_like(param, 1e-3)
         optimizer.step()
     except Exception as e:  # noqa: BLE001 - the optimizer's own words, with the key to change
