@@ -24,7 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -127,10 +127,10 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     whether the target is reachable at all and how large a checkpoint is.
     """
     world_size = launch_world_size() if world_size is None else world_size
-    arch, model_problem = meta_arch(cfg)
+    arch, model_problem, modules = meta_model(cfg)
     schema = check_sections(cfg, world_size=world_size, arch=arch)
     problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
-    problems += stock_value_problems(cfg) + component_problems(cfg)
+    problems += stock_value_problems(cfg) + component_problems(cfg) + sharding_problems(cfg, arch, modules)
     if model_problem:
         problems.append(model_problem)
     if cfg.get("enable_fp8_training", False) is True:
@@ -150,15 +150,18 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     return CheckedConfig(pruning_config(schema.config("pruning.method")), distill_config(distill), arch)
 
 
-def meta_arch(cfg: DictConfig) -> Tuple[Optional[DecoderArch], Optional[str]]:
-    """The base model's spec, built on the meta device, or why it could not be built."""
+def meta_model(cfg: DictConfig) -> Tuple[Optional[DecoderArch], Optional[str], Set[str]]:
+    """The base model's spec, built on the meta device, or why it could not be built; and the
+    names of its modules (what ``custom_sharded_layers`` matches)."""
     if cfg.get("model", None) is None:
-        return None, "missing `model:` (a torchtune model builder, e.g. torchtune.models.llama3_1.llama3_1_8b)"
+        return None, "missing `model:` (a torchtune model builder, e.g. torchtune.models.llama3_1.llama3_1_8b)", set()
     try:
         with torch.device("meta"):
-            return arch_from_model(config.instantiate(cfg.model)), None
+            model = config.instantiate(cfg.model)
+            return arch_from_model(model), None, {name for name, _ in model.named_modules()}
     except Exception as e:  # noqa: BLE001 - reported with the other problems
-        return None, f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {type(e).__name__}: {e}"
+        problem = f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {type(e).__name__}: {e}"
+        return None, problem, set()
 
 
 def component_problems(cfg: DictConfig) -> List[str]:
@@ -171,7 +174,7 @@ def component_problems(cfg: DictConfig) -> List[str]:
     except Exception as e:  # noqa: BLE001 - whatever the constructor says, with the key to change
         hint = ""
         if "fused" in str(e):
-            hint = " (torchao's optimizers take no `fused`: remove it with `~optimizer.fused`)"
+            hint = " (remove the packaged configs' `fused` with `~optimizer.fused`)"
         problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
         return problems
     component = str(cfg.optimizer.get("_component_", ""))
@@ -237,6 +240,56 @@ def unsupported_features(cfg: DictConfig) -> List[str]:
         problems.append("tensor_parallel_dim > 1 (pruned layers have uneven head counts); use FSDP only")
     if cfg.get("enable_async_checkpointing", False):
         problems.append("enable_async_checkpointing=True (run checkpoints carry per-layer shapes); set it to False")
+    ignored = {k: cfg.get(k) for k, unset in (("epochs", 1), ("max_steps_per_epoch", None)) if cfg.get(k, unset) != unset}
+    if ignored:  # the stock recipe's run length; here the stages own the steps
+        settings = ", ".join(f"{k}={v}" for k, v in ignored.items())
+        problems.append(
+            f"{settings}: this recipe does not count epochs; the run's length is adapt.total_tokens (or "
+            "adapt.total_steps) spread over adapt.stages. For a shorter run set adapt.total_steps=N (N optimizer "
+            "steps in all) or a smaller adapt.total_tokens, and keep epochs: 1, max_steps_per_epoch: null"
+        )
+    return problems
+
+
+def sharding_problems(cfg: DictConfig, arch: Optional[DecoderArch], modules: Set[str]) -> List[str]:
+    """FSDP2 settings that would fail at process-group creation or at the first forward.
+
+    ``custom_sharded_layers`` names modules by their exact path (torchtune's
+    ``get_shard_conditions``): a name the model lacks shards nothing, silently, and with tied
+    embeddings ``tok_embeddings`` cannot be a unit of its own: the output projection reads its
+    weight outside the embedding's forward, where FSDP2 has already resharded it (a mixed
+    ``Tensor``/``DTensor`` matmul in the first forward). One process never shards, so it runs
+    there and fails only when launched on several: refused everywhere.
+    """
+    problems = []
+    device = str(cfg.get("device", "cuda"))
+    if cfg.get("fsdp_cpu_offload", False) is True and not device.startswith("cuda"):
+        problems.append(
+            f"fsdp_cpu_offload=True with device={device}: it keeps a GPU run's shards in host memory, where a "
+            f"{device} run's shards already are (torch refuses its process group, 'cpu:gloo,cpu:gloo'); "
+            "set fsdp_cpu_offload=False"
+        )
+    names = cfg.get("custom_sharded_layers", None) or []
+    if isinstance(names, str):  # torchtune would match it as a substring of every module path
+        return problems + [f"custom_sharded_layers must be a list of module names, e.g. ['{names}'], not a string"]
+    if arch is None or not modules:
+        return problems
+    tied = [n for n in names if arch.tie_word_embeddings and n in ("tok_embeddings", "output")]
+    if tied:
+        problems.append(
+            f"custom_sharded_layers={list(names)}: this model ties its output projection to tok_embeddings "
+            "(tie_word_embeddings), so the embedding cannot be an FSDP unit of its own (the output reads its "
+            "weight after the embedding's unit has resharded it) and there is no `output` module; remove "
+            + " and ".join(f"'{n}'" for n in tied)
+            + " (custom_sharded_layers=null keeps the tied embedding in the root unit)"
+        )
+    unknown = [n for n in names if n not in modules and n not in tied]
+    if unknown:
+        top = sorted(n for n in modules if n and "." not in n)
+        problems.append(
+            f"custom_sharded_layers: {unknown} name no module of this model, so nothing would be sharded "
+            f"separately; names are exact module paths, e.g. one of {top}"
+        )
     return problems
 
 

@@ -673,6 +673,30 @@ def _read(node: Any, path: str, keys: Optional[Sequence[str]] = None) -> Tuple[O
     return values, problems
 
 
+def _interpolations(node: Any) -> Dict[str, str]:
+    """A section's keys whose value is a ``${...}`` reference, with the reference as written."""
+    if not isinstance(node, DictConfig):
+        return {}
+    out = {}
+    for key in node.keys():
+        if OmegaConf.is_interpolation(node, str(key)):
+            out[str(key)] = str(node._get_node(key)._value())
+    return out
+
+
+def _name_source(problem: str, path: str, interpolated: Mapping[str, str]) -> str:
+    """A key's problem, naming the key its value comes from when it is a reference.
+
+    E.g. the packaged configs set ``pruning.method.seed: ${seed}``; after ``seed=null`` the
+    user should read that it is ``seed`` to change, not a key they never wrote.
+    """
+    for key, source in interpolated.items():
+        name = f"{path}.{key}" if path else key
+        if problem.startswith(f"{name} "):
+            return f"{problem} (this config sets it to {source}: change that key, or give {name} a value of its own)"
+    return problem
+
+
 @dataclass
 class SchemaResult:
     problems: List[str]
@@ -705,6 +729,7 @@ def check_sections(cfg: DictConfig, world_size: Optional[int] = None, arch: Any 
                 problems += unknown_keys({k: None for k in node.keys()}, children, parent)
 
     raw: Dict[str, Optional[Dict[str, Any]]] = {}
+    interpolated: Dict[str, Dict[str, str]] = {}
     for section in SECTIONS:
         node = cfg if not section.path else OmegaConf.select(
             cfg, section.path, default=None, throw_on_resolution_failure=False
@@ -717,6 +742,7 @@ def check_sections(cfg: DictConfig, world_size: Optional[int] = None, arch: Any 
         values, read_problems = _read(node, section.path, section.names if not section.path else None)
         problems += read_problems
         raw[section.path] = values if not read_problems else None
+        interpolated[section.path] = _interpolations(node)
 
     # First every section alone, then the relations that read other sections, ranks or the model.
     checked: Dict[str, Tuple[Dict[str, Any], Set[str]]] = {}
@@ -726,7 +752,7 @@ def check_sections(cfg: DictConfig, world_size: Optional[int] = None, arch: Any 
         valid[section.path] = None
         if values is not None:
             own, good, bad = section.validate(values)
-            problems += own
+            problems += [_name_source(p, section.path, interpolated.get(section.path, {})) for p in own]
             checked[section.path] = (good, bad)
             valid[section.path] = None if bad else good
     ctx = Context(values=valid, world_size=world_size, arch=arch)
@@ -803,6 +829,12 @@ def render_markdown() -> str:
         "- **Earlier runs.** A fresh run does not start in an `output_dir` that holds a run (`checkpoints/` with "
         "a complete checkpoint, `final/` or `run_record.json`): `resume_from_checkpoint=True` continues it, "
         "`overwrite_output_dir=True` replaces it.",
+        "- **torchtune's keys.** Those a resize cannot carry are refused (`optimizer_in_bwd`, "
+        "`tensor_parallel_dim` > 1, `enable_async_checkpointing`), and so are `epochs` other than 1 and "
+        "`max_steps_per_epoch`: the run's length is `adapt.total_tokens` or `adapt.total_steps`. "
+        "`custom_sharded_layers` must name modules of the model exactly, and not the embedding of a model "
+        "with tied embeddings (its output projection reads that weight outside the embedding's FSDP unit); "
+        "`fsdp_cpu_offload` needs `device: cuda`.",
     ]
     tags = {"model": " — against the model, built on the meta device", "world_size": " — for the run's ranks"}
     for section in SECTIONS:

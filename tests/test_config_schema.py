@@ -157,6 +157,16 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         ("gradient_accumulation_steps=abc", "gradient_accumulation_steps must be an integer >= 1"),
         ("max_steps_per_epoch=0", "max_steps_per_epoch must be an integer >= 1 or null (optimizer steps per epoch), got 0"),
         ("clip_grad_norm=-1", "clip_grad_norm must be a finite number > 0 or null"),
+        # torchtune's run length, which the stages replace: refused, not silently ignored
+        ("max_steps_per_epoch=3", "max_steps_per_epoch=3: this recipe does not count epochs"),
+        ("epochs=2", "set adapt.total_steps=N (N optimizer steps in all)"),
+        # a referenced key's problem names the key it comes from
+        ("seed=null", "got None (this config sets it to ${seed}: change that key"),
+        # FSDP2 settings that fail at the process group or at the first sharded forward
+        ("fsdp_cpu_offload=True", "fsdp_cpu_offload=True with device=cpu"),
+        ("custom_sharded_layers=[tok_embeddings,output]", "this model ties its output projection to tok_embeddings"),
+        ("custom_sharded_layers=[embeddings]", "['embeddings'] name no module of this model"),
+        ("custom_sharded_layers=tok_embeddings", "must be a list of module names"),
     ],
 )
 def test_bad_key_is_refused_by_name(tmp_path, override, message):
@@ -195,7 +205,7 @@ def test_model_and_rank_relations_wait_for_them(tmp_path):
     # The table alone (no model, no ranks): the model's and the ranks' relations wait for them.
     cfg = demo_config(tmp_path, "pruning.method.min_kv_heads=4", "pruning.calibration.batch_size=3")
     assert config_schema.check_sections(cfg).problems == []
-    arch, _ = config_checks.meta_arch(cfg)
+    arch, _, _ = config_checks.meta_model(cfg)
     later = config_schema.check_sections(cfg, world_size=1, arch=arch)
     assert len(later.problems) == 2
 
