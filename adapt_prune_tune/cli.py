@@ -51,27 +51,38 @@ def _cp(args: argparse.Namespace) -> None:
     print(f"Copied {args.name} to {dest}")
 
 
-def _run_base_dir(run_dir: Path) -> Optional[Path]:
-    """The base checkpoint directory of a recipe run (tokenizer files, HF config)."""
+def _run_base_dir(source: Path) -> Optional[Path]:
+    """The base checkpoint directory (tokenizer files, HF config) of the recipe run ``source``
+    belongs to: from its run_record.json or, for a run still training or stopped (no record
+    yet), from the config torchtune logged when it started."""
     import json
 
-    record = run_dir / "run_record.json"
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune.export import run_output_dir
+
+    run = run_output_dir(source)
+    if run is None:
+        return None
+    record = run / "run_record.json"
     if record.is_file():
         base = json.loads(record.read_text()).get("config", {}).get("checkpointer", {}).get("checkpoint_dir")
-        return Path(base) if base else None
-    return None
+    else:
+        logged = OmegaConf.load(run / "torchtune_config.yaml")
+        base = OmegaConf.select(logged, "checkpointer.checkpoint_dir", default=None, throw_on_resolution_failure=False)
+    return Path(base) if base else None
 
 
 def _export(args: argparse.Namespace) -> None:
-    from adapt_prune_tune.export import export_hf
+    from adapt_prune_tune.export import export_hf, pruned_checkpoint_dir
 
-    source = Path(args.source)
+    source = pruned_checkpoint_dir(args.source)
     base = args.base or _run_base_dir(source)
     out = export_hf(
         source, args.out, mode=args.mode, tokenizer_dir=base, base_config=base,
         overwrite=args.overwrite, dtype=args.dtype, quantize=args.quantize,
     )
-    print(f"Exported ({args.mode}{', ' + args.quantize if args.quantize else ''}) to {out}")
+    print(f"Exported ({args.mode}{', ' + args.quantize if args.quantize else ''}) {source} to {out}")
 
 
 def _publish(args: argparse.Namespace) -> None:

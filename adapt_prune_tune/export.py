@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_hf_config, arch_from_model
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ def _weight_files(directory: Path) -> List[Path]:
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]
-    shards = sorted(directory.glob("model-*-of-*.safetensors"))
+    # A run checkpoint's model-rank* files hold each rank's rows, not whole tensors: not HF shards.
+    shards = sorted(f for f in directory.glob("model-*-of-*.safetensors") if not f.name.startswith("model-rank"))
     if shards:
         total = int(shards[0].stem.rsplit("-of-", 1)[1])
         if len(shards) != total:
@@ -172,11 +174,34 @@ def _weight_files(directory: Path) -> List[Path]:
 
 
 def pruned_checkpoint_dir(path: PathLike) -> Path:
-    """The directory holding ``arch.json`` + weights: ``path`` itself or a run's ``final/``."""
+    """The directory holding ``arch.json`` + weights.
+
+    ``path`` itself; a run's ``final/``; for a run that has none yet (still training, or
+    stopped) or for its ``checkpoints/`` directory or ``checkpoints/latest`` pointer, the
+    newest complete run checkpoint, so an interrupted run's progress can be exported too.
+    """
     path = Path(path)
-    if not (path / "arch.json").is_file() and (path / "final" / "arch.json").is_file():
+    if path.name == "latest" and path.is_file():
+        path = path.parent
+    if (path / "arch.json").is_file():
+        return path
+    if (path / "final" / "arch.json").is_file():
         return path / "final"
+    for root in (path, path / "checkpoints"):
+        newest = ckpt.latest_checkpoint(root) if root.is_dir() else None
+        if newest is not None:
+            return newest
     return path
+
+
+def run_output_dir(path: PathLike) -> Optional[Path]:
+    """The recipe run a checkpoint belongs to: ``path`` or the first of its two parents that
+    holds the run's record or its logged config (a run's ``final/`` or ``checkpoints/step_*``)."""
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "run_record.json").is_file() or (candidate / "torchtune_config.yaml").is_file():
+            return candidate
+    return None
 
 
 def load_pruned_checkpoint(path: PathLike) -> Tuple[StateDict, DecoderArch]:
@@ -184,16 +209,23 @@ def load_pruned_checkpoint(path: PathLike) -> Tuple[StateDict, DecoderArch]:
 
     Args:
         path: a directory with ``arch.json`` and ``model.safetensors`` (or shards
-            with ``model.safetensors.index.json``), as the recipe writes, or a
-            run output directory whose ``final/`` holds them.
+            with ``model.safetensors.index.json``), as the recipe writes, a run
+            checkpoint (``checkpoints/step_*``: every rank's rows of each tensor,
+            assembled here), or a run output directory (see ``pruned_checkpoint_dir``).
     """
     directory = pruned_checkpoint_dir(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Pruned checkpoint directory {directory} does not exist")
+        raise FileNotFoundError(
+            f"Pruned checkpoint directory {directory} does not exist (expected a run's output_dir, its final/, "
+            "a checkpoints/step_* directory, or a directory with arch.json and model safetensors)"
+        )
     arch = DecoderArch.load(directory / "arch.json")
-    state: StateDict = {}
-    for f in _weight_files(directory):
-        state.update(load_file(str(f)))
+    if any(directory.glob("model-rank*.safetensors")):
+        state: StateDict = dict(ckpt.load_run_checkpoint(directory)["model"].items())
+    else:
+        state = {}
+        for f in _weight_files(directory):
+            state.update(load_file(str(f)))
     check_state_dict(state, arch)
     return state, arch
 
@@ -640,7 +672,7 @@ def export_hf(
         _check_out_dir(Path(out_dir), overwrite)  # before reading gigabytes of weights
         state, loaded = load_pruned_checkpoint(source)
         if original_arch is None and base_config is None:
-            original_arch = resolve_original_arch(arch=loaded, search_dir=pruned_checkpoint_dir(source))
+            original_arch = resolve_original_arch(arch=loaded, search_dir=run_output_dir(pruned_checkpoint_dir(source)))
         return export_state_dict(state, loaded, out_dir, original_arch=original_arch, **kwargs)
     if isinstance(source, nn.Module):
         arch = arch if arch is not None else arch_from_model(source)

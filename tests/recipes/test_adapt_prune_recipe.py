@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,6 +184,21 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
         record["arch_before"]
     ).prunable_params()
     assert all(torch.isfinite(t).all() for t in final.values())
+
+    # Run checkpoints hold each rank's rows of every tensor; export assembles them. The newest
+    # one is the final model, and a run stopped before its end (no final/ nor record) exports it.
+    from adapt_prune_tune.cli import main
+    from adapt_prune_tune.export import load_pruned_checkpoint
+
+    newest, _ = load_pruned_checkpoint(out / "checkpoints" / "latest")
+    assert newest.keys() == final.keys() and all(torch.equal(newest[k], final[k]) for k in final)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(out, stopped)
+    shutil.rmtree(stopped / "final")
+    (stopped / "run_record.json").unlink()
+    main(["export", str(stopped), str(tmp_path / "hf")])
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["num_hidden_layers"] == 4 and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 @pytest.mark.parametrize("widths", ["dynamic", "static"])
