@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cp)
 
     p = sub.add_parser("export", help="export a run (or pruned checkpoint) to Hugging Face format")
-    p.add_argument("source", help="a run's output_dir, its final/ dir, or a checkpoint dir")
+    p.add_argument("source", help="a run's output_dir (its final/, or its newest checkpoint when it has none), "
+                   "its final/ dir, a checkpoints/step_* dir, or a pruned checkpoint dir")
     p.add_argument("out")
     p.add_argument("--mode", choices=("compact", "padded"), default="compact",
                    help="compact: the smaller model (+ shipped modeling file, trust_remote_code); "
