@@ -26,6 +26,12 @@ def load_record(run: Union[str, Path]) -> Dict[str, Any]:
     if path.is_dir():
         path = path / RECORD_FILE
     if not path.is_file():
+        if (path.parent / "checkpoints").is_dir():  # a run that has not reached its end
+            raise FileNotFoundError(
+                f"{path} not found: the run in {path.parent} has not finished (the record is written at its "
+                "end). Continue it with resume_from_checkpoint=True; `adapt-prune-tune export` takes its newest "
+                "checkpoint meanwhile"
+            )
         raise FileNotFoundError(f"{path} not found: not a run directory of adapt_prune_recipe")
     return json.loads(path.read_text())
 

@@ -101,3 +101,7 @@ def test_load_record(tmp_path):
     assert load_record(tmp_path) == load_record(tmp_path / "run_record.json") == {"seconds_run": 1.0}
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         load_record(tmp_path / "missing")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has not finished .* resume_from_checkpoint=True"):
+        load_record(unfinished)
