@@ -131,6 +131,7 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     schema = check_sections(cfg, world_size=world_size, arch=arch)
     problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
     problems += stock_value_problems(cfg) + component_problems(cfg) + sharding_problems(cfg, arch, modules)
+    problems += sample_length_problems(cfg, arch)
     if model_problem:
         problems.append(model_problem)
     if cfg.get("enable_fp8_training", False) is True:
@@ -291,6 +292,25 @@ def sharding_problems(cfg: DictConfig, arch: Optional[DecoderArch], modules: Set
             f"separately; names are exact module paths, e.g. one of {top}"
         )
     return problems
+
+
+def sample_length_problems(cfg: DictConfig, arch: Optional[DecoderArch]) -> List[str]:
+    """Training samples the model can take: ``tokenizer.max_seq_len`` set, and within the model's
+    ``max_seq_len`` (its RoPE cache). A longer sample fails the first training step, which comes
+    after stage 1's prune."""
+    tokenizer, adapt = cfg.get("tokenizer", None), cfg.get("adapt", None) or {}
+    trains = any(isinstance(adapt.get(k), int) and adapt.get(k) > 0 for k in ("total_tokens", "total_steps"))
+    if arch is None or not isinstance(tokenizer, DictConfig) or not trains:
+        return []
+    length = tokenizer.get("max_seq_len", None)
+    if length is None:
+        return [f"tokenizer.max_seq_len is null: training samples would not be cut, and one longer than the "
+                f"model's max_seq_len ({arch.max_seq_len:,}) fails the first training step; set it (the packaged "
+                "configs use 256 or 1,024)"]
+    if isinstance(length, int) and length > arch.max_seq_len:
+        return [f"tokenizer.max_seq_len={length:,} exceeds the model's max_seq_len ({arch.max_seq_len:,}): a "
+                f"sample that long fails the first training step; set it to at most {arch.max_seq_len:,}"]
+    return []
 
 
 # Checkpoint model types that share a tokenizer: a teacher must come from the student's family.

@@ -477,6 +477,22 @@ PRUNING_METHOD = Section(
     ),
 )
 
+
+def _window_fits_the_model(key: str) -> Callable[[Dict[str, Any], Context], Optional[str]]:
+    """A window of n tokens is scored as n - 1 positions (each predicts the next token), which
+    the model's RoPE cache must cover: a longer one fails its first forward, after the weights loaded."""
+    leaf = key.rsplit(".", 1)[1]
+
+    def check(v: Dict[str, Any], ctx: Context) -> Optional[str]:
+        n, most = v[leaf], ctx.arch.max_seq_len
+        if n - 1 > most:
+            return (f"{key}={n}: a window of {n} tokens feeds {n - 1} positions to the model, whose max_seq_len "
+                    f"is {most}; set {key} to at most {most + 1}")
+        return None
+
+    return check
+
+
 PRUNING_CALIBRATION = Section(
     "pruning.calibration",
     "The calibration windows every prune step measures importance and Taylor scores on (the same windows "
@@ -493,6 +509,8 @@ PRUNING_CALIBRATION = Section(
         Relation("`num_samples` is a multiple of `batch_size` × data-parallel ranks (every rank runs the same "
                  "number of batches)", _calibration_split,
                  keys=("num_samples", "batch_size"), needs=("world_size",)),
+        Relation("`seq_len` - 1 ≤ the model's `max_seq_len`", _window_fits_the_model("pruning.calibration.seq_len"),
+                 keys=("seq_len",), needs=("model",)),
     ),
 )
 
@@ -538,6 +556,8 @@ HELDOUT = Section(
     (
         Relation("exactly one of `text` and `texts` is set", _either_text, keys=("text", "texts")),
         Relation("`num_tokens` is a multiple of `window`", _windows, keys=("num_tokens", "window")),
+        Relation("`window` - 1 ≤ the model's `max_seq_len`", _window_fits_the_model("heldout.window"),
+                 keys=("window",), needs=("model",)),
     ),
     optional=True,
 )

@@ -145,6 +145,11 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         ("pruning.method.min_mlp_channels=1100 pruning.method.round_to=1024", "(2048) exceeds the model's MLP width"),
         ("pruning.method.target_sparsity=0.95", "exceeds what the minimum widths and max_layer_sparsity allow"),
         ("speed.seq_len=10000", "speed.seq_len=10000 exceeds the model's max_seq_len (8192)"),
+        ("pruning.calibration.seq_len=8194", "feeds 8193 positions to the model, whose max_seq_len is 8192; set "
+         "pruning.calibration.seq_len to at most 8193"),
+        ("heldout.window=9000 heldout.num_tokens=18000", "set heldout.window to at most 8193"),
+        ("tokenizer.max_seq_len=9000", "tokenizer.max_seq_len=9,000 exceeds the model's max_seq_len (8,192)"),
+        ("tokenizer.max_seq_len=null", "tokenizer.max_seq_len is null: training samples would not be cut"),
         (
             "pruning.method.target_sparsity=null pruning.method.target_params=10_000_000",
             "parameters this configuration cannot prune",
