@@ -854,7 +854,8 @@ def render_markdown() -> str:
         "`max_steps_per_epoch`: the run's length is `adapt.total_tokens` or `adapt.total_steps`. "
         "`custom_sharded_layers` must name modules of the model exactly, and not the embedding of a model "
         "with tied embeddings (its output projection reads that weight outside the embedding's FSDP unit); "
-        "`fsdp_cpu_offload` needs `device: cuda`.",
+        "`fsdp_cpu_offload` needs `device: cuda`. A run that trains needs `tokenizer.max_seq_len` set and "
+        "within the model's `max_seq_len`.",
     ]
     tags = {"model": " — against the model, built on the meta device", "world_size": " — for the run's ranks"}
     for section in SECTIONS:
