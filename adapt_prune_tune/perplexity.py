@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adapt_prune_tune.pruner import next_token_nll
+from adapt_prune_tune.resize import reshard
 
 
 def jsonl_text(data_files: Union[str, Path], column: str = "text") -> str:
@@ -124,6 +125,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
             totals[1] += weight * count
     finally:
         model.train(was_training)
+        reshard(model)  # no backward resharded the units (fsdp_reshard_after_forward: False)
     if world > 1:
         dist.all_reduce(totals)
     return math.exp(float(totals[0] / totals[1]))

@@ -55,7 +55,7 @@ from adapt_prune_tune.sparsity import (
     sparsity_for_param_target,
     sparsity_schedule,
 )
-from adapt_prune_tune.resize import full_tensor, local_rows, named_parameters
+from adapt_prune_tune.resize import full_tensor, local_rows, named_parameters, reshard
 from adapt_prune_tune.surgery import LayerKeep, prune_decoder_
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]]
@@ -227,6 +227,8 @@ def calibrate(
             total_loss += float(loss.detach()) * n
             total_tokens += n
         sums, counts = collector.sums, collector.counts
+    if not with_gradients:
+        reshard(model)  # no backward resharded the units (fsdp_reshard_after_forward: False)
     stats = torch.cat([sums, counts, torch.tensor([total_loss, float(total_tokens)], dtype=torch.float64)])
     if dist.is_available() and dist.is_initialized():
         device = next(model.parameters()).device

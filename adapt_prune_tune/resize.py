@@ -45,6 +45,22 @@ def named_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     return {clean_name(n): p for n, p in model.named_parameters()}
 
 
+def reshard(model: nn.Module) -> None:
+    """Register every FSDP2 unit's sharded parameters again, after a pass without backward.
+
+    With ``fsdp_reshard_after_forward: False`` a unit keeps its parameters unsharded from its
+    forward until its backward. A pass that runs no backward (a loss or perplexity measurement)
+    would leave them so: a full copy of the model on every rank, and module parameters that are
+    no longer the ones the optimizer holds, which a checkpoint or a resize looks up by identity.
+    Without FSDP2 (one process) nothing happens.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """Whole tensor of a possibly sharded DTensor (a collective on every rank)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -359,7 +359,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             enable_activation_offloading=False,
             custom_sharded_layers=None,
             fsdp_cpu_offload=self.fsdp_cpu_offload,
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            # It never runs backward: without resharding after forward it would stay whole on every rank.
+            reshard_after_forward=True,
             model_state_dict=self._teacher_state(distill),
         )
         self.activations_handling_ctx = ctx

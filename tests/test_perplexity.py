@@ -125,3 +125,28 @@ def test_dataset_text_reads_local_files_through_datasets(tmp_path):
     assert dataset_text("json", "train", column="body", data_files=str(tmp_path / "docs.jsonl")) == "one\n\ntwo"
     with pytest.raises(ValueError, match=r"column 'text' is not in json \(train\): its columns are \['body'\]"):
         dataset_text("json", "train", data_files=str(tmp_path / "docs.jsonl"))
+
+
+def _rank_passes_without_backward(rank: int, world: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from adapt_prune_tune.pruner import calibrate
+
+    model = tiny_model()
+    for layer in model.layers:
+        fully_shard(layer, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False)
+    sharded = {name: id(p) for name, p in model.named_parameters()}
+    windows = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(4))
+    perplexity(model, windows)
+    assert {name: id(p) for name, p in model.named_parameters()} == sharded
+    calibrate(model, [{"tokens": windows}], with_gradients=False)
+    assert {name: id(p) for name, p in model.named_parameters()} == sharded
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+
+
+def test_passes_without_backward_leave_fsdp_parameters_sharded(tmp_path):
+    """With reshard_after_forward=False a unit stays unsharded until its backward; a measurement
+    has none, and the optimizer, checkpoints and resizes find parameters by identity."""
+    on_ranks(_rank_passes_without_backward, 2, tmp_path)

@@ -249,11 +249,17 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir)
 
 
 def test_two_process_distillation_run(tmp_path, tiny_model, python_docs_dir):
-    """Distillation from the unpruned model under FSDP2: both ranks cut alike, losses logged."""
+    """Distillation from the unpruned model under FSDP2: both ranks cut alike, losses logged.
+
+    Units kept unsharded between forward and backward (``fsdp_reshard_after_forward: False``):
+    the passes without backward (KL calibration losses, held-out perplexity, the teacher) must
+    reshard them, or the checkpoint after the first prune misses the optimizer's parameters.
+    """
     out = tmp_path / "run"
     cfg = write_config(
         tmp_path, tiny_model, python_docs_dir, out,
-        **{"distill.enabled": True, "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.calibration_loss": "kl"},
+        **{"distill.enabled": True, "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.calibration_loss": "kl",
+           "fsdp_reshard_after_forward": False},
     )
     proc = tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
     assert_ok(proc)
