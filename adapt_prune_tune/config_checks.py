@@ -175,7 +175,7 @@ def component_problems(cfg: DictConfig) -> List[str]:
     except Exception as e:  # noqa: BLE001 - whatever the constructor says, with the key to change
         hint = ""
         if "fused" in str(e):
-            hint = " (remove the packaged configs' `fused` with `~optimizer.fused`)"
+            hint = " (this optimizer takes no `fused`: remove it with `~optimizer.fused`)"
         problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
         return problems
     component = str(cfg.optimizer.get("_component_", ""))

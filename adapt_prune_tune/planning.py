@@ -57,6 +57,8 @@ What each figure is:
   - FSDP working set: the root unit's unsharded weights and gradients (alive
     through the step), the largest other unit and the largest layer unsharded
     (computing one while prefetching the next) and one unit's unsharded gradients;
+    with ``fsdp_reshard_after_forward: False`` every unit's unsharded weights instead
+    of the two (all of them are alive between the end of forward and backward);
   - activations per token and layer, counted from the tensors autograd saves in
     torchtune's layer (two RMSNorms with fp32 copies, SDPA's q/k/v/out at the
     query width since k/v are expanded for GQA, SwiGLU's four MLP-wide tensors):
@@ -195,6 +197,7 @@ class MemoryModel:
     distill: bool = False
     distill_calibration_kl: bool = False
     teacher: Optional[DecoderArch] = None
+    reshard_after_forward: bool = True
 
     # ----- pieces
     def _units(self, arch: DecoderArch) -> Tuple[int, List[int]]:
@@ -215,8 +218,11 @@ class MemoryModel:
 
     def working_set(self, arch: DecoderArch) -> float:
         root, others = self._units(arch)
-        largest_layer = max(others[: arch.num_layers])
         d = self.dtype_bytes
+        if not self.reshard_after_forward and self.world_size > 1:
+            # Every unit stays unsharded from its forward to its backward: all of them at the turn.
+            return d * (2 * root + sum(others) + max(others))
+        largest_layer = max(others[: arch.num_layers])
         return d * (2 * root + max(others) + largest_layer + max(others))
 
     def activations(self, arch: DecoderArch, tokens: int, checkpointing: bool) -> float:
@@ -588,6 +594,10 @@ def _memory_model(cfg, arch, distill, optimizer, dtype_bytes, world_size, max_se
                 teacher = arch_from_model(config.instantiate(node))
     if cfg.get("fsdp_cpu_offload", False):
         notes.append("fsdp_cpu_offload=True: sharded weights, gradients and optimizer state are in host memory")
+    reshard = bool(cfg.get("fsdp_reshard_after_forward", True))
+    if not reshard and world_size > 1:
+        notes.append("fsdp_reshard_after_forward=False: every FSDP unit stays unsharded from its forward to its "
+                     "backward, so the working set holds the whole model's weights")
     return MemoryModel(
         dtype_bytes=dtype_bytes,
         world_size=world_size,
@@ -605,6 +615,7 @@ def _memory_model(cfg, arch, distill, optimizer, dtype_bytes, world_size, max_se
         distill=distill.enabled,
         distill_calibration_kl=distill.enabled and distill.calibration_loss == "kl",
         teacher=teacher,
+        reshard_after_forward=reshard,
     )
 
 

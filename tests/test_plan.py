@@ -127,6 +127,16 @@ def test_activation_checkpointing_and_distillation_change_the_estimate(tmp_path)
     assert kd.stages[0].memory_train_peak > plan.stages[0].memory_train_peak + teacher * 0.99
 
 
+def test_units_kept_unsharded_after_forward_hold_the_whole_model(tmp_path):
+    """fsdp_reshard_after_forward=False: between forward and backward every unit is whole."""
+    plan = plan_8b(tmp_path, world_size=8)
+    kept = plan_8b(tmp_path, "fsdp_reshard_after_forward=False", world_size=8)
+    params = plan.params_before
+    assert kept.memory["train_stage_1"]["fsdp_working_set"] > 2 * params  # bf16: the whole model, and more
+    assert plan.memory["train_stage_1"]["fsdp_working_set"] < 0.5 * 2 * params
+    assert any("fsdp_reshard_after_forward=False" in note for note in kept.notes)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
