@@ -145,6 +145,19 @@ def run_fingerprint(base_arch: DecoderArch, settings: Dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """``key: checkpoint value -> config value`` for every (dotted) key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += settings_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} in the checkpoint, {b!r} in this config")
+    return out
+
+
 # --------------------------------------------------------------------------- shards
 
 

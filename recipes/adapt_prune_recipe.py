@@ -48,6 +48,7 @@ from adapt_prune_tune import faults
 from adapt_prune_tune import configs as packaged_configs
 from adapt_prune_tune.config_checks import (
     ConfigError,
+    arch_fields,
     check_inputs as _check_inputs,
     check_total_steps,
     clear_previous_run as _clear_previous_run,
@@ -250,8 +251,17 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._heldout_log: List[Dict[str, Any]] = []
         self._progress: Optional[RunProgress] = None
         self._resume_state: Optional[Dict[str, Any]] = None
+        # The global batch fixes the data order and the schedule; how it is split over ranks and
+        # micro-batches does not, so a run may resume on another world size.
+        self._settings = {
+            "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
+            "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
+            "distill": OmegaConf.to_container(cfg.get("distill") or {}, resolve=True),
+            "samples_per_step": cfg.batch_size * self._gradient_accumulation_steps * self.world_size,
+        }
         if self._resume_from_checkpoint:
             self._resume_state = ckpt.load_latest(self._ckpt_root)
+            _check_same_run(self._resume_state, self._settings, checked.arch)
             utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
@@ -298,17 +308,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._heldout = self._setup_heldout(cfg.get("heldout", None))
         self._pruner = AdaptivePruner(self._pruning_cfg, self._base_arch)
         self._targets = stage_targets(self._pruner.final_target, self._num_stages)
-        self._fingerprint = ckpt.run_fingerprint(
-            self._base_arch,
-            {
-                "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
-                "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
-                "distill": OmegaConf.to_container(cfg.get("distill") or {}, resolve=True),
-                # The global batch fixes the data order and the schedule; how it is split over
-                # ranks and micro-batches does not, so a run may resume on another world size.
-                "samples_per_step": self._samples_per_step,
-            },
-        )
+        self._fingerprint = ckpt.run_fingerprint(self._base_arch, self._settings)
         self._stage_pruned = [False] * self._num_stages
         if state is not None:
             self._restore(state["recipe"], state["optimizer"])
@@ -662,6 +662,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._is_rank_zero:
             recipe_state = {
                 "fingerprint": self._fingerprint,
+                "settings": self._settings,  # what the fingerprint hashes, to name a mismatch on resume
                 "base_arch": self._base_arch.to_dict(),
                 "epochs_run": self.epochs_run,
                 "global_step": self.global_step,
@@ -685,12 +686,6 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
 
     def _restore(self, state: Dict[str, Any], optimizer_state: Optional[Dict[str, Any]]) -> None:
-        if state["fingerprint"] != self._fingerprint:
-            raise ValueError(
-                "resume_from_checkpoint: the checkpoint in "
-                f"{self._ckpt_root} was written by a run with another base model or other "
-                "pruning/adapt/batch settings; use a new output_dir or restore the original config"
-            )
         self.epochs_run = state["epochs_run"]
         self.global_step = state["global_step"]
         self._stage_pruned = list(state["stage_pruned"])
@@ -951,6 +946,34 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]], device: torch.device) -> 
     flat = payload.cpu().split([n for row in counts_list if row[0] >= 0 for n in row])
     it = iter(flat)
     return [None if row[0] < 0 else LayerKeep(next(it), next(it), next(it)) for row in counts_list]
+
+
+def _check_same_run(resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch) -> None:
+    """The checkpoint's run is this config's: same base model, same method, schedule and global batch.
+
+    Checked before the weights load. Any other value would silently make another run out of
+    the two halves (another cut, schedule or data order), so it is refused with what differs.
+    """
+    saved = resumed["recipe"]
+    base = DecoderArch.from_dict(saved["base_arch"])
+    theirs, mine = arch_fields(base), arch_fields(config_arch)
+    problems = [
+        f"model: {key} is {theirs[key]!r} in the checkpoint's base model, {mine[key]!r} in this config's"
+        for key in theirs if theirs[key] != mine[key]
+    ]
+    if not problems and saved["fingerprint"] != ckpt.run_fingerprint(base, settings):
+        batch = "batch_size × gradient_accumulation_steps × ranks: on another number of ranks keep the product"
+        if "settings" in saved:
+            problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "")
+                        for d in ckpt.settings_differences(saved["settings"], settings)]
+        else:
+            problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (a "
+                        f"checkpoint written before the settings were recorded cannot say which; global batch = {batch})"]
+    if problems:
+        where = Path(resumed["path"]).parent
+        raise ConfigError([
+            f"resume_from_checkpoint: the checkpoint in {where} belongs to another run; {p}" for p in problems
+        ] + [f"restore the run's settings, or start this config in a new output_dir (the run in {where} is kept)"])
 
 
 def _check_same_arch_everywhere(arch: DecoderArch, device: torch.device) -> None:

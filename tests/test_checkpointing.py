@@ -159,3 +159,13 @@ def test_fingerprint_changes_with_settings():
     a = ckpt.run_fingerprint(arch, {"pruning": {"amplitude": 0.02}})
     b = ckpt.run_fingerprint(arch, {"pruning": {"amplitude": 0.03}})
     assert a != b and a == ckpt.run_fingerprint(arch, {"pruning": {"amplitude": 0.02}})
+
+
+def test_settings_differences_name_every_changed_key():
+    saved = {"pruning": {"method": {"amplitude": 0.02, "seed": 0}}, "adapt": {"stages": 4}, "samples_per_step": 8}
+    now = {"pruning": {"method": {"amplitude": 0.05, "seed": 0}}, "adapt": {"stages": 4, "extra": 1}, "samples_per_step": 8}
+    assert ckpt.settings_differences(saved, now) == [
+        "adapt.extra: '(absent)' in the checkpoint, 1 in this config",
+        "pruning.method.amplitude: 0.02 in the checkpoint, 0.05 in this config",
+    ]
+    assert ckpt.settings_differences(saved, saved) == []

@@ -588,11 +588,16 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     proc = tune(
-        ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3"],
+        ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3",
+         "gradient_accumulation_steps=2"],
         cwd=tmp_path,
     )
     assert proc.returncode != 0
-    assert "another base model or other" in proc.stdout + proc.stderr
+    logs = proc.stdout + proc.stderr
+    # Named, before the weights load (no traceback, no model set-up).
+    assert "pruning.method.amplitude: 0.05 in the checkpoint, 0.3 in this config" in logs
+    assert "samples_per_step: 2 in the checkpoint, 4 in this config" in logs
+    assert "Traceback" not in logs and "Instantiating model" not in logs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
