@@ -378,7 +378,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         utils.log_rank_zero(
             log,
-            f"Distilling from the base model: loss = {1 - self._distill.alpha:g}·CE + "
+            f"Distilling from {'distill.teacher_model' if distill.get('teacher_model') else 'the base model'}: "
+            f"loss = {1 - self._distill.alpha:g}·CE + "
             f"{self._distill.alpha:g}·T²·KL (T={self._distill.temperature:g}); "
             f"calibration loss: {self._distill.calibration_loss}",
         )
