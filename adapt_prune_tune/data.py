@@ -88,14 +88,16 @@ class ChunkSampler(Sampler[int]):
 
     Positions are dealt round-robin to ranks, so the ranks together consume
     each chunk's samples exactly once, in the same global order whatever the
-    world size.
+    world size. The order is a seeded permutation of the dataset per pass over
+    it, or, with ``shuffle=False``, the dataset's own order (a curriculum).
     """
 
     def __init__(
-        self, dataset_len: int, chunks: Sequence[Chunk], samples_per_step: int, seed: int, rank: int, world_size: int
+        self, dataset_len: int, chunks: Sequence[Chunk], samples_per_step: int, seed: int, rank: int, world_size: int,
+        shuffle: bool = True,
     ) -> None:
         self.dataset_len, self.chunks = dataset_len, list(chunks)
-        self.samples_per_step, self.seed = samples_per_step, seed
+        self.samples_per_step, self.seed, self.shuffle = samples_per_step, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._perms: Dict[int, torch.Tensor] = {}
@@ -105,6 +107,8 @@ class ChunkSampler(Sampler[int]):
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, self.dataset_len)
+        if not self.shuffle:
+            return offset
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perms[epoch] = torch.randperm(self.dataset_len, generator=g)

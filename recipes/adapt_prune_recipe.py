@@ -261,7 +261,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         }
         if self._resume_from_checkpoint:
             self._resume_state = ckpt.load_latest(self._ckpt_root)
-            _check_same_run(self._resume_state, self._settings, checked.arch)
+            _check_same_run(self._resume_state, self._settings, checked.arch, self.seed, bool(cfg.get("shuffle", True)))
             utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
@@ -459,7 +459,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._samples_per_step = samples_per_step
         self._stage_steps = stage_train_steps(self._resolve_total_steps(dataset, samples_per_step), self._num_stages)
         self._chunks = plan_chunks(self._stage_steps, samples_per_step, self._checkpoint_every)
-        sampler = ChunkSampler(len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size)
+        self._shuffle = bool(shuffle)
+        sampler = ChunkSampler(
+            len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size, self._shuffle
+        )
         calib = self._cfg.pruning.calibration
         calib_data = config.instantiate(calib.dataset, self._tokenizer)
         # On the training device once: a few thousand token ids, read at every prune step.
@@ -671,6 +674,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "pruner": self._pruner.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
                 "seed": self.seed,
+                "shuffle": self._shuffle,
                 "train_log": self._train_log,
                 "stage_log": self._stage_log,
                 "heldout_original": self._heldout_original,
@@ -949,8 +953,10 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]], device: torch.device) -> 
     return [None if row[0] < 0 else LayerKeep(next(it), next(it), next(it)) for row in counts_list]
 
 
-def _check_same_run(resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch) -> None:
-    """The checkpoint's run is this config's: same base model, same method, schedule and global batch.
+def _check_same_run(
+    resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch, seed: int, shuffle: bool
+) -> None:
+    """The checkpoint's run is this config's: same base model, method, schedule, global batch and data order.
 
     Checked before the weights load. Any other value would silently make another run out of
     the two halves (another cut, schedule or data order), so it is refused with what differs.
@@ -970,6 +976,10 @@ def _check_same_run(resumed: Dict[str, Any], settings: Dict[str, Any], config_ar
         else:
             problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (a "
                         f"checkpoint written before the settings were recorded cannot say which; global batch = {batch})"]
+    for key, now in (("seed", seed), ("shuffle", shuffle)):  # the training data's order
+        if key in saved and saved[key] != now:
+            problems.append(f"{key}: {saved[key]!r} in the checkpoint, {now!r} in this config (it orders the "
+                            "training data)")
     if problems:
         where = Path(resumed["path"]).parent
         raise ConfigError([

@@ -63,3 +63,16 @@ def test_stream_reshuffles_after_a_full_pass():
     s.set_epoch(0)
     got = list(s)
     assert sorted(got[:8]) == list(range(8)) and sorted(got[8:16]) == list(range(8))
+
+
+def test_without_shuffle_the_dataset_order_is_kept_across_ranks_and_passes():
+    """shuffle=False (a curriculum): position p is sample p mod n, ranks dealt round-robin."""
+    chunks = plan_chunks([3, 2], samples_per_step=4, checkpoint_every=2)  # 20 samples from 6
+    order = {}
+    for rank in (0, 1):
+        s = ChunkSampler(6, chunks, 4, seed=0, rank=rank, world_size=2, shuffle=False)
+        for e, chunk in enumerate(chunks):
+            s.set_epoch(e)
+            positions = range(chunk.start + rank, chunk.start + chunk.steps * 4, 2)
+            order.update(zip(positions, s))
+    assert [order[p] for p in sorted(order)] == [p % 6 for p in range(20)]

@@ -589,7 +589,7 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     proc = tune(
         ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3",
-         "gradient_accumulation_steps=2"],
+         "gradient_accumulation_steps=2", "shuffle=False"],
         cwd=tmp_path,
     )
     assert proc.returncode != 0
@@ -597,6 +597,7 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     # Named, before the weights load (no traceback, no model set-up).
     assert "pruning.method.amplitude: 0.05 in the checkpoint, 0.3 in this config" in logs
     assert "samples_per_step: 2 in the checkpoint, 4 in this config" in logs
+    assert "shuffle: True in the checkpoint, False in this config (it orders the training data)" in logs
     assert "Traceback" not in logs and "Instantiating model" not in logs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
