@@ -271,6 +271,34 @@ def resolve_original_arch(
     return None
 
 
+def _recorded_base_arch(arch: DecoderArch, directory: Path) -> Optional[DecoderArch]:
+    """The unpruned spec a recipe run recorded: in the spec's meta, the run's record, or the
+    state of a run checkpoint (a run not finished yet); None for other checkpoints."""
+    found = resolve_original_arch(arch=arch, search_dir=run_output_dir(directory))
+    state = directory / ckpt.STATE_FILE
+    if found is None and state.is_file():
+        base = json.loads(state.read_text()).get("recipe", {}).get("base_arch")
+        found = DecoderArch.from_dict(base) if base else None
+    return found
+
+
+def _check_base_is_the_runs(recorded: DecoderArch, base_config: Union[PathLike, Mapping[str, Any]]) -> None:
+    """The base an export takes its tokenizer, special token ids and config fields from is the
+    model the run pruned: another one would ship its tokenizer with these weights."""
+    given = arch_from_hf_config(_load_json(base_config, "config.json"))
+    fields = ("vocab_size", "embed_dim", "num_layers", "tie_word_embeddings", "attn_bias")
+    differ = [f"{f} {getattr(recorded, f)} vs {getattr(given, f)}" for f in fields if getattr(recorded, f) != getattr(given, f)]
+    if recorded.rope.kind != given.rope.kind or recorded.rope.base != given.rope.base:
+        differ.append(f"rope {recorded.rope.kind}/{recorded.rope.base:g} vs {given.rope.kind}/{given.rope.base:g}")
+    if differ:
+        where = base_config if not isinstance(base_config, Mapping) else "base_config"
+        raise ValueError(
+            f"{where} describes another model than the one this run pruned (run vs given: {', '.join(differ)}); "
+            "its tokenizer and special token ids would ship with these weights. Pass the base checkpoint "
+            "the run started from (or leave --base out: the run's is found from its record)"
+        )
+
+
 def _arch_from_any_dict(d: Mapping[str, Any]) -> DecoderArch:
     if "arch_before" in d:  # the recipe's run_record.json
         return DecoderArch.from_dict(d["arch_before"])
@@ -671,8 +699,11 @@ def export_hf(
     if isinstance(source, (str, Path)):
         _check_out_dir(Path(out_dir), overwrite)  # before reading gigabytes of weights
         state, loaded = load_pruned_checkpoint(source)
+        recorded = _recorded_base_arch(loaded, pruned_checkpoint_dir(source))
+        if base_config is not None and recorded is not None:
+            _check_base_is_the_runs(recorded, base_config)
         if original_arch is None and base_config is None:
-            original_arch = resolve_original_arch(arch=loaded, search_dir=run_output_dir(pruned_checkpoint_dir(source)))
+            original_arch = recorded
         return export_state_dict(state, loaded, out_dir, original_arch=original_arch, **kwargs)
     if isinstance(source, nn.Module):
         arch = arch if arch is not None else arch_from_model(source)

@@ -21,7 +21,7 @@ from torch import nn
 from torchtune import config as tt_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapt_prune_tune.export import EXPORT_RECORD, export_hf, load_pruned_checkpoint
+from adapt_prune_tune.export import EXPORT_RECORD, export_hf, hf_config, load_pruned_checkpoint
 from adapt_prune_tune.models import DecoderArch, LayerArch, RopeSpec, decoder_from_arch, load_hf_model
 
 VOCAB = 128
@@ -170,6 +170,19 @@ def test_export_from_run_dir_with_shards(tiny, tmp_path: Path) -> None:
     assert (out / "generation_config.json").is_file() and not (out / "unrelated.txt").exists()
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2
     _assert_same_model(model, _load(out, "padded"), "smollm2/padded from sharded run dir")
+
+
+def test_base_of_another_model_is_refused(tiny, tmp_path: Path) -> None:
+    """--base supplies the tokenizer and special token ids: another model's would ship with these weights."""
+    model, arch, base = tiny["smollm2"]
+    run = tmp_path / "run"
+    _write_pruned_checkpoint(run / "final", model.state_dict(), arch, shard=False)
+    (run / "run_record.json").write_text(json.dumps({"arch_before": base.to_dict()}))
+    other = hf_config(_base_arch("qwen2"), "padded", original=_base_arch("qwen2")).to_dict()
+    with pytest.raises(ValueError, match=r"describes another model than the one this run pruned .*attn_bias False vs True"):
+        export_hf(run, tmp_path / "out", base_config=other)
+    assert not (tmp_path / "out").exists()
+    export_hf(run, tmp_path / "out", base_config=hf_config(base, "padded", original=base).to_dict())  # its own
 
 
 def test_checkpoint_dir_round_trip(tiny, tmp_path: Path) -> None:
