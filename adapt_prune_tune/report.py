@@ -500,7 +500,10 @@ def worth_it_rows(record: Mapping[str, Any], before: DecoderArch, after: Decoder
     """What the run spent and what came out of it, one row each: ``[group, what, value]``."""
     spent: List[Tuple[str, str]] = []
     if record.get("seconds_run") is not None:
-        spent.append(("wall time", format_seconds(record["seconds_run"])))
+        resumes = int(record.get("resumes", 0))
+        spent.append(("wall time", format_seconds(record["seconds_run"]) + (
+            f" (resumed {resumes}×; time lost after the last checkpoint before each stop is not counted)"
+            if resumes else "")))
     share = rr.prune_share(record)
     if share is not None:
         spent.append(
@@ -676,7 +679,7 @@ def write_report(record: Mapping[str, Any], out_dir: Union[str, Path]) -> Path:
                      "heldout_ppl_after_train", "seconds_prune", "seconds_train"}],
          "train_log": [{"step", "stage", "loss", "lr", "tokens_per_second_per_gpu",
                         "ce_loss", "kd_loss", "teacher_ce_loss" (distillation)}],
-         "seconds_run": float,
+         "seconds_run": float, "resumes": int,  # the run's wall time over every process
          "evaluation": {"<model label>": {"<task>": {"<metric>": float}}},
          "speed": {"original": speed.measure_speed(...), "pruned": ..., "device": str},
          "throughput": {"original_tokens_per_second", "pruned_tokens_per_second",

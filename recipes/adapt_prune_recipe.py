@@ -218,6 +218,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     def __init__(self, cfg: DictConfig) -> None:
         self._t_start = time.perf_counter()
+        # Wall time of the processes before this one (a resumed run), up to the checkpoint it
+        # resumes from, and how many there were: the record counts the run, not this process.
+        self._seconds_before, self._resumes = 0.0, 0
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
         # This machine's device, and the data, read before the weights load.
@@ -675,6 +678,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
                 "seed": self.seed,
                 "shuffle": self._shuffle,
+                "seconds_run": self._seconds_run(),
+                "resumes": self._resumes,
                 "train_log": self._train_log,
                 "stage_log": self._stage_log,
                 "heldout_original": self._heldout_original,
@@ -690,7 +695,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._is_rank_zero:
             log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
 
+    def _seconds_run(self) -> float:
+        """Wall time of the run so far: earlier processes up to their last checkpoint, and this one."""
+        return self._seconds_before + time.perf_counter() - self._t_start
+
     def _restore(self, state: Dict[str, Any], optimizer_state: Optional[Dict[str, Any]]) -> None:
+        self._seconds_before = float(state.get("seconds_run", 0.0))
+        self._resumes = int(state.get("resumes", 0)) + 1
         self.epochs_run = state["epochs_run"]
         self.global_step = state["global_step"]
         self._stage_pruned = list(state["stage_pruned"])
@@ -783,7 +794,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "prune_steps": [r.to_dict() for r in self._pruner.records],
             "stages": self._stage_log,
             "train_log": self._train_log,
-            "seconds_run": time.perf_counter() - self._t_start,  # this process: setup to the end
+            "seconds_run": self._seconds_run(),
+            "resumes": self._resumes,
             **self._perplexity_record(),
         }
 

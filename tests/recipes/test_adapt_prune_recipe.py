@@ -328,6 +328,10 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_do
     assert [{k: s[k] for k in heldout} for s in res_record["stages"]] == [
         {k: s[k] for k in heldout} for s in ref_record["stages"]
     ]
+    # The wall time is the run's, over both processes (up to the checkpoint resumed from), not the
+    # resumed process's alone: pruning's share of it stays a share.
+    assert (ref_record["resumes"], res_record["resumes"]) == (0, 1)
+    assert res_record["seconds_run"] > sum(s["seconds_prune"] + s["seconds_train"] for s in res_record["stages"])
 
 
 def _run_2proc(cfg: Path, cwd: Path, *extra: str, kill_at: Optional[str] = None) -> subprocess.CompletedProcess:
