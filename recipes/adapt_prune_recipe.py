@@ -982,12 +982,12 @@ def _check_same_run(
     ]
     if not problems and saved["fingerprint"] != ckpt.run_fingerprint(base, settings):
         batch = "batch_size × gradient_accumulation_steps × ranks: on another number of ranks keep the product"
-        if "settings" in saved:
-            problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "")
-                        for d in ckpt.settings_differences(saved["settings"], settings)]
-        else:
-            problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (a "
-                        f"checkpoint written before the settings were recorded cannot say which; global batch = {batch})"]
+        problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "")
+                    for d in ckpt.settings_differences(saved.get("settings", {}), settings)
+                    ] if "settings" in saved else []
+        if not problems:  # a checkpoint from before the settings were recorded
+            problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (this "
+                        f"checkpoint does not record which; global batch = {batch})"]
     for key, now in (("seed", seed), ("shuffle", shuffle)):  # the training data's order
         if key in saved and saved[key] != now:
             problems.append(f"{key}: {saved[key]!r} in the checkpoint, {now!r} in this config (it orders the "
