@@ -299,7 +299,7 @@ def sample_length_problems(cfg: DictConfig, arch: Optional[DecoderArch]) -> List
     ``max_seq_len`` (its RoPE cache). A longer sample fails the first training step, which comes
     after stage 1's prune."""
     tokenizer, adapt = cfg.get("tokenizer", None), cfg.get("adapt", None) or {}
-    trains = any(isinstance(adapt.get(k), int) and adapt.get(k) > 0 for k in ("total_tokens", "total_steps"))
+    trains = any(isinstance(adapt.get(k), (int, float)) and adapt.get(k) > 0 for k in ("total_tokens", "total_steps"))
     if arch is None or not isinstance(tokenizer, DictConfig) or not trains:
         return []
     length = tokenizer.get("max_seq_len", None)
