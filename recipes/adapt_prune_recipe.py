@@ -259,7 +259,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._settings = {
             "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
             "adapt": OmegaConf.to_container(cfg.adapt, resolve=True),
-            "distill": OmegaConf.to_container(cfg.get("distill") or {}, resolve=True),
+            # absent or null: off
+            "distill": OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else {},
             "samples_per_step": cfg.batch_size * self._gradient_accumulation_steps * self.world_size,
         }
         if self._resume_from_checkpoint:
