@@ -265,7 +265,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         }
         if self._resume_from_checkpoint:
             self._resume_state = ckpt.load_latest(self._ckpt_root)
-            _check_same_run(self._resume_state, self._settings, checked.arch, self.seed, bool(cfg.get("shuffle", True)))
+            _check_same_run(self._resume_state, self._settings, checked.arch, self._recorded_choices(cfg))
             utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
@@ -463,9 +463,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._samples_per_step = samples_per_step
         self._stage_steps = stage_train_steps(self._resolve_total_steps(dataset, samples_per_step), self._num_stages)
         self._chunks = plan_chunks(self._stage_steps, samples_per_step, self._checkpoint_every)
-        self._shuffle = bool(shuffle)
         sampler = ChunkSampler(
-            len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size, self._shuffle
+            len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size, bool(shuffle)
         )
         calib = self._cfg.pruning.calibration
         calib_data = config.instantiate(calib.dataset, self._tokenizer)
@@ -677,8 +676,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "stage_pruned": self._stage_pruned,
                 "pruner": self._pruner.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                "seed": self.seed,
-                "shuffle": self._shuffle,
+                **self._recorded_choices(self._cfg),
                 "seconds_run": self._seconds_run(),
                 "resumes": self._resumes,
                 "train_log": self._train_log,
@@ -695,6 +693,18 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         )
         if self._is_rank_zero:
             log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
+
+    def _recorded_choices(self, cfg: DictConfig) -> Dict[str, Any]:
+        """Settings outside the fingerprint that a resume must keep: the training data's order
+        (``seed``, ``shuffle``) and what every held-out evaluation of the run measures (texts and
+        windows; its batch size and schedule may change, e.g. after running out of memory)."""
+        heldout = OmegaConf.to_container(cfg.heldout, resolve=True) if cfg.get("heldout", None) else None
+        measured = ("text", "texts", "num_tokens", "window")
+        return {
+            "seed": self.seed,
+            "shuffle": bool(cfg.get("shuffle", True)),
+            "heldout": {k: v for k, v in heldout.items() if k in measured} if heldout else None,
+        }
 
     def _seconds_run(self) -> float:
         """Wall time of the run so far: earlier processes up to their last checkpoint, and this one."""
@@ -967,7 +977,7 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]], device: torch.device) -> 
 
 
 def _check_same_run(
-    resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch, seed: int, shuffle: bool
+    resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch, choices: Dict[str, Any]
 ) -> None:
     """The checkpoint's run is this config's: same base model, method, schedule, global batch and data order.
 
@@ -989,10 +999,14 @@ def _check_same_run(
         if not problems:  # a checkpoint from before the settings were recorded
             problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (this "
                         f"checkpoint does not record which; global batch = {batch})"]
-    for key, now in (("seed", seed), ("shuffle", shuffle)):  # the training data's order
+    why = {"seed": "it orders the training data", "shuffle": "it orders the training data",
+           "heldout": "every held-out evaluation of a run measures the same texts"}
+    for key, now in choices.items():  # recorded since these checks exist; older checkpoints lack them
         if key in saved and saved[key] != now:
-            problems.append(f"{key}: {saved[key]!r} in the checkpoint, {now!r} in this config (it orders the "
-                            "training data)")
+            if isinstance(saved[key], dict) and isinstance(now, dict):
+                problems += [f"{d} ({why[key]})" for d in ckpt.settings_differences(saved[key], now, f"{key}.")]
+            else:
+                problems.append(f"{key}: {saved[key]!r} in the checkpoint, {now!r} in this config ({why[key]})")
     if problems:
         where = Path(resumed["path"]).parent
         raise ConfigError([

@@ -594,7 +594,7 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     proc = tune(
         ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3",
-         "gradient_accumulation_steps=2", "shuffle=False"],
+         "gradient_accumulation_steps=2", "shuffle=False", "heldout.num_tokens=640", "heldout.batch_size=2"],
         cwd=tmp_path,
     )
     assert proc.returncode != 0
@@ -603,6 +603,8 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     assert "pruning.method.amplitude: 0.05 in the checkpoint, 0.3 in this config" in logs
     assert "samples_per_step: 2 in the checkpoint, 4 in this config" in logs
     assert "shuffle: True in the checkpoint, False in this config (it orders the training data)" in logs
+    assert "heldout.num_tokens: 576 in the checkpoint, 640 in this config" in logs
+    assert "heldout.batch_size" not in logs.split("cannot run this config")[-1]  # operational: may change
     assert "Traceback" not in logs and "Instantiating model" not in logs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
