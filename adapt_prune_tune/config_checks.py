@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config, utils
 
 from adapt_prune_tune import checkpointing as ckpt
@@ -112,6 +112,13 @@ def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(problems or [f"the overrides cannot be applied to {path.name}: {first}"]) from first
 
 
+def _section(cfg: DictConfig, path: str) -> Any:
+    """The mapping at ``path``, or an empty one where the config has something else there
+    (the config table reports that; a check reading one key must not crash on it first)."""
+    node = OmegaConf.select(cfg, path, default=None, throw_on_resolution_failure=False)
+    return node if isinstance(node, DictConfig) else {}
+
+
 def launch_world_size() -> int:
     """Ranks of the run being launched (torchrun's WORLD_SIZE; one process without it).
 
@@ -179,7 +186,8 @@ def component_problems(cfg: DictConfig) -> List[str]:
         problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
         return problems
     component = str(cfg.optimizer.get("_component_", ""))
-    round_to = int((cfg.get("pruning") or {}).get("method", {}).get("round_to", 1) or 1)
+    round_to = _section(cfg, "pruning.method").get("round_to", 1)
+    round_to = round_to if isinstance(round_to, int) and round_to > 0 else 1  # else the table reports it
     world = launch_world_size()
     if component.startswith("torchao.optim") and world > 1 and round_to % world:
         # torchao compiles its step per parameter; with torch 2.13 + torchao 0.14.1 a graph built for
@@ -207,7 +215,7 @@ def optimizer_state_problems(cfg: DictConfig, optimizer: torch.optim.Optimizer) 
     a run. Only ``reset`` (fresh state at every resize) can carry such an optimizer.
     ``optimizer``: the config's, built over one 64 x 64 parameter (``component_problems``).
     """
-    if ((cfg.get("adapt") or {}).get("optimizer_state", "slice")) != "slice":
+    if _section(cfg, "adapt").get("optimizer_state", "slice") != "slice":
         return []
     from adapt_prune_tune.optimizer_state import is_quantized, uses_quantized_state
 
@@ -298,7 +306,7 @@ def sample_length_problems(cfg: DictConfig, arch: Optional[DecoderArch]) -> List
     """Training samples the model can take: ``tokenizer.max_seq_len`` set, and within the model's
     ``max_seq_len`` (its RoPE cache). A longer sample fails the first training step, which comes
     after stage 1's prune."""
-    tokenizer, adapt = cfg.get("tokenizer", None), cfg.get("adapt", None) or {}
+    tokenizer, adapt = cfg.get("tokenizer", None), _section(cfg, "adapt")
     trains = any(isinstance(adapt.get(k), (int, float)) and adapt.get(k) > 0 for k in ("total_tokens", "total_steps"))
     if arch is None or not isinstance(tokenizer, DictConfig) or not trains:
         return []

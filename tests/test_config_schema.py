@@ -172,6 +172,9 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         ("custom_sharded_layers=[tok_embeddings,output]", "this model ties its output projection to tok_embeddings"),
         ("custom_sharded_layers=[embeddings]", "['embeddings'] name no module of this model"),
         ("custom_sharded_layers=tok_embeddings", "must be a list of module names"),
+        # a section given as a value is named, not a crash of a check that reads one of its keys
+        ("adapt=abc", "adapt must be a section (a mapping of keys), got 'abc'"),
+        ("pruning.method=abc", "pruning.method must be a section (a mapping of keys), got 'abc'"),
     ],
 )
 def test_bad_key_is_refused_by_name(tmp_path, override, message):
