@@ -55,18 +55,16 @@ def _run_base_dir(source: Path) -> Optional[Path]:
     """The base checkpoint directory (tokenizer files, HF config) of the recipe run ``source``
     belongs to: from its run_record.json or, for a run still training or stopped (no record
     yet), from the config torchtune logged when it started."""
-    import json
-
     from omegaconf import OmegaConf
 
     from adapt_prune_tune.export import run_output_dir
+    from adapt_prune_tune.run_record import RECORD_FILE, load_record
 
     run = run_output_dir(source)
     if run is None:
         return None
-    record = run / "run_record.json"
-    if record.is_file():
-        base = json.loads(record.read_text()).get("config", {}).get("checkpointer", {}).get("checkpoint_dir")
+    if (run / RECORD_FILE).is_file():
+        base = load_record(run).get("config", {}).get("checkpointer", {}).get("checkpoint_dir")
     else:
         logged = OmegaConf.load(run / "torchtune_config.yaml")
         base = OmegaConf.select(logged, "checkpointer.checkpoint_dir", default=None, throw_on_resolution_failure=False)

@@ -568,9 +568,8 @@ def run_datasets(cfg: DictConfig) -> Iterator[Tuple[str, Any]]:
             yield f"dataset[{i}]", single
     elif node is not None:
         yield "dataset", node
-    calibration = cfg.get("pruning", {}) or {}
-    calibration = calibration.get("calibration", None) if isinstance(calibration, DictConfig) else None
-    if isinstance(calibration, DictConfig) and calibration.get("dataset", None) is not None:
+    calibration = _section(cfg, "pruning.calibration")
+    if calibration.get("dataset", None) is not None:
         yield "pruning.calibration.dataset", calibration.dataset
 
 

@@ -277,7 +277,7 @@ def _recorded_base_arch(arch: DecoderArch, directory: Path) -> Optional[DecoderA
     found = resolve_original_arch(arch=arch, search_dir=run_output_dir(directory))
     state = directory / ckpt.STATE_FILE
     if found is None and state.is_file():
-        base = json.loads(state.read_text()).get("recipe", {}).get("base_arch")
+        base = ckpt.from_json(json.loads(state.read_text())).get("recipe", {}).get("base_arch")
         found = DecoderArch.from_dict(base) if base else None
     return found
 

@@ -993,20 +993,17 @@ def _check_same_run(
     ]
     if not problems and saved["fingerprint"] != ckpt.run_fingerprint(base, settings):
         batch = "batch_size × gradient_accumulation_steps × ranks: on another number of ranks keep the product"
-        problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "")
-                    for d in ckpt.settings_differences(saved.get("settings", {}), settings)
-                    ] if "settings" in saved else []
-        if not problems:  # a checkpoint from before the settings were recorded
-            problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (this "
-                        f"checkpoint does not record which; global batch = {batch})"]
+        recorded = saved.get("settings")  # None: a checkpoint from before the settings were recorded
+        differences = ckpt.settings_differences(recorded, settings) if recorded is not None else []
+        problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "") for d in differences] or [
+            "the pruning, adapt or distill settings or the global batch differ from the run's (this checkpoint "
+            f"does not record which; global batch = {batch})"
+        ]
     why = {"seed": "it orders the training data", "shuffle": "it orders the training data",
            "heldout": "every held-out evaluation of a run measures the same texts"}
-    for key, now in choices.items():  # recorded since these checks exist; older checkpoints lack them
-        if key in saved and saved[key] != now:
-            if isinstance(saved[key], dict) and isinstance(now, dict):
-                problems += [f"{d} ({why[key]})" for d in ckpt.settings_differences(saved[key], now, f"{key}.")]
-            else:
-                problems.append(f"{key}: {saved[key]!r} in the checkpoint, {now!r} in this config ({why[key]})")
+    for key, now in choices.items():
+        if key in saved:  # recorded since these checks exist; older checkpoints lack them
+            problems += [f"{d} ({why[key]})" for d in ckpt.settings_differences({key: saved[key]}, {key: now})]
     if problems:
         where = Path(resumed["path"]).parent
         raise ConfigError([
