@@ -42,6 +42,7 @@ from adapt_prune_tune.config_schema import (
     stage_steps_problem,
 )
 from adapt_prune_tune.distillation import DistillConfig
+from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.fp8 import fp8_problems
 from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
 from adapt_prune_tune.models._hf import UnsupportedHFConfig
@@ -168,7 +169,7 @@ def meta_model(cfg: DictConfig) -> Tuple[Optional[DecoderArch], Optional[str], S
             model = config.instantiate(cfg.model)
             return arch_from_model(model), None, {name for name, _ in model.named_modules()}
     except Exception as e:  # noqa: BLE001 - reported with the other problems
-        problem = f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {type(e).__name__}: {e}"
+        problem = f"model: cannot build {cfg.model.get('_component_', cfg.model)!s}: {error_text(e)}"
         return None, problem, set()
 
 
@@ -339,7 +340,7 @@ def distillation_problems(cfg: DictConfig, student: DecoderArch) -> List[str]:
         with torch.device("meta"):
             teacher = config.instantiate(distill_node.get("teacher_model") or cfg.model)
     except Exception as e:  # noqa: BLE001 - reported with the other problems
-        return problems + [f"distill.teacher_model: cannot build it: {type(e).__name__}: {e}"]
+        return problems + [f"distill.teacher_model: cannot build it: {error_text(e)}"]
     vocab = teacher.tok_embeddings.num_embeddings
     if vocab != student.vocab_size:
         problems.append(
@@ -602,7 +603,7 @@ def run_tokenizer(cfg: DictConfig) -> Tuple[Any, List[str]]:
     try:
         return config.instantiate(cfg.tokenizer), []
     except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
-        return None, [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {type(e).__name__}: {e}"]
+        return None, [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {error_text(e)}"]
 
 
 def dataset_problems(
@@ -647,17 +648,20 @@ def dataset_problems(
         try:
             dataset = config.instantiate(node, tokenizer)
         except Exception as e:  # noqa: BLE001
-            problems.append(f"{name}: {node.get('_component_')} cannot be built: {type(e).__name__}: {e}")
+            problems.append(f"{name}: {node.get('_component_')} cannot be built: {error_text(e, name)}")
             continue
         if len(dataset) == 0:
             problems.append(f"{name}: {node.get('source', node.get('_component_'))} holds no samples")
+            continue
+        if problem := null_rows_problem(name, dataset):
+            problems.append(problem)
             continue
         try:
             tokens = dataset[0]["tokens"]
         except Exception as e:  # noqa: BLE001
             columns = getattr(getattr(dataset, "_data", None), "column_names", None)
             hint = f" (the data's columns: {columns}; check {name}.column / column_map)" if columns else ""
-            problems.append(f"{name}: its first sample cannot be read: {type(e).__name__}: {e}{hint}")
+            problems.append(f"{name}: its first sample cannot be read: {error_text(e, name)}{hint}")
             continue
         problem = foreign(name, "the tokenizer gives token id", max(tokens)) if tokens else None
         if problem:
@@ -684,6 +688,50 @@ def dataset_problems(
             if problem:
                 problems.append(problem)
     return problems
+
+
+def read_columns(dataset: Any) -> Set[str]:
+    """The columns of its data a torchtune dataset hands to the tokenizer: a text-completion
+    dataset's ``column``, an SFT dataset's message-transform ``column_map`` (empty when neither
+    is known: nothing is claimed about a dataset class of the user's own)."""
+    column = getattr(dataset, "_column", None)
+    if isinstance(column, str):
+        return {column}
+    transform = getattr(dataset, "_message_transform", None)
+    mapping = getattr(transform, "column_map", None) or getattr(transform, "_column_map", None)
+    return {value for value in mapping.values() if isinstance(value, str)} if isinstance(mapping, dict) else set()
+
+
+def null_rows_problem(name: str, dataset: Any, show: int = 3) -> Optional[str]:
+    """Rows whose text the tokenizer would be handed as ``None`` (a missing field in JSON, an empty
+    cell in CSV or parquet), or ``None`` when there are none.
+
+    The first sample reads fine, so without this the run fails at the first such row, minutes or
+    hours in (``TextInputSequence must be str``). Arrow keeps a null count per column, so data
+    without nulls costs nothing to check at any size; with nulls, only the rows a ``filter_fn``
+    (a dataset built in Python) kept are counted.
+    """
+    data = getattr(dataset, "_data", None)
+    table = getattr(data, "data", None)
+    if table is None or not hasattr(table, "column") or not hasattr(data, "column_names"):
+        return None
+    import numpy as np
+
+    for column in sorted(read_columns(dataset) & set(data.column_names)):
+        values = table.column(column)
+        if not values.null_count:
+            continue
+        missing = values.is_null()
+        indices = getattr(data, "_indices", None)  # a filtered (or selected) dataset's row mapping
+        if indices is not None:
+            missing = missing.take(indices.column(0))
+        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+        if len(rows):
+            first = ", ".join(str(int(i)) for i in rows[:show]) + (", ..." if len(rows) > show else "")
+            return (f"{name}: column {column!r} is empty (null) in {len(rows):,} of {len(data):,} rows (row {first}): "
+                    f"the run would stop at the first of them; drop those rows from the data (e.g. "
+                    f"`datasets.load_dataset(...).filter(lambda row: row[{column!r}] is not None)`, saved locally)")
+    return None
 
 
 def device_problems(cfg: DictConfig) -> List[str]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.pruner import next_token_nll
 from adapt_prune_tune.resize import reshard
 
@@ -42,7 +43,8 @@ def dataset_text(
     one row per line; ``json``, ``csv``, ``parquet``), or a Hub dataset (``source:
     Salesforce/wikitext``, ``name: wikitext-2-raw-v1``, ``split: test``: the usual held-out
     perplexity text). Rows are joined by ``separator``: a newline for ``text`` (its rows are the
-    file's lines), a blank line otherwise (rows are documents).
+    file's lines), a blank line otherwise (rows are documents). Null rows (a missing field, an
+    empty cell) hold no text and are left out, not scored as the word "None".
     """
     from datasets import load_dataset
 
@@ -51,7 +53,7 @@ def dataset_text(
         raise ValueError(f"column {column!r} is not in {source} ({split}): its columns are {data.column_names}")
     if separator is None:
         separator = "\n" if source == "text" else "\n\n"
-    return separator.join(str(row) for row in data[column])
+    return separator.join(str(row) for row in data[column] if row is not None)
 
 
 def heldout_windows(section: Optional[Mapping[str, Any]], tokenizer: Any) -> Dict[str, torch.Tensor]:
@@ -72,10 +74,15 @@ def heldout_windows(section: Optional[Mapping[str, Any]], tokenizer: Any) -> Dic
     num_tokens, window = int(section["num_tokens"]), int(section["window"])
     windows = {}
     for name, node in nodes.items():
+        key = f"heldout.texts.{name}" if several else "heldout.text"
         try:
-            windows[str(name)] = text_windows(tokenizer, config.instantiate(node), num_tokens, window)
+            text = config.instantiate(node)
+        except Exception as e:  # noqa: BLE001 - the component's own words, under its key
+            raise ValueError(f"{key}: {node.get('_component_')} cannot be built: {error_text(e, key)}") from e
+        try:
+            windows[str(name)] = text_windows(tokenizer, text, num_tokens, window)
         except ValueError as e:
-            raise ValueError(f"heldout.{f'texts.{name}' if several else 'text'}: {e}") from e
+            raise ValueError(f"{key}: {e}") from e
     return windows
 
 
@@ -94,8 +101,8 @@ def text_windows(tokenizer: Any, text: str, num_tokens: int, window: int) -> tor
     ids = tokenizer.encode(text, add_bos=False, add_eos=False)
     if len(ids) < num_tokens:
         raise ValueError(
-            f"The held-out text has {len(ids):,} tokens, fewer than heldout.num_tokens={num_tokens:,}; "
-            "lower heldout.num_tokens or point heldout.text at a longer text"
+            f"the text has {len(ids):,} tokens, fewer than heldout.num_tokens={num_tokens:,}; "
+            "lower heldout.num_tokens or give a longer text"
         )
     return torch.tensor(ids[:num_tokens]).view(num_tokens // window, window)
 

@@ -41,7 +41,7 @@ from _quality_eval import calibration_batches, evaluate, heldout_windows, machin
 
 from adapt_prune_tune.assets import prepare_smollm2  # noqa: E402
 from adapt_prune_tune.corpus import prepare_python_docs  # noqa: E402
-from adapt_prune_tune.models import DecoderArch, load_hf_model  # noqa: E402
+from adapt_prune_tune.models import load_hf_model  # noqa: E402
 from adapt_prune_tune.novels import prepare_novels  # noqa: E402
 from adapt_prune_tune.pruner import PruningConfig, prune  # noqa: E402
 from adapt_prune_tune.tokenizer import smollm2_tokenizer  # noqa: E402

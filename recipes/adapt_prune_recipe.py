@@ -67,6 +67,7 @@ from adapt_prune_tune.distillation import (
     own_storage_,
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
+from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
@@ -231,7 +232,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             try:  # and the held-out texts, tokenized once, here
                 self._heldout_windows = heldout_windows(cfg.get("heldout", None), tokenizer)
             except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key
-                data_problems.append(str(e) if isinstance(e, ValueError) else f"heldout: {type(e).__name__}: {e}")
+                data_problems.append(str(e) if isinstance(e, ValueError) else f"heldout: {error_text(e)}")
         if data_problems:
             raise ConfigError(data_problems)
         self._pruning_cfg, self._distill = checked.pruning, checked.distill

@@ -560,6 +560,36 @@ def test_data_that_cannot_be_read_is_refused_before_the_model_loads(tmp_path, sm
                      "before the windows are drawn)"]
 
 
+def test_rows_without_text_are_refused_unless_filtered(tmp_path, smollm2_dir, python_docs_dir):
+    """A missing field in row 7 of the data reads fine at row 0 and would stop the run at row 7."""
+    from torchtune.datasets import text_completion_dataset
+
+    from adapt_prune_tune.tokenizer import smollm2_tokenizer
+
+    docs = [json.loads(line)["text"] for line in (python_docs_dir / "train.jsonl").read_text().splitlines()[:40]]
+    holes = tmp_path / "holes.jsonl"
+    holes.write_text("".join(json.dumps({"text": None if i in (7, 21) else ("" if i == 3 else doc)}) + "\n"
+                             for i, doc in enumerate(docs)))
+    for key in ("dataset", "pruning.calibration.dataset"):
+        found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir,
+                                                           f"{key}.data_files={holes}"))
+        assert found == [
+            f"{key}: column 'text' is empty (null) in 2 of 40 rows (row 7, 21): the run would stop at the first "
+            "of them; drop those rows from the data (e.g. `datasets.load_dataset(...).filter(lambda row: "
+            "row['text'] is not None)`, saved locally)"]
+    tokenizer = smollm2_tokenizer(str(smollm2_dir))
+    kept = text_completion_dataset(tokenizer, source="json", data_files=str(holes), split="train",
+                                   filter_fn=lambda row: row["text"] is not None)
+    assert len(kept) == 38 and config_checks.null_rows_problem("dataset", kept) is None
+    pairs = tmp_path / "pairs.jsonl"  # an instruct dataset reads its column_map's columns
+    pairs.write_text("".join(json.dumps({"q": doc[:100], "a": None if i == 5 else doc[:50], "unused": None}) + "\n"
+                             for i, doc in enumerate(docs)))
+    found = config_checks.dataset_problems(data_config(
+        tmp_path, smollm2_dir, python_docs_dir, "dataset._component_=torchtune.datasets.instruct_dataset",
+        "~dataset.column", f"dataset.data_files={pairs}", "dataset.column_map={input: q, output: a}"))
+    assert len(found) == 1 and found[0].startswith("dataset: column 'a' is empty (null) in 1 of 40 rows (row 5)")
+
+
 def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, python_docs_dir):
     """Instruction pairs whose prompts fill max_seq_len leave no response token to train on."""
     instruct = ("dataset._component_=torchtune.datasets.instruct_dataset", "~dataset.column")

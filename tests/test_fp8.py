@@ -1,6 +1,5 @@
 """FP8 training: refused up front where it cannot run; which projections convert."""
 
-import pytest
 import torch
 
 from adapt_prune_tune.fp8 import fp8_problems, is_fp8_eligible, wrap_component

@@ -111,7 +111,7 @@ def test_heldout_section_gives_windows_per_text_and_names_the_short_one(tmp_path
     assert heldout_windows(None, CharTokenizer()) == {}
     section.texts.b = node("short")
     section.num_tokens = 256
-    with pytest.raises(ValueError, match=r"^heldout\.texts\.b: The held-out text has"):
+    with pytest.raises(ValueError, match=r"^heldout\.texts\.b: the text has"):
         heldout_windows(section, CharTokenizer())
 
 
@@ -125,6 +125,31 @@ def test_dataset_text_reads_local_files_through_datasets(tmp_path):
     assert dataset_text("json", "train", column="body", data_files=str(tmp_path / "docs.jsonl")) == "one\n\ntwo"
     with pytest.raises(ValueError, match=r"column 'text' is not in json \(train\): its columns are \['body'\]"):
         dataset_text("json", "train", data_files=str(tmp_path / "docs.jsonl"))
+    rows = [{"text": "kept"}, {"text": None}, {}, {"text": ""}, {"text": "last"}]
+    (tmp_path / "holes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert dataset_text("json", "train", data_files=str(tmp_path / "holes.jsonl")) == "kept\n\n\n\nlast"
+
+
+def test_a_held_out_text_that_cannot_be_read_is_named_with_its_cause(tmp_path):
+    """``datasets`` wraps a file that is not UTF-8 in "An error occurred while generating the
+    dataset"; the key, the byte and the option that reads it are what a user can act on."""
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune.perplexity import heldout_windows
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 na\xefve r\xe9sum\xe9\n".encode("latin-1") * 50)
+    node = {"_component_": "adapt_prune_tune.perplexity.dataset_text", "source": "text",
+            "data_files": str(tmp_path / "latin1.txt"), "split": "train"}
+    section = OmegaConf.create({"texts": {"notes": node}, "num_tokens": 64, "window": 16})
+    with pytest.raises(ValueError) as raised:
+        heldout_windows(section, CharTokenizer())
+    message = str(raised.value)
+    assert message.startswith("heldout.texts.notes: adapt_prune_tune.perplexity.dataset_text cannot be built: "
+                              "DatasetGenerationError")
+    assert "caused by UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9" in message
+    assert message.endswith("give its encoding, e.g. heldout.texts.notes.encoding=latin-1")
+    section.texts.notes.encoding = "latin-1"
+    assert heldout_windows(section, CharTokenizer())["notes"].shape == (4, 16)
 
 
 def _rank_passes_without_backward(rank: int, world: int) -> None:

@@ -1,0 +1,36 @@
+"""How an error raised inside a component the config names (a dataset, a builder, a text) is
+shown to the user, under the key that names it.
+
+Libraries wrap the error a user can act on: ``datasets`` raises "An error occurred while
+generating the dataset" *from* the ``UnicodeDecodeError`` that says which byte of which file is
+not UTF-8. Only the explicit cause chain (``raise ... from``) is followed; an exception's
+implicit context is often an unrelated error handled on the way (``datasets`` again: a schema
+inference error) and would mislead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of ``error``'s ``__cause__`` chain (``error`` itself without one)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def error_text(error: BaseException, key: Optional[str] = None) -> str:
+    """``Type: message`` of ``error``, with its root cause when that says something more, and
+    for a file that is not UTF-8 the ``datasets`` option that reads it (``key``: the config
+    section that loads the file)."""
+    text = f"{type(error).__name__}: {error}"
+    root = root_cause(error)
+    if root is not error and str(root) not in text:
+        text += f" (caused by {type(root).__name__}: {root})"
+    if isinstance(root, UnicodeDecodeError):
+        where = f"{key}.encoding" if key else "the loader's `encoding`"
+        text += f"; the file is not UTF-8: give its encoding, e.g. {where}=latin-1"
+    return text

@@ -1,0 +1,41 @@
+"""The error text a config problem shows: the root cause of a wrapped error, and a hint for
+files that are not UTF-8."""
+
+from __future__ import annotations
+
+from adapt_prune_tune.errors import error_text, root_cause
+
+
+class Wrapped(Exception):
+    pass
+
+
+def test_the_root_cause_is_shown_beside_the_wrapper():
+    try:
+        try:
+            b"\xe9".decode("utf-8")
+        except UnicodeDecodeError as inner:
+            raise Wrapped("An error occurred while generating the dataset") from inner
+    except Wrapped as e:
+        error = e
+    assert isinstance(root_cause(error), UnicodeDecodeError)
+    text = error_text(error, "dataset")
+    assert text.startswith("Wrapped: An error occurred while generating the dataset (caused by UnicodeDecodeError: ")
+    assert text.endswith("give its encoding, e.g. dataset.encoding=latin-1")
+
+
+def test_an_unrelated_context_is_not_shown_and_a_plain_error_is_unchanged():
+    try:
+        try:
+            raise KeyError("handled on the way")
+        except KeyError:
+            raise ValueError("the real problem")  # noqa: B904 - an implicit context, as libraries leave it
+    except ValueError as e:
+        assert error_text(e) == "ValueError: the real problem"
+        assert root_cause(e) is e
+
+
+def test_a_cause_that_repeats_the_message_is_not_repeated():
+    error = RuntimeError("disk full: /tmp")
+    error.__cause__ = OSError("disk full: /tmp")
+    assert error_text(error) == "RuntimeError: disk full: /tmp"
