@@ -443,10 +443,45 @@ def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
     )
     if not ckpt_dir.is_dir():
         return [f"{key}: checkpoint files not found: checkpoint_dir {ckpt_dir} does not exist. {fetch}"]
-    missing = [str(ckpt_dir / f) for f in checkpoint_file_names(node) if not (ckpt_dir / f).is_file()]
+    names = checkpoint_file_names(node)
+    missing = [str(ckpt_dir / f) for f in names if not (ckpt_dir / f).is_file()]
     if missing:
         return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
+    return shard_index_problems(ckpt_dir, names, key)
+
+
+def shard_index_problems(ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
+    """Every shard the checkpoint's index names is listed in ``checkpoint_files``.
+
+    torchtune loads only the files listed; a shard left out surfaces as a wall of missing
+    keys once the weights are in memory (minutes into an 8B run). The Hugging Face index
+    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) says which files
+    hold the model; it is read when the listed files are among them.
+    """
+    import json
+
+    listed = set(names)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads((ckpt_dir / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if not shards & listed or shards <= listed:
+            continue
+        left_out = sorted(shards - listed)
+        return [f"{key}: checkpoint_files lists {len(shards & listed)} of the {len(shards)} files {ckpt_dir / index} "
+                f"names; the weights in {', '.join(left_out)} would be missing. List every shard "
+                f"{_shard_listing(sorted(shards))}"]
     return []
+
+
+def _shard_listing(shards: Sequence[str]) -> str:
+    """How to list HF shards (``model-00001-of-00004.safetensors``, ...) in torchtune's short form."""
+    match = re.fullmatch(r"(.+)-\d+-of-(\d+)(\..+)", shards[0])
+    if not match:
+        return "in checkpoint_files"
+    return (f"(in the config file: `checkpoint_files: {{filename_format: '{match[1]}-{{}}-of-{{}}{match[3]}', "
+            f"max_filename: '{match[2]}'}}`)")
 
 
 def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:

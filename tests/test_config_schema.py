@@ -370,6 +370,26 @@ def test_formatted_checkpoint_files_are_expanded(tmp_path):
     assert "model-00001-of-00002.safetensors" in found[0] and "model-00002-of-00002.safetensors" in found[0]
 
 
+def test_every_shard_the_index_names_must_be_listed(tmp_path):
+    """One shard of two listed: torchtune would load half the weights, then fail on the missing keys."""
+    cfg = demo_config(tmp_path)
+    ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for shard in shards:
+        (ckpt_dir / shard).write_bytes(b"")
+    (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {f"w{i}": shard for i, shard in enumerate(shards * 2)}}))
+    cfg.checkpointer.checkpoint_files = shards[:1]
+    found = [p for p in problems_of(cfg) if "checkpoint_files lists" in p]
+    assert found == [
+        f"checkpointer: checkpoint_files lists 1 of the 3 files {ckpt_dir}/model.safetensors.index.json names; the "
+        "weights in model-00002-of-00003.safetensors, model-00003-of-00003.safetensors would be missing. List "
+        "every shard (in the config file: `checkpoint_files: {filename_format: 'model-{}-of-{}.safetensors', "
+        "max_filename: '00003'}`)"]
+    cfg.checkpointer.checkpoint_files = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00003"}
+    check_inputs(cfg, world_size=1)
+
+
 def test_output_dir_must_be_writable(tmp_path):
     (tmp_path / "a-file").write_text("")
     found = problems_of(demo_config(tmp_path, f"output_dir={tmp_path}/a-file/run"))
