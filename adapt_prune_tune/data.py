@@ -57,6 +57,13 @@ def calibration_batches(
     return [{"tokens": b} for b in batches[rank::world_size]]
 
 
+def data_passes(total_steps: int, samples_per_step: int, dataset_len: int) -> float:
+    """How many times the run goes through its training data: past 1, every sample repeats
+    (the sampler draws a fresh permutation per pass), which a user with a small corpus should
+    be told before the run, not find in an over-fitted model."""
+    return total_steps * samples_per_step / max(1, dataset_len)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A run of optimizer steps that ends with a checkpoint."""

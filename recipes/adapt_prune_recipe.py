@@ -59,7 +59,7 @@ from adapt_prune_tune.config_checks import (
     run_tokenizer as _run_tokenizer,
     steps_for_tokens,
 )
-from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
+from adapt_prune_tune.data import ChunkSampler, calibration_batches, data_passes, plan_chunks
 from adapt_prune_tune.distillation import (
     DistillationLoss,
     Teacher,
@@ -494,7 +494,16 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 f"adapt.total_tokens={int(self._total_tokens):,} ≈ {total} steps "
                 f"({samples_per_step} samples × ~{mean_len:.0f} tokens per step)",
             )
-        return check_total_steps(total, self._num_stages)
+        total = check_total_steps(total, self._num_stages)
+        if (passes := data_passes(total, samples_per_step, len(dataset))) > 1:
+            utils.log_rank_zero(
+                log,
+                f"The run draws {total * samples_per_step:,} training samples from a dataset of {len(dataset):,}: "
+                f"each sample is trained on ~{passes:.1f} times (a fresh shuffle per pass). Repeated data "
+                "over-fits a small corpus; add data or lower adapt.total_tokens / adapt.total_steps.",
+                level=logging.WARNING,
+            )
+        return total
 
     def _setup_lr_scheduler(self, cfg_lr_scheduler, num_training_steps, last_epoch):
         """One schedule over all stages' steps, not over one "epoch" of the stock loop."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapt_prune_tune.data import ChunkSampler, calibration_batches, plan_chunks
+from adapt_prune_tune.data import ChunkSampler, calibration_batches, data_passes, plan_chunks
 
 
 class Docs(torch.utils.data.Dataset):
@@ -76,3 +76,16 @@ def test_without_shuffle_the_dataset_order_is_kept_across_ranks_and_passes():
             positions = range(chunk.start + rank, chunk.start + chunk.steps * 4, 2)
             order.update(zip(positions, s))
     assert [order[p] for p in sorted(order)] == [p % 6 for p in range(20)]
+
+
+def test_data_passes_count_what_the_sampler_draws():
+    """Past one pass the sampler starts a fresh permutation: the count the recipe warns with."""
+    chunks = plan_chunks([5, 5], samples_per_step=4, checkpoint_every=5)
+    sampler = ChunkSampler(15, chunks, samples_per_step=4, seed=0, rank=0, world_size=1)
+    drawn = []
+    for epoch in range(len(chunks)):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    assert data_passes(10, 4, 15) == len(drawn) / 15 == 40 / 15
+    assert sorted(drawn[:15]) == list(range(15)) and sorted(drawn[15:30]) == list(range(15))
+    assert data_passes(3, 4, 15) < 1
