@@ -44,10 +44,15 @@ def _ls(args: argparse.Namespace) -> None:
 def _cp(args: argparse.Namespace) -> None:
     from adapt_prune_tune import configs
 
+    source = configs.resolve(args.name)
     dest = Path(args.dest)
+    if dest.is_dir():  # as cp and `tune cp` do: into the directory, under the config's own name
+        dest = dest / source.name
+    if not dest.parent.is_dir():
+        raise SystemExit(f"{dest.parent} does not exist; create it or copy to an existing directory")
     if dest.exists() and not args.overwrite:
         raise SystemExit(f"{dest} exists; pass --overwrite to replace it")
-    shutil.copyfile(configs.resolve(args.name), dest)
+    shutil.copyfile(source, dest)
     print(f"Copied {args.name} to {dest}")
 
 
@@ -211,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="torchao-quantize the decoder projections, compact mode only: int8wo (int8 weight-only) "
                    "or int8da8w (int8 dynamic activations + int8 weights); int4wo is refused with the reason")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in OUT, once the new one is complete (a directory this tool "
+                   "did not export is never replaced)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("publish", help="upload an export to the Hugging Face Hub with a model card")

@@ -527,10 +527,23 @@ def _write_config(config: Any, arch: DecoderArch, directory: Path) -> None:
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """``out_dir`` is new, empty, or (with ``overwrite``) an earlier export.
+
+    Overwriting replaces the whole directory, so it is limited to what this tool wrote: a
+    mistyped ``out`` (the run directory, the base model's, the current directory) would
+    otherwise be deleted with everything in it once the new export is complete.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if not (out_dir / EXPORT_RECORD).is_file():
+        raise FileExistsError(
+            f"{out_dir} is not an export of this tool (it has no {EXPORT_RECORD}), and overwriting would delete "
+            "everything in it: --overwrite replaces only an earlier export. Choose a new or empty directory."
+        )
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

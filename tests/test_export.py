@@ -273,9 +273,16 @@ def test_existing_output_is_never_clobbered(tiny, tmp_path: Path, monkeypatch) -
     (out / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="overwrite"):
         export_hf(model.state_dict(), out, arch=arch)
-    assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces an earlier export only: `out` mistyped as a run or model directory
+    # (here: any directory without the export record) would be deleted whole.
+    with pytest.raises(FileExistsError, match="is not an export of this tool"):
+        export_hf(model.state_dict(), out, arch=arch, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
-    # A failure half-way through an overwrite leaves the old directory and no temp files.
+    export_hf(model.state_dict(), tmp_path / "export", arch=arch)
+    (tmp_path / "export" / "mine.txt").write_text("an earlier export's extra file")
+
+    # A failure half-way through an overwrite leaves the old export and no temp files.
     import adapt_prune_tune.export as export_module
 
     def fail(*args, **kwargs):
@@ -283,13 +290,14 @@ def test_existing_output_is_never_clobbered(tiny, tmp_path: Path, monkeypatch) -
 
     monkeypatch.setattr(export_module, "_write_config", fail)
     with pytest.raises(OSError, match="disk full"):
-        export_hf(model.state_dict(), out, arch=arch, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").is_file()
+        export_hf(model.state_dict(), tmp_path / "export", arch=arch, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]
+    assert (tmp_path / "export" / "mine.txt").is_file()
     monkeypatch.undo()
 
-    export_hf(model.state_dict(), out, arch=arch, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    export_hf(model.state_dict(), tmp_path / "export", arch=arch, overwrite=True)
+    assert not (tmp_path / "export" / "mine.txt").exists() and (tmp_path / "export" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]
 
 
 # ----------------------------------------------------------------------------- checkpointer
