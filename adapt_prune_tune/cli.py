@@ -20,7 +20,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -135,18 +135,27 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"Results saved to {save} (the model card reads them)")
 
 
+def _out_dir(path: Union[str, Path]) -> Path:
+    """``--out``: a directory (made if missing), checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--out {path} is a file, not a directory: give a directory for the Markdown and figures")
+    return path
+
+
 def _report(args: argparse.Namespace) -> None:
     from adapt_prune_tune.report import write_report
     from adapt_prune_tune.run_record import load_record
 
+    out = _out_dir(args.out or args.run_dir)
     record = load_record(args.run_dir)
-    print(f"Report: {write_report(record, args.out or args.run_dir)}")
+    print(f"Report: {write_report(record, out)}")
 
 
 def _compare(args: argparse.Namespace) -> None:
     from adapt_prune_tune.compare import compare_runs
 
-    path = compare_runs(args.runs, args.out)
+    path = compare_runs(args.runs, _out_dir(args.out))
     print(path.read_text() + f"\nWritten to {path}")
 
 

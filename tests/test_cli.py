@@ -28,3 +28,12 @@ def test_cp_to_a_file_or_into_a_directory_and_never_over_a_file_unasked(tmp_path
     assert "pruning" in OmegaConf.load(tmp_path / "mine.yaml")
     with pytest.raises(SystemExit, match="does not exist; create it"):
         main(["cp", "smollm2/135M_adapt", str(tmp_path / "no" / "such.yaml")])
+
+
+@pytest.mark.parametrize("command", [["report", "RUN"], ["compare", "RUN", "RUN"]])
+def test_an_out_that_is_a_file_is_named_before_any_work(tmp_path, command):
+    (tmp_path / "notes.md").write_text("mine")
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    with pytest.raises(SystemExit, match="is a file, not a directory"):
+        main([*args, "--out", str(tmp_path / "notes.md")])
+    assert (tmp_path / "notes.md").read_text() == "mine"
