@@ -104,6 +104,9 @@ def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
                 merged([override])
             except (OmegaConfBaseException, TypeError, ValueError) as e:
                 key = override.split("=", 1)[0].lstrip("~")
+                if override.startswith("~"):
+                    problems.append(f"override `{override}`: {path.name} has no key `{key}` to remove")
+                    continue
                 problems.append(
                     f"override `{override}` cannot be applied to {path.name}: {str(e).splitlines()[0]}. "
                     f"Overrides are `key=value` and keep the type at `{key}`: a section stays a section "

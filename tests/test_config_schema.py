@@ -207,6 +207,10 @@ def test_override_that_cannot_merge_is_named_with_the_fix():
     (problem,) = err.value.problems
     assert problem.startswith("override `heldout.texts=[austen]` cannot be applied to 135M_adapt.yaml")
     assert "heldout.texts.NAME=..." in problem
+    with pytest.raises(ConfigError) as err:
+        load_config("smollm2/135M_adapt", ["~loss.num_output_chunks", "~adapt.stages"])
+    assert err.value.problems == ["override `~loss.num_output_chunks`: 135M_adapt.yaml has no key "
+                                  "`loss.num_output_chunks` to remove"]
 
 
 def test_model_and_rank_relations_wait_for_them(tmp_path):
