@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -482,19 +483,31 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         )
 
     def _resolve_total_steps(self, dataset, samples_per_step: int) -> int:
-        """Optimizer steps for the whole run, from a step count or a token budget."""
+        """Optimizer steps for the whole run, from a step count or a token budget.
+
+        The plan is the run's: a resumed run keeps the one its checkpoint recorded. Recomputed
+        from data that changed since (rows added, another ``max_seq_len``), a token budget
+        would give another step count, and with it other stage lengths, checkpoint chunks and
+        LR schedule than the ones the checkpoint's position and scheduler state belong to.
+        """
         mean_len = mean_sample_length(dataset, self.seed)
+        recorded = (self._resume_state or {}).get("recipe", {}).get("data")
+        if recorded is not None:
+            self._data_record = {**recorded, "samples": len(dataset)}
+            self._mean_sample_len = float(recorded["mean_sample_len"])
+            if recorded["samples"] != len(dataset) or not math.isclose(recorded["mean_sample_len"], mean_len):
+                utils.log_rank_zero(
+                    log,
+                    f"The training data differs from the checkpoint's ({recorded['samples']:,} samples of "
+                    f"~{recorded['mean_sample_len']:.1f} tokens then, {len(dataset):,} of ~{mean_len:.1f} now): the run "
+                    f"keeps its plan of {recorded['total_steps']:,} steps; the remaining steps draw from the data "
+                    "as it is now, in a new order.",
+                    level=logging.WARNING,
+                )
+            return int(recorded["total_steps"])
         self._mean_sample_len = mean_len
-        if self._total_steps_cfg is not None:
-            total = int(self._total_steps_cfg)
-        else:
-            total = steps_for_tokens(self._total_tokens, samples_per_step, mean_len)
-            utils.log_rank_zero(
-                log,
-                f"adapt.total_tokens={int(self._total_tokens):,} ≈ {total} steps "
-                f"({samples_per_step} samples × ~{mean_len:.0f} tokens per step)",
-            )
-        total = check_total_steps(total, self._num_stages)
+        total = self._planned_total_steps(samples_per_step, mean_len)
+        self._data_record = {"samples": len(dataset), "mean_sample_len": mean_len, "total_steps": total}
         if (passes := data_passes(total, samples_per_step, len(dataset))) > 1:
             utils.log_rank_zero(
                 log,
@@ -504,6 +517,19 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 level=logging.WARNING,
             )
         return total
+
+    def _planned_total_steps(self, samples_per_step: int, mean_len: float) -> int:
+        """The configured step count, or the token budget in steps of ``samples_per_step`` samples."""
+        if self._total_steps_cfg is not None:
+            total = int(self._total_steps_cfg)
+        else:
+            total = steps_for_tokens(self._total_tokens, samples_per_step, mean_len)
+            utils.log_rank_zero(
+                log,
+                f"adapt.total_tokens={int(self._total_tokens):,} ≈ {total} steps "
+                f"({samples_per_step} samples × ~{mean_len:.0f} tokens per step)",
+            )
+        return check_total_steps(total, self._num_stages)
 
     def _setup_lr_scheduler(self, cfg_lr_scheduler, num_training_steps, last_epoch):
         """One schedule over all stages' steps, not over one "epoch" of the stock loop."""
@@ -687,6 +713,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "pruner": self._pruner.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
                 **self._recorded_choices(self._cfg),
+                "data": self._data_record,  # the plan a resume keeps, and the data it was made for
                 "seconds_run": self._seconds_run(),
                 "resumes": self._resumes,
                 "train_log": self._train_log,

@@ -609,6 +609,29 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
+def test_resumed_run_keeps_its_plan_when_the_data_changed(tmp_path, tiny_model, python_docs_dir):
+    """A token budget is turned into steps from the data's mean sample length; recomputed on
+    resume from changed data (here a shorter max_seq_len), it gave other stage lengths and
+    checkpoint chunks than the checkpoint's position belonged to ([8, 16] became [11, 21])."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out,
+                       **{"adapt.total_steps": None, "adapt.total_tokens": 3000})
+    killed = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path,
+                  env={"ADAPT_PRUNE_TUNE_KILL_AT": "training_step:5"})
+    assert killed.returncode != 0
+    planned = re.search(r"adapt\.total_tokens=3,000 ≈ (\d+) steps", killed.stdout + killed.stderr)
+    assert planned, killed.stderr[-3000:]
+    resumed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True",
+                    "tokenizer.max_seq_len=48"], cwd=tmp_path)
+    assert_ok(resumed)
+    logs = resumed.stdout + resumed.stderr
+    assert "The training data differs from the checkpoint's" in logs
+    assert f"keeps its plan of {planned[1]} steps" in logs
+    record = json.loads((out / "run_record.json").read_text())
+    assert sum(stage["train_steps"] for stage in record["stages"]) == int(planned[1])
+    assert max(row["step"] for row in record["train_log"]) == int(planned[1])
+
+
 def test_packaged_config_names_resolve_from_any_directory(tmp_path):
     # The user's exact command shape: a config *name*, from a directory with no project files.
     for name in configs.available():
