@@ -37,6 +37,7 @@ from adapt_prune_tune.config_schema import (
     SchemaResult,
     Setting,
     check_sections,
+    closest,
     distill_config,
     pruning_config,
     stage_steps_problem,
@@ -405,9 +406,32 @@ _STOCK_NUMBERS = (
 
 
 def stock_value_problems(cfg: DictConfig) -> List[str]:
-    """Torchtune's own top-level numbers (``batch_size``, ``gradient_accumulation_steps``, ...) in range."""
-    found = (s.problem(s.name, cfg.get(s.name)) for s in _STOCK_NUMBERS if s.name in cfg)
+    """Torchtune's own top-level numbers (``batch_size``, ``gradient_accumulation_steps``, ...) in
+    range, and the checkpointers' ``model_type`` a name torchtune knows."""
+    found = [s.problem(s.name, cfg.get(s.name)) for s in _STOCK_NUMBERS if s.name in cfg]
+    for key in ("checkpointer", "distill.teacher_checkpointer"):
+        found.append(model_type_problem(_section(cfg, key), key))
     return [problem for problem in found if problem is not None]
+
+
+# The model types of the decoders a resize rebuilds (torchtune's ``ModelType`` names more).
+PRUNABLE_MODEL_TYPES = ("LLAMA3", "LLAMA3_2", "QWEN2", "MISTRAL")
+
+
+def model_type_problem(node: Any, key: str) -> Optional[str]:
+    """torchtune looks ``model_type`` up in its ``ModelType`` enum inside the checkpointer's
+    constructor, where a typo is a bare ``KeyError`` after the run has started."""
+    if not isinstance(node, DictConfig) or node.get("model_type", None) is None:
+        return None
+    from torchtune.training.checkpointing._utils import ModelType
+
+    value = str(node.model_type)
+    if value in ModelType.__members__:
+        return None
+    close = closest(value.upper(), list(ModelType.__members__))
+    hint = f"did you mean {close}? " if close else ""
+    return (f"{key}.model_type: {value!r} is not a torchtune model type ({hint}the decoders this recipe prunes: "
+            f"{', '.join(PRUNABLE_MODEL_TYPES)})")
 
 
 # --------------------------------------------------------------------------- files
@@ -450,7 +474,57 @@ def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
     missing = [str(ckpt_dir / f) for f in names if not (ckpt_dir / f).is_file()]
     if missing:
         return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
-    return shard_index_problems(ckpt_dir, names, key)
+    return shard_index_problems(ckpt_dir, names, key) + checkpoint_format_problems(node, ckpt_dir, names, key)
+
+
+# torchtune's full-model checkpointers by the key layout they read.
+_CHECKPOINTERS = {
+    "hf": "torchtune.training.FullModelHFCheckpointer",
+    "meta": "torchtune.training.FullModelMetaCheckpointer",
+    "torchtune": "torchtune.training.FullModelTorchTuneCheckpointer",
+}
+_LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original/consolidated)", "torchtune": "torchtune"}
+
+
+def weight_layout(keys: Sequence[str]) -> Optional[str]:
+    """``hf``, ``meta`` or ``torchtune`` from a state dict's key names (``None``: none of them)."""
+    keys = list(keys)
+    if any(k.startswith("model.layers.") or k.startswith("model.embed_tokens.") for k in keys):
+        return "hf"
+    if any(".attention.wq." in k or ".feed_forward.w1." in k for k in keys):
+        return "meta"
+    if any(".attn.q_proj." in k or ".mlp.w1." in k for k in keys):
+        return "torchtune"
+    return None
+
+
+def checkpoint_format_problems(node: DictConfig, ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
+    """The checkpointer reads the layout the files hold.
+
+    torchtune's three full-model checkpointers each convert one key layout; given another
+    they fail while loading (a converter's "unexpected key", or a ``NoneType`` error deep in
+    the FSDP load). Safetensors headers name the keys without reading weights; pickled
+    ``.bin``/``.pt`` files are not opened here.
+    """
+    component = str(node.get("_component_", ""))
+    expected = next((layout for layout, path in _CHECKPOINTERS.items()
+                     if component.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]), None)
+    first = next((ckpt_dir / n for n in names if n.endswith(".safetensors")), None)
+    if expected is None or first is None:
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(first), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file fails at load with its own message
+        return []
+    layout = weight_layout(keys)
+    if layout is None or layout == expected:
+        return []
+    sample = next(k for k in keys if weight_layout([k]) == layout)
+    return [f"{key}: {first} holds {_LAYOUT_NAMES[layout]} weights (e.g. `{sample}`), which {component} does "
+            f"not read: set {key}._component_={_CHECKPOINTERS[layout]}"]
 
 
 def shard_index_problems(ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:

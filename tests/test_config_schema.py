@@ -394,6 +394,30 @@ def test_every_shard_the_index_names_must_be_listed(tmp_path):
     check_inputs(cfg, world_size=1)
 
 
+def test_checkpointer_model_type_and_key_layout_are_checked(tmp_path):
+    """A model_type typo was a bare KeyError in the checkpointer's constructor; HF weights given to
+    the Meta or torchtune checkpointer failed inside the weight load."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapt_prune_tune.config_checks import weight_layout
+
+    cfg = demo_config(tmp_path, "checkpointer.model_type=llama3_2")
+    found = [p for p in problems_of(cfg) if "model_type" in p]
+    assert found == ["checkpointer.model_type: 'llama3_2' is not a torchtune model type (did you mean LLAMA3_2? the "
+                     "decoders this recipe prunes: LLAMA3, LLAMA3_2, QWEN2, MISTRAL)"]
+    cfg = demo_config(tmp_path, "checkpointer._component_=torchtune.training.FullModelMetaCheckpointer")
+    weights = Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2), "model.norm.weight": torch.zeros(2)}, str(weights))
+    found = [p for p in problems_of(cfg) if "holds" in p]
+    assert found == [f"checkpointer: {weights} holds Hugging Face weights (e.g. `model.embed_tokens.weight`), which "
+                     "torchtune.training.FullModelMetaCheckpointer does not read: set "
+                     "checkpointer._component_=torchtune.training.FullModelHFCheckpointer"]
+    assert weight_layout(["tok_embeddings.weight", "layers.0.attention.wq.weight"]) == "meta"
+    assert weight_layout(["tok_embeddings.weight", "layers.0.attn.q_proj.weight"]) == "torchtune"
+    assert weight_layout(["norm.weight"]) is None
+
+
 def test_output_dir_must_be_writable(tmp_path):
     (tmp_path / "a-file").write_text("")
     found = problems_of(demo_config(tmp_path, f"output_dir={tmp_path}/a-file/run"))
