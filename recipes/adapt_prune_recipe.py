@@ -47,20 +47,19 @@ from torchtune import config, training, utils
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import faults
 from adapt_prune_tune import configs as packaged_configs
+from adapt_prune_tune.checkpoint_checks import arch_fields
 from adapt_prune_tune.config_checks import (
     ConfigError,
-    arch_fields,
     check_inputs as _check_inputs,
     check_total_steps,
     clear_previous_run as _clear_previous_run,
-    dataset_problems as _dataset_problems,
     device_problems as _device_problems,
     mean_sample_length,
     merge_overrides,
-    run_tokenizer as _run_tokenizer,
     steps_for_tokens,
 )
 from adapt_prune_tune.data import ChunkSampler, calibration_batches, data_passes, plan_chunks
+from adapt_prune_tune.data_checks import dataset_problems as _dataset_problems, run_tokenizer as _run_tokenizer
 from adapt_prune_tune.distillation import (
     DistillationLoss,
     Teacher,

@@ -16,7 +16,7 @@ import pytest
 import torchtune
 from omegaconf import OmegaConf
 
-from adapt_prune_tune import config_checks, config_schema, configs
+from adapt_prune_tune import config_checks, config_schema, configs, data_checks
 from adapt_prune_tune.config_checks import ConfigError, check_inputs, clear_previous_run
 from adapt_prune_tune.config_schema import (
     DISTILL,
@@ -313,7 +313,7 @@ def test_teacher_of_another_family_and_its_missing_files_in_one_message(tmp_path
 
 def test_builder_must_match_the_checkpoints_config(tmp_path):
     """A sibling's builder loads the same tensor shapes but is another network: refused, both named."""
-    from adapt_prune_tune.config_checks import checkpoint_arch_problems
+    from adapt_prune_tune.checkpoint_checks import checkpoint_arch_problems
     from adapt_prune_tune.models import DEEPSEEK_R1_DISTILL_QWEN_1_5B
 
     deepseek = {
@@ -342,7 +342,7 @@ def test_builder_must_match_the_checkpoints_config(tmp_path):
 def test_llama3_rope_scaling_is_read_whole(tmp_path):
     """Meta's checkpoints share low/high frequency factors 1/4 and an 8,192-token original context;
     a derivative with others is another network, which the builder comparison names."""
-    from adapt_prune_tune.config_checks import checkpoint_arch_problems
+    from adapt_prune_tune.checkpoint_checks import checkpoint_arch_problems
     from adapt_prune_tune.models import DecoderArch, RopeSpec, arch_from_hf_config, read_hf_arch
     from adapt_prune_tune.models._hf import UnsupportedHFConfig
 
@@ -400,7 +400,7 @@ def test_checkpointer_model_type_and_key_layout_are_checked(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from adapt_prune_tune.config_checks import weight_layout
+    from adapt_prune_tune.checkpoint_checks import weight_layout
 
     cfg = demo_config(tmp_path, "checkpointer.model_type=llama3_2")
     found = [p for p in problems_of(cfg) if "model_type" in p]
@@ -594,14 +594,14 @@ def instruct_file(tmp_path: Path, python_docs_dir: Path, prompt_chars: int) -> P
 
 def test_data_that_cannot_be_read_is_refused_before_the_model_loads(tmp_path, smollm2_dir, python_docs_dir):
     ok = data_config(tmp_path, smollm2_dir, python_docs_dir)
-    assert config_checks.dataset_problems(ok) == []
-    found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, "dataset.column=content"))
+    assert data_checks.dataset_problems(ok) == []
+    found = data_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, "dataset.column=content"))
     assert found == ["dataset: its first sample cannot be read: KeyError: 'content' (the data's columns: "
                      "['text', 'path', 'chunk']; check dataset.column / column_map)"]
-    found = config_checks.dataset_problems(data_config(
+    found = data_checks.dataset_problems(data_config(
         tmp_path, smollm2_dir, python_docs_dir, "dataset._component_=torchtune.datasets.chat_dataset"))
     assert len(found) == 1 and found[0].startswith("dataset: torchtune.datasets.chat_dataset cannot be built: TypeError")
-    found = config_checks.dataset_problems(data_config(
+    found = data_checks.dataset_problems(data_config(
         tmp_path, smollm2_dir, python_docs_dir, "pruning.calibration.num_samples=4000"))
     assert found == ["Calibration data has 27,705 tokens but pruning.calibration asks for 4000 × 128 = 512,000; lower "
                      "num_samples/seq_len or add data (each sample is cut at tokenizer.max_seq_len = 256 tokens "
@@ -619,7 +619,7 @@ def test_rows_without_text_are_refused_unless_filtered(tmp_path, smollm2_dir, py
     holes.write_text("".join(json.dumps({"text": None if i in (7, 21) else ("" if i == 3 else doc)}) + "\n"
                              for i, doc in enumerate(docs)))
     for key in ("dataset", "pruning.calibration.dataset"):
-        found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir,
+        found = data_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir,
                                                            f"{key}.data_files={holes}"))
         assert found == [
             f"{key}: column 'text' is empty (null) in 2 of 40 rows (row 7, 21): the run would stop at the first "
@@ -628,11 +628,11 @@ def test_rows_without_text_are_refused_unless_filtered(tmp_path, smollm2_dir, py
     tokenizer = smollm2_tokenizer(str(smollm2_dir))
     kept = text_completion_dataset(tokenizer, source="json", data_files=str(holes), split="train",
                                    filter_fn=lambda row: row["text"] is not None)
-    assert len(kept) == 38 and config_checks.null_rows_problem("dataset", kept) is None
+    assert len(kept) == 38 and data_checks.null_rows_problem("dataset", kept) is None
     pairs = tmp_path / "pairs.jsonl"  # an instruct dataset reads its column_map's columns
     pairs.write_text("".join(json.dumps({"q": doc[:100], "a": None if i == 5 else doc[:50], "unused": None}) + "\n"
                              for i, doc in enumerate(docs)))
-    found = config_checks.dataset_problems(data_config(
+    found = data_checks.dataset_problems(data_config(
         tmp_path, smollm2_dir, python_docs_dir, "dataset._component_=torchtune.datasets.instruct_dataset",
         "~dataset.column", f"dataset.data_files={pairs}", "dataset.column_map={input: q, output: a}"))
     assert len(found) == 1 and found[0].startswith("dataset: column 'a' is empty (null) in 1 of 40 rows (row 5)")
@@ -642,13 +642,13 @@ def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, p
     """Instruction pairs whose prompts fill max_seq_len leave no response token to train on."""
     instruct = ("dataset._component_=torchtune.datasets.instruct_dataset", "~dataset.column")
     long = instruct_file(tmp_path, python_docs_dir, prompt_chars=4000)
-    found = config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
+    found = data_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
                                                        f"dataset.data_files={long}"))
     assert len(found) == 1 and found[0].startswith(
         "dataset: none of the sampled examples has a label token to train on (responses cut off at "
         "tokenizer.max_seq_len = 256 tokens?)")
     short = instruct_file(tmp_path, python_docs_dir, prompt_chars=200)
-    assert config_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
+    assert data_checks.dataset_problems(data_config(tmp_path, smollm2_dir, python_docs_dir, *instruct,
                                                       f"dataset.data_files={short}")) == []
 
 
@@ -656,8 +656,8 @@ def test_another_models_tokenizer_is_refused_by_its_token_ids(tmp_path, smollm2_
     """SmolLM2's tokenizer against a 1,000-token embedding: ids past it would index out of range
     in the first calibration pass, after the weights loaded."""
     cfg = data_config(tmp_path, smollm2_dir, python_docs_dir)
-    assert config_checks.dataset_problems(cfg, vocab_size=49152) == []
-    found = config_checks.dataset_problems(cfg, vocab_size=1000)
+    assert data_checks.dataset_problems(cfg, vocab_size=49152) == []
+    found = data_checks.dataset_problems(cfg, vocab_size=1000)
     assert [p.split(":")[0] for p in found] == ["dataset", "pruning.calibration.dataset"]
     assert all("outside the model's 1,000 embeddings" in p and "is not this model's tokenizer" in p for p in found)
 

@@ -1,0 +1,220 @@
+"""The base checkpoint against the config, before its weights load.
+
+torchtune's checkpointers find out that a file is missing, a shard was left out of
+``checkpoint_files``, the files hold another key layout than the checkpointer converts, or the
+``model:`` builder is a sibling of the checkpoint's model only while loading the weights (or
+never). Here the config, the directory listing, the safetensors headers and the
+``config.json`` beside the weights answer all of it without reading a weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from adapt_prune_tune.config_schema import closest
+from adapt_prune_tune.models import DecoderArch, read_hf_arch
+from adapt_prune_tune.models._hf import UnsupportedHFConfig
+
+
+# The model types of the decoders a resize rebuilds (torchtune's ``ModelType`` names more).
+PRUNABLE_MODEL_TYPES = ("LLAMA3", "LLAMA3_2", "QWEN2", "MISTRAL")
+
+
+def model_type_problem(node: Any, key: str) -> Optional[str]:
+    """torchtune looks ``model_type`` up in its ``ModelType`` enum inside the checkpointer's
+    constructor, where a typo is a bare ``KeyError`` after the run has started."""
+    if not isinstance(node, DictConfig) or node.get("model_type", None) is None:
+        return None
+    from torchtune.training.checkpointing._utils import ModelType
+
+    value = str(node.model_type)
+    if value in ModelType.__members__:
+        return None
+    close = closest(value.upper(), list(ModelType.__members__))
+    hint = f"did you mean {close}? " if close else ""
+    return (f"{key}.model_type: {value!r} is not a torchtune model type ({hint}the decoders this recipe prunes: "
+            f"{', '.join(PRUNABLE_MODEL_TYPES)})")
+
+
+def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
+    """``checkpoint_dir`` and every ``checkpoint_files`` entry in it exist."""
+    if node.get("checkpoint_dir", None) is None:
+        return []
+    ckpt_dir = Path(str(node.checkpoint_dir)).expanduser()
+    fetch = (
+        "Download the model first (the config's header has the `tune download ...` command; gated models need "
+        f"`huggingface-cli login` and network access) or set {key}.checkpoint_dir. For the embedded SmolLM2 "
+        "default run `adapt-prune-tune prepare`."
+    )
+    if not ckpt_dir.is_dir():
+        return [f"{key}: checkpoint files not found: checkpoint_dir {ckpt_dir} does not exist. {fetch}"]
+    names = checkpoint_file_names(node)
+    missing = [str(ckpt_dir / f) for f in names if not (ckpt_dir / f).is_file()]
+    if missing:
+        return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
+    return shard_index_problems(ckpt_dir, names, key) + checkpoint_format_problems(node, ckpt_dir, names, key)
+
+
+# torchtune's full-model checkpointers by the key layout they read.
+_CHECKPOINTERS = {
+    "hf": "torchtune.training.FullModelHFCheckpointer",
+    "meta": "torchtune.training.FullModelMetaCheckpointer",
+    "torchtune": "torchtune.training.FullModelTorchTuneCheckpointer",
+}
+
+
+_LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original/consolidated)", "torchtune": "torchtune"}
+
+
+def weight_layout(keys: Sequence[str]) -> Optional[str]:
+    """``hf``, ``meta`` or ``torchtune`` from a state dict's key names (``None``: none of them)."""
+    keys = list(keys)
+    if any(k.startswith("model.layers.") or k.startswith("model.embed_tokens.") for k in keys):
+        return "hf"
+    if any(".attention.wq." in k or ".feed_forward.w1." in k for k in keys):
+        return "meta"
+    if any(".attn.q_proj." in k or ".mlp.w1." in k for k in keys):
+        return "torchtune"
+    return None
+
+
+def checkpoint_format_problems(node: DictConfig, ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
+    """The checkpointer reads the layout the files hold.
+
+    torchtune's three full-model checkpointers each convert one key layout; given another
+    they fail while loading (a converter's "unexpected key", or a ``NoneType`` error deep in
+    the FSDP load). Safetensors headers name the keys without reading weights; pickled
+    ``.bin``/``.pt`` files are not opened here.
+    """
+    component = str(node.get("_component_", ""))
+    expected = next((layout for layout, path in _CHECKPOINTERS.items()
+                     if component.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]), None)
+    first = next((ckpt_dir / n for n in names if n.endswith(".safetensors")), None)
+    if expected is None or first is None:
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(first), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file fails at load with its own message
+        return []
+    layout = weight_layout(keys)
+    if layout is None or layout == expected:
+        return []
+    sample = next(k for k in keys if weight_layout([k]) == layout)
+    return [f"{key}: {first} holds {_LAYOUT_NAMES[layout]} weights (e.g. `{sample}`), which {component} does "
+            f"not read: set {key}._component_={_CHECKPOINTERS[layout]}"]
+
+
+def shard_index_problems(ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
+    """Every shard the checkpoint's index names is listed in ``checkpoint_files``.
+
+    torchtune loads only the files listed; a shard left out surfaces as a wall of missing
+    keys once the weights are in memory (minutes into an 8B run). The Hugging Face index
+    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) says which files
+    hold the model; it is read when the listed files are among them.
+    """
+    import json
+
+    listed = set(names)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads((ckpt_dir / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if not shards & listed or shards <= listed:
+            continue
+        left_out = sorted(shards - listed)
+        return [f"{key}: checkpoint_files lists {len(shards & listed)} of the {len(shards)} files {ckpt_dir / index} "
+                f"names; the weights in {', '.join(left_out)} would be missing. List every shard "
+                f"{_shard_listing(sorted(shards))}"]
+    return []
+
+
+def _shard_listing(shards: Sequence[str]) -> str:
+    """How to list HF shards (``model-00001-of-00004.safetensors``, ...) in torchtune's short form."""
+    match = re.fullmatch(r"(.+)-\d+-of-(\d+)(\..+)", shards[0])
+    if not match:
+        return "in checkpoint_files"
+    return (f"(in the config file: `checkpoint_files: {{filename_format: '{match[1]}-{{}}-of-{{}}{match[3]}', "
+            f"max_filename: '{match[2]}'}}`)")
+
+
+def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
+    """The ``model:`` builder against the ``config.json`` beside the base checkpoint's weights.
+
+    torchtune's HF checkpointer converts weights by shape and never reads RoPE's base, the
+    norm epsilon or whether the output projection is tied, so a builder for a sibling model
+    (Qwen2.5-1.5B for DeepSeek-R1-Distill-Qwen-1.5B: tied embeddings, RoPE base 1e6 instead
+    of 1e4) would load without complaint and train a subtly different network. Checked only
+    where the directory has a ``config.json`` of an architecture we can read.
+    """
+    if node.get("checkpoint_dir", None) is None:
+        return []
+    config_path = Path(str(node.checkpoint_dir)).expanduser() / "config.json"
+    try:
+        expected = read_hf_arch(config_path)
+    except UnsupportedHFConfig as e:
+        return [f"model: {config_path}: {e}"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    built, wanted = arch_fields(arch), arch_fields(expected)
+    differences = [
+        f"{name} {built[name]} (checkpoint: {wanted[name]})"
+        for name in built
+        if not _same(built[name], wanted[name])
+    ]
+    if not differences:
+        return []
+    return [
+        f"model: the builder does not match {config_path}: " + ", ".join(differences) + ". Use the builder "
+        "of this exact checkpoint (e.g. adapt_prune_tune.models.deepseek_r1_distill_qwen_1_5b), or "
+        f"`_component_: adapt_prune_tune.models.decoder_from_hf_config` with `path: {config_path}`."
+    ]
+
+
+def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
+    """What must agree between a model builder and a base checkpoint's config (unpruned)."""
+    layer = arch.layers[0]
+    return {
+        "vocab_size": arch.vocab_size,
+        "embed_dim": arch.embed_dim,
+        "num_layers": arch.num_layers,
+        "head_dim": arch.head_dim,
+        "num_heads": layer.num_heads,
+        "num_kv_heads": layer.num_kv_heads,
+        "intermediate_dim": layer.intermediate_dim,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "attention biases": arch.attn_bias,
+        "rope": arch.rope.kind,
+        "rope base": arch.rope.base,
+        "rope scaling (factor, low/high frequency factors, original context)": (
+            (arch.rope.scale_factor, arch.rope.low_freq_factor, arch.rope.high_freq_factor, arch.rope.old_context_len)
+            if arch.rope.kind == "llama3_scaled" else None
+        ),
+        "norm_eps": arch.norm_eps,
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def checkpoint_file_names(node: DictConfig) -> List[str]:
+    """``checkpoint_files`` as a list, or expanded from torchtune's ``{filename_format, max_filename}``."""
+    files = node.get("checkpoint_files", None)
+    if files is None:
+        return []
+    if isinstance(files, DictConfig):
+        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
+
+        return FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
+    return [str(f) for f in ([files] if isinstance(files, str) else files)]
