@@ -12,8 +12,9 @@ lets the stock recipe's epoch loop train exactly one chunk per "epoch".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -58,10 +59,31 @@ def calibration_batches(
 
 
 def data_passes(total_steps: int, samples_per_step: int, dataset_len: int) -> float:
-    """How many times the run goes through its training data: past 1, every sample repeats
-    (the sampler draws a fresh permutation per pass), which a user with a small corpus should
-    be told before the run, not find in an over-fitted model."""
+    """How many times the run goes through its training data (past 1, samples repeat: the
+    sampler draws a fresh permutation per pass)."""
     return total_steps * samples_per_step / max(1, dataset_len)
+
+
+def repeated_data_warning(total_steps: int, samples_per_step: int, dataset_len: int) -> Optional[str]:
+    """What a user with a small corpus should read before the run, not find in an over-fitted model."""
+    passes = data_passes(total_steps, samples_per_step, dataset_len)
+    if passes <= 1:
+        return None
+    return (f"The run draws {total_steps * samples_per_step:,} training samples from a dataset of {dataset_len:,}: "
+            f"each sample is trained on ~{passes:.1f} times (a fresh shuffle per pass). Repeated data over-fits a "
+            "small corpus; add data or lower adapt.total_tokens / adapt.total_steps.")
+
+
+def changed_data_warning(recorded: Mapping[str, Any], dataset_len: int, mean_sample_len: float) -> Optional[str]:
+    """A resumed run's data against what its checkpoint recorded (``samples``, ``mean_sample_len``,
+    ``total_steps``): the run keeps its plan either way, but the user should know the rest of it
+    trains on other data, in another order."""
+    if recorded["samples"] == dataset_len and math.isclose(recorded["mean_sample_len"], mean_sample_len):
+        return None
+    return (f"The training data differs from the checkpoint's ({recorded['samples']:,} samples of "
+            f"~{recorded['mean_sample_len']:.1f} tokens then, {dataset_len:,} of ~{mean_sample_len:.1f} now): the run "
+            f"keeps its plan of {recorded['total_steps']:,} steps; the remaining steps draw from the data as it is "
+            "now, in a new order.")
 
 
 @dataclass(frozen=True)

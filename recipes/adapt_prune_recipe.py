@@ -27,7 +27,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -58,7 +57,13 @@ from adapt_prune_tune.config_checks import (
     merge_overrides,
     steps_for_tokens,
 )
-from adapt_prune_tune.data import ChunkSampler, calibration_batches, data_passes, plan_chunks
+from adapt_prune_tune.data import (
+    ChunkSampler,
+    calibration_batches,
+    changed_data_warning,
+    plan_chunks,
+    repeated_data_warning,
+)
 from adapt_prune_tune.data_checks import dataset_problems as _dataset_problems, run_tokenizer as _run_tokenizer
 from adapt_prune_tune.distillation import (
     DistillationLoss,
@@ -494,27 +499,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if recorded is not None:
             self._data_record = {**recorded, "samples": len(dataset)}
             self._mean_sample_len = float(recorded["mean_sample_len"])
-            if recorded["samples"] != len(dataset) or not math.isclose(recorded["mean_sample_len"], mean_len):
-                utils.log_rank_zero(
-                    log,
-                    f"The training data differs from the checkpoint's ({recorded['samples']:,} samples of "
-                    f"~{recorded['mean_sample_len']:.1f} tokens then, {len(dataset):,} of ~{mean_len:.1f} now): the run "
-                    f"keeps its plan of {recorded['total_steps']:,} steps; the remaining steps draw from the data "
-                    "as it is now, in a new order.",
-                    level=logging.WARNING,
-                )
-            return int(recorded["total_steps"])
-        self._mean_sample_len = mean_len
-        total = self._planned_total_steps(samples_per_step, mean_len)
-        self._data_record = {"samples": len(dataset), "mean_sample_len": mean_len, "total_steps": total}
-        if (passes := data_passes(total, samples_per_step, len(dataset))) > 1:
-            utils.log_rank_zero(
-                log,
-                f"The run draws {total * samples_per_step:,} training samples from a dataset of {len(dataset):,}: "
-                f"each sample is trained on ~{passes:.1f} times (a fresh shuffle per pass). Repeated data "
-                "over-fits a small corpus; add data or lower adapt.total_tokens / adapt.total_steps.",
-                level=logging.WARNING,
-            )
+            warning = changed_data_warning(recorded, len(dataset), mean_len)
+            total = int(recorded["total_steps"])
+        else:
+            self._mean_sample_len = mean_len
+            total = self._planned_total_steps(samples_per_step, mean_len)
+            self._data_record = {"samples": len(dataset), "mean_sample_len": mean_len, "total_steps": total}
+            warning = repeated_data_warning(total, samples_per_step, len(dataset))
+        if warning:
+            utils.log_rank_zero(log, warning, level=logging.WARNING)
         return total
 
     def _planned_total_steps(self, samples_per_step: int, mean_len: float) -> int:

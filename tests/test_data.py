@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from adapt_prune_tune.data import ChunkSampler, calibration_batches, data_passes, plan_chunks
+from adapt_prune_tune.data import (
+    ChunkSampler,
+    calibration_batches,
+    changed_data_warning,
+    data_passes,
+    plan_chunks,
+    repeated_data_warning,
+)
 
 
 class Docs(torch.utils.data.Dataset):
@@ -89,3 +96,14 @@ def test_data_passes_count_what_the_sampler_draws():
     assert data_passes(10, 4, 15) == len(drawn) / 15 == 40 / 15
     assert sorted(drawn[:15]) == list(range(15)) and sorted(drawn[15:30]) == list(range(15))
     assert data_passes(3, 4, 15) < 1
+    assert repeated_data_warning(3, 4, 15) is None
+    assert repeated_data_warning(10, 4, 15).startswith(
+        "The run draws 40 training samples from a dataset of 15: each sample is trained on ~2.7 times")
+
+
+def test_changed_data_is_named_against_the_checkpoints_record():
+    recorded = {"samples": 300, "mean_sample_len": 63.0, "total_steps": 24}
+    assert changed_data_warning(recorded, 300, 63.0) is None
+    assert changed_data_warning(recorded, 900, 47.0) == (
+        "The training data differs from the checkpoint's (300 samples of ~63.0 tokens then, 900 of ~47.0 now): the "
+        "run keeps its plan of 24 steps; the remaining steps draw from the data as it is now, in a new order.")
