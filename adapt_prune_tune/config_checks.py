@@ -25,10 +25,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
 from adapt_prune_tune import checkpointing as ckpt
@@ -85,6 +85,26 @@ class CheckedConfig:
     arch: DecoderArch
 
 
+def expand_home(cfg: DictConfig) -> DictConfig:
+    """``~`` at the start of a path means the home directory, as in a shell.
+
+    YAML does not expand it and torchtune does not either: ``output_dir: ~/runs/x`` wrote the
+    run into a directory literally named ``~`` under the current one, reported paths under
+    ``~/`` where nothing was, and the up-front checks (which expand it) looked elsewhere.
+    Interpolations are kept: they resolve to the expanded values they name.
+    """
+    def expand(value: Any) -> Any:
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            return os.path.expanduser(value)
+        if isinstance(value, dict):
+            return {key: expand(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [expand(item) for item in value]
+        return value
+
+    return OmegaConf.create(expand(OmegaConf.to_container(cfg, resolve=False)))
+
+
 def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
     """The YAML at ``path`` with ``key=value`` overrides merged exactly as ``tune run`` merges them.
 
@@ -95,7 +115,6 @@ def merge_overrides(path: Path, overrides: Sequence[str]) -> DictConfig:
     """
     from argparse import Namespace
 
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     from torchtune.config._utils import _merge_yaml_and_cli_args
 

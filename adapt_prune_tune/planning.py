@@ -102,6 +102,7 @@ from adapt_prune_tune.config_checks import (
     ConfigError,
     check_inputs,
     check_total_steps,
+    expand_home,
     mean_sample_length,
     merge_overrides,
     steps_for_tokens,
@@ -119,7 +120,7 @@ GIB = float(1 << 30)
 def load_config(name: str, overrides: Sequence[str] = ()) -> Tuple[DictConfig, Path]:
     """A config by packaged name or path, with ``key=value`` overrides applied like ``tune run``."""
     path = packaged_configs.resolve(name)
-    return merge_overrides(path, overrides), path
+    return expand_home(merge_overrides(path, overrides)), path
 
 
 # --------------------------------------------------------------------------- widths

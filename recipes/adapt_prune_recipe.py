@@ -53,6 +53,7 @@ from adapt_prune_tune.config_checks import (
     check_total_steps,
     clear_previous_run as _clear_previous_run,
     device_problems as _device_problems,
+    expand_home,
     mean_sample_length,
     merge_overrides,
     steps_for_tokens,
@@ -1065,6 +1066,7 @@ def _check_same_arch_everywhere(arch: DecoderArch, device: torch.device) -> None
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point (``tune run adapt_prune_recipe --config NAME_OR_PATH [key=value ...]``)."""
+    cfg = expand_home(cfg)
     config.log_config(recipe_name="AdaptPruneRecipe", cfg=cfg)
     recipe = AdaptPruneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)

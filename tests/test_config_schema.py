@@ -213,6 +213,17 @@ def test_override_that_cannot_merge_is_named_with_the_fix():
                                   "`loss.num_output_chunks` to remove"]
 
 
+def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """YAML and torchtune keep `~` literally: `output_dir: ~/runs/x` wrote a directory named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = load_config("smollm2/135M_adapt", ["output_dir=~/runs/x", "cache_dir=~/cache"])
+    assert cfg.output_dir == f"{tmp_path}/runs/x"
+    assert cfg.checkpointer.output_dir == f"{tmp_path}/runs/x"  # through ${output_dir}
+    assert cfg.dataset.data_files == f"{tmp_path}/cache/data/python-docs/train.jsonl"
+    expanded = config_checks.expand_home(OmegaConf.create({"files": ["~/a.jsonl", "b~/c", "~x/d"], "n": 3}))
+    assert OmegaConf.to_container(expanded) == {"files": [f"{tmp_path}/a.jsonl", "b~/c", "~x/d"], "n": 3}
+
+
 def test_model_and_rank_relations_wait_for_them(tmp_path):
     # The table alone (no model, no ranks): the model's and the ranks' relations wait for them.
     cfg = demo_config(tmp_path, "pruning.method.min_kv_heads=4", "pruning.calibration.batch_size=3")
