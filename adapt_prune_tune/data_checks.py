@@ -21,6 +21,9 @@ from adapt_prune_tune.errors import error_text
 
 
 LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders that read data_files
+# File extensions written as a source: datasets then looks for a Hub dataset of that name (tens
+# of seconds offline) and fails without naming the builder that reads such files.
+BUILDER_OF_EXTENSION = {"jsonl": "json", "ndjson": "json", "txt": "text", "tsv": "csv", "pq": "parquet"}
 
 
 def dataset_location(node: Any) -> Tuple[str, List[Path]]:
@@ -61,6 +64,13 @@ def data_problems(cfg: DictConfig) -> List[str]:
     """Local training / calibration data files and held-out texts exist."""
     problems = []
     for name, node in run_datasets(cfg):
+        source = str(node.get("source", "")) if isinstance(node, DictConfig) else ""
+        if source in BUILDER_OF_EXTENSION and node.get("data_files", None) is not None and not Path(source).exists():
+            builder = BUILDER_OF_EXTENSION[source]
+            problems.append(f"{name}.source: {source!r} is a file extension, not a datasets builder: "
+                            f"{source} files load with source: {builder}"
+                            + (' and delimiter: "\\t"' if source == "tsv" else ""))
+            continue
         kind, files = dataset_location(node)
         missing = [str(f) for f in files if not f.expanduser().exists()]
         if kind == "local" and missing:

@@ -429,6 +429,15 @@ def test_checkpointer_model_type_and_key_layout_are_checked(tmp_path):
     assert weight_layout(["norm.weight"]) is None
 
 
+def test_a_file_extension_as_source_names_the_builder(tmp_path):
+    """`source: jsonl` made datasets search the Hub for a dataset named jsonl (tens of seconds
+    offline), then fail without naming the `json` builder."""
+    found = problems_of(demo_config(tmp_path, "dataset.source=jsonl", "pruning.calibration.dataset.source=tsv"))
+    assert "dataset.source: 'jsonl' is a file extension, not a datasets builder: jsonl files load with source: json" in found
+    assert ('pruning.calibration.dataset.source: \'tsv\' is a file extension, not a datasets builder: tsv files load '
+            'with source: csv and delimiter: "\\t"') in found
+
+
 def test_output_dir_must_be_writable(tmp_path):
     (tmp_path / "a-file").write_text("")
     found = problems_of(demo_config(tmp_path, f"output_dir={tmp_path}/a-file/run"))
