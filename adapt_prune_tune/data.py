@@ -75,9 +75,10 @@ def repeated_data_warning(total_steps: int, samples_per_step: int, dataset_len: 
 
 
 def changed_data_warning(recorded: Mapping[str, Any], dataset_len: int, mean_sample_len: float) -> Optional[str]:
-    """A resumed run's data against what its checkpoint recorded (``samples``, ``mean_sample_len``,
-    ``total_steps``): the run keeps its plan either way, but the user should know the rest of it
-    trains on other data, in another order."""
+    """A resumed run's data against the data its checkpoint recorded (``samples`` and
+    ``mean_sample_len`` as the writing process found them; ``total_steps``, the plan): the run
+    keeps its plan either way, but the user should know the rest of it trains on other data, in
+    another order."""
     if recorded["samples"] == dataset_len and math.isclose(recorded["mean_sample_len"], mean_sample_len):
         return None
     return (f"The training data differs from the checkpoint's ({recorded['samples']:,} samples of "

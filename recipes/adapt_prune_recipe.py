@@ -270,9 +270,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             "distill": OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else {},
             "samples_per_step": cfg.batch_size * self._gradient_accumulation_steps * self.world_size,
         }
+        self._choices = self._recorded_choices(cfg)
         if self._resume_from_checkpoint:
             self._resume_state = ckpt.load_latest(self._ckpt_root)
-            _check_same_run(self._resume_state, self._settings, checked.arch, self._recorded_choices(cfg))
+            _check_same_run(self._resume_state, self._settings, checked.arch, self._choices)
             utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
@@ -498,17 +499,18 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         mean_len = mean_sample_length(dataset, self.seed)
         recorded = (self._resume_state or {}).get("recipe", {}).get("data")
         if recorded is not None:
-            self._data_record = {**recorded, "samples": len(dataset)}
-            self._mean_sample_len = float(recorded["mean_sample_len"])
+            total, planned_len = int(recorded["total_steps"]), float(recorded["planned_mean_sample_len"])
             warning = changed_data_warning(recorded, len(dataset), mean_len)
-            total = int(recorded["total_steps"])
         else:
-            self._mean_sample_len = mean_len
+            planned_len = mean_len
             total = self._planned_total_steps(samples_per_step, mean_len)
-            self._data_record = {"samples": len(dataset), "mean_sample_len": mean_len, "total_steps": total}
             warning = repeated_data_warning(total, samples_per_step, len(dataset))
         if warning:
             utils.log_rank_zero(log, warning, level=logging.WARNING)
+        self._mean_sample_len = planned_len  # token estimates follow the plan
+        # The plan, and the data as this process found it: a later resume compares with that.
+        self._data_record = {"samples": len(dataset), "mean_sample_len": mean_len, "total_steps": total,
+                             "planned_mean_sample_len": planned_len}
         return total
 
     def _planned_total_steps(self, samples_per_step: int, mean_len: float) -> int:
@@ -705,7 +707,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "stage_pruned": self._stage_pruned,
                 "pruner": self._pruner.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                **self._recorded_choices(self._cfg),
+                **self._choices,
                 "data": self._data_record,  # the plan a resume keeps, and the data it was made for
                 "seconds_run": self._seconds_run(),
                 "resumes": self._resumes,

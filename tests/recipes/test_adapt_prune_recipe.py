@@ -630,6 +630,12 @@ def test_resumed_run_keeps_its_plan_when_the_data_changed(tmp_path, tiny_model, 
     record = json.loads((out / "run_record.json").read_text())
     assert sum(stage["train_steps"] for stage in record["stages"]) == int(planned[1])
     assert max(row["step"] for row in record["train_log"]) == int(planned[1])
+    # Later checkpoints record the data as the resumed process found it (a second resume on it
+    # does not warn again) beside the plan's own sample length.
+    from adapt_prune_tune.checkpointing import STATE_FILE
+
+    data = json.loads((ckpt_latest(out) / STATE_FILE).read_text())["recipe"]["data"]
+    assert data["total_steps"] == int(planned[1]) and data["mean_sample_len"] < data["planned_mean_sample_len"]
 
 
 def test_packaged_config_names_resolve_from_any_directory(tmp_path):
