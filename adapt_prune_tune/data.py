@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -120,14 +120,20 @@ class ChunkSampler(Sampler[int]):
     each chunk's samples exactly once, in the same global order whatever the
     world size. The order is a seeded permutation of the dataset per pass over
     it, or, with ``shuffle=False``, the dataset's own order (a curriculum).
+
+    ``steps_done``: optimizer steps the run trained before this process (a resume). A run
+    stopped inside a chunk resumes it from its next step: the chunk yields only the samples
+    after ``steps_done`` steps' worth of the stream, and the stock loop ends the chunk when
+    they run out.
     """
 
     def __init__(
         self, dataset_len: int, chunks: Sequence[Chunk], samples_per_step: int, seed: int, rank: int, world_size: int,
-        shuffle: bool = True,
+        shuffle: bool = True, steps_done: int = 0,
     ) -> None:
         self.dataset_len, self.chunks = dataset_len, list(chunks)
         self.samples_per_step, self.seed, self.shuffle = samples_per_step, seed, shuffle
+        self.first_position = steps_done * samples_per_step
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._perms: Dict[int, torch.Tensor] = {}
@@ -147,11 +153,21 @@ class ChunkSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if not self.chunks:
             return iter(())
-        chunk = self.chunks[self.epoch]
-        end = chunk.start + chunk.steps * self.samples_per_step
-        return iter(self._index(p) for p in range(chunk.start + self.rank, end, self.world_size))
+        begin, end = self._span()
+        return iter(self._index(p) for p in range(begin + self.rank, end, self.world_size))
 
     def __len__(self) -> int:
         if not self.chunks:
             return 0
-        return self.chunks[self.epoch].steps * self.samples_per_step // self.world_size
+        begin, end = self._span()
+        return (end - begin) // self.world_size
+
+    def _span(self) -> Tuple[int, int]:
+        """Stream positions of the current chunk still to train: [begin, end).
+
+        ``first_position`` is a whole number of steps, each a multiple of the world size, so
+        the ranks keep the round-robin they had from the chunk's start.
+        """
+        chunk = self.chunks[self.epoch]
+        end = chunk.start + chunk.steps * self.samples_per_step
+        return min(max(chunk.start, self.first_position), end), end

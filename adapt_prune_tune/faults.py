@@ -3,7 +3,8 @@
 ``ADAPT_PRUNE_TUNE_KILL_AT=<point>:<n>`` makes the process SIGKILL itself the ``n``-th time it
 reaches ``point`` (1-based; rank 0 only unless ``<point>:<n>:all``). SIGKILL is what a lost node
 or the kernel's OOM killer does: no cleanup, no ``finally``, half-written files left behind.
-Unset (always, outside tests), a point costs one dictionary lookup.
+A signal's name after it sends that signal instead (``training_step:4:SIGTERM``: a scheduler's
+stop reaching rank 0 alone). Unset (always, outside tests), a point costs one dictionary lookup.
 
 Points in the recipe: ``calibration`` (inside a prune step's calibration pass), ``before_resize``
 (a cut decided, the model not yet rebuilt), ``checkpoint_write`` (shards on disk, the checkpoint
@@ -26,9 +27,10 @@ def point(name: str, rank: int = 0) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    target, count, *scope = spec.split(":")
-    if target != name or (rank != 0 and scope != ["all"]):
+    target, count, *rest = spec.split(":")
+    if target != name or (rank != 0 and "all" not in rest):
         return
     _seen[name] += 1
     if _seen[name] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
+        names = [r for r in rest if r.startswith("SIG")]
+        os.kill(os.getpid(), signal.Signals[names[0]] if names else signal.SIGKILL)

@@ -86,8 +86,10 @@ from adapt_prune_tune.resize import (
     parameter_shapes,
     rebind_optimizer_,
 )
+from adapt_prune_tune.run_record import reproduce_command
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 from adapt_prune_tune.sparsity import sparsity_schedule
+from adapt_prune_tune.stopping import StopSignals, signal_name
 from adapt_prune_tune.surgery import LayerKeep, full_slice_map
 
 log = utils.get_logger("INFO")
@@ -220,6 +222,30 @@ class _RunCheckpointClient:
         self._recipe.end_of_chunk()
 
 
+class _Stopped(Exception):
+    """A stop signal every rank agreed on; ``saved``: the checkpoint of this step is written."""
+
+    def __init__(self, signum: int, saved: bool) -> None:
+        super().__init__(signal_name(signum))
+        self.signum, self.saved = signum, saved
+
+
+class _AfterOptimizerStep:
+    """Stands in for the stock loop's profiler, whose ``step()`` the loop calls on every rank
+    right after each optimizer step (weights, LR schedule and logs done, gradients cleared): the
+    one place inside the stock loop where the run's state is whole and a stop can be taken."""
+
+    def __init__(self, inner, after_step) -> None:
+        self._inner, self._after_step = inner, after_step
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def step(self) -> None:
+        self._inner.step()
+        self._after_step()
+
+
 class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     """Interleaves Adapt-Pruner stages with recovery training (see module doc)."""
 
@@ -261,6 +287,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._heldout_log: List[Dict[str, Any]] = []
         self._progress: Optional[RunProgress] = None
         self._resume_state: Optional[Dict[str, Any]] = None
+        self._stop = StopSignals()
+        self._train_t0: Optional[float] = None  # inside the stock loop: when its time was last counted
+        self.stopped_by: Optional[int] = None  # the signal that stopped the run before its end
         # The global batch fixes the data order and the schedule; how it is split over ranks and
         # micro-batches does not, so a run may resume on another world size.
         self._settings = {
@@ -294,6 +323,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         super().setup(cfg)
         if self._is_rank_zero:
             self._metric_logger = _RecordingLogger(self._metric_logger, self)
+        self._profiler = _AfterOptimizerStep(self._profiler, self._stop_mid_chunk_if_asked)
         self._teacher: Optional[Teacher] = None
         if self._distill.enabled:
             self._setup_distillation(self._cfg)
@@ -462,6 +492,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._progress is not None:
             self._progress.pause()
         self.save_run_checkpoint()
+        self._stop_if_asked(saved=True)
 
     def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
         """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
@@ -471,8 +502,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._samples_per_step = samples_per_step
         self._stage_steps = stage_train_steps(self._resolve_total_steps(dataset, samples_per_step), self._num_stages)
         self._chunks = plan_chunks(self._stage_steps, samples_per_step, self._checkpoint_every)
+        steps_done = self._resume_state["recipe"]["global_step"] if self._resume_state else 0
         sampler = ChunkSampler(
-            len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size, bool(shuffle)
+            len(dataset), self._chunks, samples_per_step, self.seed, self.dp_rank, self.dp_size, bool(shuffle),
+            steps_done=steps_done,
         )
         calib = self._cfg.pruning.calibration
         calib_data = config.instantiate(calib.dataset, self._tokenizer)
@@ -532,7 +565,18 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     # ------------------------------------------------------------------ run
     def train(self) -> None:
-        """Stage loop: prune (adaptive steps), then the stock loop over the stage's chunks."""
+        """Stage loop: prune (adaptive steps), then the stock loop over the stage's chunks.
+
+        A stop signal (``stopping``) ends the run at the next optimizer step or checkpoint,
+        with a checkpoint of that step; ``stopped_by`` names the signal.
+        """
+        with self._stop:
+            try:
+                self._train_stages()
+            except _Stopped as stop:
+                self._stopped(stop)
+
+    def _train_stages(self) -> None:
         if self._heldout_original is None and not any(self._stage_pruned):
             values = self._heldout_ppl("original")
             self._heldout_original = None if values is None else next(iter(values.values()))
@@ -540,6 +584,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self._stage = stage
             if not self._stage_pruned[stage - 1]:
                 self._prune_stage(stage)
+                self._stop_if_asked(saved=True)
             chunk_ids = [i for i, c in enumerate(self._chunks) if c.stage == stage]
             remaining = [i for i in chunk_ids if i >= self.epochs_run]
             if remaining:
@@ -548,12 +593,11 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self.total_epochs = remaining[-1] + 1
                 self.max_steps_per_epoch = self._chunks[remaining[0]].steps
                 self._steps_per_epoch = self.max_steps_per_epoch
-                t0 = time.perf_counter()
+                self._train_t0 = time.perf_counter()
                 super().train()
-                entry = self._stage_entry(stage)
-                entry["train_loss_end"] = self._last_loss()
-                # Time spent training this stage in this process (a resumed stage: since the resume).
-                entry["seconds_train"] = entry.get("seconds_train", 0.0) + time.perf_counter() - t0
+                self._count_training_time()
+                self._train_t0 = None
+                self._stage_entry(stage)["train_loss_end"] = self._last_loss()
             # By number, not the log's last entry: a resumed run walks the finished stages first,
             # and the last entry is then the stage it resumes into, not yet trained.
             entry = self._stage_entry(stage)
@@ -564,6 +608,45 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if self._progress is not None:
             self._progress.finish()
         self._finish()
+
+    def _count_training_time(self) -> None:
+        """Add the time trained since the last count to the stage's ``seconds_train``.
+
+        Counted at every checkpoint too, so that a resumed stage's time includes what the
+        processes before it trained up to their checkpoint, not only this process's part.
+        """
+        if self._train_t0 is not None:
+            now = time.perf_counter()
+            entry = self._stage_entry(self._stage)
+            entry["seconds_train"] = entry.get("seconds_train", 0.0) + now - self._train_t0
+            self._train_t0 = now
+
+    def _stop_if_asked(self, saved: bool) -> None:
+        """End the run here if a stop signal reached any rank (collective: every rank calls it)."""
+        signum = self._stop.agreed(self._device)
+        if signum is not None:
+            raise _Stopped(signum, saved)
+
+    def _stop_mid_chunk_if_asked(self) -> None:
+        """After every optimizer step. A chunk's last step is left to its own checkpoint, which
+        checks after it is written: stopping here would write that step's checkpoint twice."""
+        chunk = self._chunks[self.epochs_run]
+        if self.global_step < chunk.start // self._samples_per_step + chunk.steps:
+            self._stop_if_asked(saved=False)
+
+    def _stopped(self, stop: _Stopped) -> None:
+        """Write the stopping step's checkpoint, unless it is the one just written, and say how to go on."""
+        if self._progress is not None:
+            self._progress.pause()
+        if not stop.saved:
+            self.save_run_checkpoint()
+        self.stopped_by = stop.signum
+        if self._is_rank_zero:
+            log.warning(
+                f"Stopped on {signal_name(stop.signum)} after {self.global_step:,} of {sum(self._stage_steps):,} "
+                f"training steps (stage {self._stage} of {self._num_stages}), checkpoint written. "
+                f"Continue with: {_continue_command()}"
+            )
 
     def _stage_entry(self, stage: int) -> Dict[str, Any]:
         """The stage log's entry of ``stage`` (written by its prune)."""
@@ -696,6 +779,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
     # ------------------------------------------------------------------ state
     def save_run_checkpoint(self) -> None:
         """Every rank writes its own shards; rank 0 the run's state (see ``checkpointing``)."""
+        self._count_training_time()
         recipe_state: Dict[str, Any] = {}
         if self._is_rank_zero:
             recipe_state = {
@@ -1074,6 +1158,18 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe.setup(cfg=cfg)
     recipe.train()
     recipe.cleanup()
+    # Stopped by a signal: the shell's code for it (143 for SIGTERM), so no scheduler or script
+    # takes the unfinished run for a finished one.
+    return 128 + recipe.stopped_by if recipe.stopped_by else None
+
+
+def _continue_command() -> str:
+    """The command that continues this run: the one that launched it, resuming."""
+    if "config_name" not in _LAUNCH:  # recipe_main called without main()
+        return "the same command with resume_from_checkpoint=True"
+    dropped = ("resume_from_checkpoint", "overwrite_output_dir")  # the latter contradicts a resume
+    overrides = [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") not in dropped]
+    return reproduce_command({**_LAUNCH, "overrides": overrides + ["resume_from_checkpoint=True"]})
 
 
 def _single_process_env() -> None:

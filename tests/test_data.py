@@ -64,6 +64,35 @@ def test_stages_draw_without_replacement_across_ranks():
     assert len(seen) == 36 and len(set(seen)) == 36  # no sample twice within one pass
 
 
+def test_a_run_stopped_inside_a_chunk_resumes_it_with_the_samples_it_had_left():
+    """steps_done mid-chunk (on another world size too): each chunk yields exactly the tail the
+    uninterrupted run would still have drawn; chunks before and after are unchanged."""
+    n, sps = 40, 4
+    chunks = plan_chunks([5, 6], samples_per_step=sps, checkpoint_every=3)  # steps 0-3, 3-5 | 5-8, 8-11
+
+    def stream(world, steps_done=0):
+        by_position = {}
+        for rank in range(world):
+            s = ChunkSampler(n, chunks, sps, seed=3, rank=rank, world_size=world, steps_done=steps_done)
+            for e, chunk in enumerate(chunks):
+                s.set_epoch(e)
+                got = list(s)
+                assert len(got) == len(s)
+                begin = max(chunk.start, steps_done * sps)
+                by_position.update(zip(range(begin + rank, chunk.start + chunk.steps * sps, world), got))
+        return [by_position[p] for p in sorted(by_position)]
+
+    whole = stream(2)
+    for steps_done in (1, 3, 4, 7):  # inside chunk 0, at a boundary, inside chunks 1 and 2
+        assert stream(2, steps_done) == whole[steps_done * sps:]
+        assert stream(4, steps_done) == whole[steps_done * sps:]
+    s = ChunkSampler(n, chunks, sps, seed=3, rank=0, world_size=2, steps_done=4)
+    s.set_epoch(0)
+    assert len(s) == 0 and list(s) == []  # a chunk finished before the stop: nothing left in it
+    s.set_epoch(1)
+    assert len(s) == 2  # one of its two steps left, 4 samples over 2 ranks
+
+
 def test_stream_reshuffles_after_a_full_pass():
     chunks = plan_chunks([5], samples_per_step=4, checkpoint_every=5)  # 20 samples from 8
     s = ChunkSampler(8, chunks, 4, seed=0, rank=0, world_size=1)

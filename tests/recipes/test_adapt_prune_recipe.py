@@ -396,6 +396,53 @@ def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, tiny_mo
     assert all(math.isfinite(r["loss"]) for r in record["train_log"])
 
 
+def test_stop_signal_on_one_rank_checkpoints_that_step_and_resumes_bit_identically(tmp_path, tiny_model, python_docs_dir):
+    """SIGTERM reaching rank 0 alone after step 8, inside a checkpoint chunk (steps 8-10): both ranks
+    stop after that step with its checkpoint, and the resume continues the chunk from step 9."""
+    reference, out, cfg = _reference_and_killed(tmp_path, tiny_model, python_docs_dir, {}, "training_step:8:SIGTERM")
+    assert ckpt_latest(out).name.startswith("step_0000008_")
+    state = json.loads((ckpt_latest(out) / "state.json").read_text())["recipe"]
+    assert (state["global_step"], state["epochs_run"]) == (8, 3)  # chunk 3 (steps 8-10) not finished
+    resumed = _run_2proc(cfg, tmp_path, "resume_from_checkpoint=True")
+    assert_ok(resumed)
+    weights, ref = _final_weights(out), _final_weights(reference)
+    assert all(torch.equal(weights[k], ref[k]) for k in ref)
+    record, ref_record = (json.loads((d / "run_record.json").read_text()) for d in (out, reference))
+    assert [(r["step"], r["loss"]) for r in record["train_log"]] == [(r["step"], r["loss"]) for r in ref_record["train_log"]]
+    assert record["heldout_log"] == ref_record["heldout_log"]  # no evaluation added or lost at the stop
+
+
+def test_scheduler_sigterm_stops_after_a_step_with_its_checkpoint(tmp_path, tiny_model, python_docs_dir):
+    """A SIGTERM from outside (a scheduler's preemption) while stage 2 trains: exit code 143, the
+    message says how to continue, and the continued run ends as the uninterrupted one."""
+    overrides = {"heldout": None, "adapt.checkpoint_every_n_steps": 8}  # stage 2 is one chunk
+    (tmp_path / "ref").mkdir()
+    reference = tmp_path / "ref" / "run"
+    assert_ok(tune(["adapt_prune_recipe", "--config",
+                    str(write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference, **overrides))], cwd=tmp_path))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **overrides)
+    proc = subprocess.Popen(
+        ["tune", "run", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stage_two = out / "checkpoints" / "step_0000004_prune_0004"  # stage 2 pruned, its training starts
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not stage_two.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before the signal"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    step = json.loads((ckpt_latest(out) / "state.json").read_text())["recipe"]["global_step"]
+    assert 4 <= step < 12 and not (out / "final").exists()
+    assert f"Stopped on SIGTERM after {step} of 12 training steps" in stderr
+    assert f"Continue with: tune run adapt_prune_recipe --config {cfg} resume_from_checkpoint=True" in stderr
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
+    weights, ref = _final_weights(out), _final_weights(reference)
+    assert all(torch.equal(weights[k], ref[k]) for k in ref)
+
+
 def _reference_and_killed(tmp_path: Path, model: Path, docs: Path, overrides: Dict, kill_at: str):
     """An uninterrupted 2-process reference run, and the same run killed at ``kill_at``:
     (reference output dir, killed output dir, killed run's config)."""
