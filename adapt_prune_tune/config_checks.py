@@ -207,7 +207,7 @@ def component_problems(cfg: DictConfig) -> List[str]:
         hint = ""
         if "fused" in str(e):
             hint = " (this optimizer takes no `fused`: remove it with `~optimizer.fused`)"
-        problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {e}{hint}")
+        problems.append(f"optimizer: {cfg.optimizer.get('_component_')} cannot be built: {error_text(e)}{hint}")
         return problems
     component = str(cfg.optimizer.get("_component_", ""))
     round_to = section(cfg, "pruning.method").get("round_to", 1)
@@ -225,7 +225,7 @@ def component_problems(cfg: DictConfig) -> List[str]:
         try:
             config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=1, last_epoch=-1)
         except Exception as e:  # noqa: BLE001
-            problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {e}")
+            problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {error_text(e)}")
     return optimizer_state_problems(cfg, optimizer) + problems
 
 

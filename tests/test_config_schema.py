@@ -182,6 +182,14 @@ def test_bad_key_is_refused_by_name(tmp_path, override, message):
     assert any(message in p for p in found), found
 
 
+def test_optimizer_and_schedule_that_cannot_be_built_are_named_with_the_error_type(tmp_path):
+    found = problems_of(demo_config(tmp_path, "optimizer.lr=-1"))
+    assert found == ["optimizer: torch.optim.AdamW cannot be built: ValueError: Invalid learning rate: -1"]
+    found = problems_of(demo_config(tmp_path, "lr_scheduler.warmup_ratio=2"))
+    assert found == ["lr_scheduler: adapt_prune_tune.schedule.get_wsd_schedule cannot be built: ValueError: "
+                     "lr_scheduler.warmup_ratio must be in [0, 1], got 2"]
+
+
 def test_optimizer_state_a_resize_cannot_slice_is_refused_unless_reset(tmp_path):
     """Adafactor's factored statistics are not shaped like their parameter: sliced runs would
     fail at the first step after a resize; ``reset`` starts fresh state there instead."""
