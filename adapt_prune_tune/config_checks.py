@@ -522,6 +522,14 @@ def _size(path: Path) -> int:
     return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def checkpoint_element_bytes(cfg: DictConfig) -> Tuple[int, int]:
+    """Bytes per parameter of a run checkpoint's weights (the training dtype) and of each AdamW
+    moment (torch keeps them in the parameters' dtype; torchao's low-bit ones are stored in fp32)."""
+    dtype_bytes = DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)
+    optimizer = str((cfg.get("optimizer", None) or {}).get("_component_", ""))
+    return dtype_bytes, 4 if optimizer.startswith("torchao") else dtype_bytes
+
+
 def checkpoint_bytes(arch: DecoderArch, dtype_bytes: int, moment_bytes: int, trains: bool) -> int:
     """One run checkpoint (``checkpointing.py``): the weights in the training dtype and, once
     training has run, AdamW's two moments (torch keeps them in the parameters' dtype; torchao's
@@ -559,9 +567,7 @@ def output_dir_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[De
     if arch is not None:
         adapt = schema.config("adapt")
         trains = adapt is None or 0 not in (adapt["total_tokens"], adapt["total_steps"])
-        dtype_bytes = DTYPE_BYTES.get(str(cfg.get("dtype", "fp32")), 4)
-        optimizer = str((cfg.get("optimizer", None) or {}).get("_component_", ""))
-        moment_bytes = 4 if optimizer.startswith("torchao") else dtype_bytes
+        dtype_bytes, moment_bytes = checkpoint_element_bytes(cfg)
         need = checkpoint_bytes(arch, dtype_bytes, moment_bytes, trains)
         free = shutil.disk_usage(existing).free
         if overwrite and not resume and out.is_dir():

@@ -102,6 +102,8 @@ from adapt_prune_tune.config_checks import (
     ConfigError,
     check_inputs,
     check_total_steps,
+    checkpoint_bytes,
+    checkpoint_element_bytes,
     expand_home,
     mean_sample_length,
     merge_overrides,
@@ -372,6 +374,9 @@ class RunPlan:
     memory: Dict[str, Dict[str, float]]  # "prune_stage_1" / "train_stage_1" breakdowns (bytes)
     activation_checkpointing: bool
     distill: bool
+    checkpoint_bytes: int  # one run checkpoint, all ranks together (the base model's size: the largest)
+    checkpoint_every: int  # training steps between checkpoints (and one after every stage's prune)
+    keep_last_checkpoints: int
     warnings: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -534,6 +539,9 @@ def plan_run(
         memory=breakdown,
         activation_checkpointing=memory.activation_checkpointing,
         distill=distill.enabled,
+        checkpoint_bytes=checkpoint_bytes(arch, *checkpoint_element_bytes(cfg), trains=total_steps != 0),
+        checkpoint_every=int(adapt.get("checkpoint_every_n_steps", 50)),
+        keep_last_checkpoints=int(adapt.get("keep_last_checkpoints", 2)),
         warnings=warnings,
         notes=notes,
     )
@@ -738,6 +746,20 @@ def format_plan(plan: RunPlan) -> str:
     c = plan.calibration
     lines.append(
         f"  calib     {c['num_samples']} samples x {c['seq_len']} tokens per prune step, batches of {c['batch_size']} per rank"
+    )
+    kept = (f"keep_last_checkpoints={plan.keep_last_checkpoints} keeps up to {plan.keep_last_checkpoints + 1} at once"
+            if plan.keep_last_checkpoints else "keep_last_checkpoints=0 keeps all of them")
+    trains = plan.total_steps != 0
+    contents = "weights + 2 AdamW moments" if trains else "weights (prune only)"
+    when = f" and every {plan.checkpoint_every:,} training steps" if trains else ""
+    lines.append(
+        f"  ckpt      ~{_gib(plan.checkpoint_bytes)} GiB each ({_gib(plan.checkpoint_bytes / plan.world_size)} GiB "
+        f"per rank) after every stage's prune{when} " + note(
+            f"{contents} of the base model, the largest the run holds; {kept}. On SIGTERM or SIGUSR1 "
+            "the run finishes its step and writes one: the grace period before SIGKILL (Slurm's KillWait, "
+            "Kubernetes' terminationGracePeriodSeconds, torchrun's --shutdown_timeout: 30 s by default) must hold "
+            "a training step plus this write"
+        )
     )
     lines.append("")
 

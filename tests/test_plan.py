@@ -63,8 +63,12 @@ def test_8b_plans_in_seconds_without_any_files(tmp_path):
     assert any("checkpoint files not found" in w for w in plan.warnings)
     assert any("tokenizer.path not found" in w for w in plan.warnings)
 
+    # One checkpoint: bf16 weights + 2 bf16 AdamW moments of the base model, 1/8 of it per rank.
+    assert plan.checkpoint_bytes == 8_030_261_248 * 6 and plan.checkpoint_every == 200
+
     text = format_plan(plan)
     assert "4,540,600,320" in text and "Warnings" in text
+    assert "ckpt      ~44.87 GiB each (5.61 GiB per rank) after every stage's prune and every 200 training steps" in text
     assert json.loads(plan.to_json())["stages"][0]["train_steps"] == plan.stages[0].train_steps
 
 
