@@ -9,15 +9,14 @@ never). Here the config, the directory listing, the safetensors headers and the
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
 from adapt_prune_tune.config_schema import closest
-from adapt_prune_tune.models import DecoderArch, read_hf_arch
+from adapt_prune_tune.models import DecoderArch, arch_differences, read_hf_arch
 from adapt_prune_tune.models._hf import UnsupportedHFConfig
 
 
@@ -164,11 +163,8 @@ def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
         return [f"model: {config_path}: {e}"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    built, wanted = arch_fields(arch), arch_fields(expected)
     differences = [
-        f"{name} {built[name]} (checkpoint: {wanted[name]})"
-        for name in built
-        if not _same(built[name], wanted[name])
+        f"{name} {built} (checkpoint: {wanted})" for name, (built, wanted) in arch_differences(arch, expected).items()
     ]
     if not differences:
         return []
@@ -177,35 +173,6 @@ def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
         "of this exact checkpoint (e.g. adapt_prune_tune.models.deepseek_r1_distill_qwen_1_5b), or "
         f"`_component_: adapt_prune_tune.models.decoder_from_hf_config` with `path: {config_path}`."
     ]
-
-
-def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
-    """What must agree between a model builder and a base checkpoint's config (unpruned)."""
-    layer = arch.layers[0]
-    return {
-        "vocab_size": arch.vocab_size,
-        "embed_dim": arch.embed_dim,
-        "num_layers": arch.num_layers,
-        "head_dim": arch.head_dim,
-        "num_heads": layer.num_heads,
-        "num_kv_heads": layer.num_kv_heads,
-        "intermediate_dim": layer.intermediate_dim,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        "attention biases": arch.attn_bias,
-        "rope": arch.rope.kind,
-        "rope base": arch.rope.base,
-        "rope scaling (factor, low/high frequency factors, original context)": (
-            (arch.rope.scale_factor, arch.rope.low_freq_factor, arch.rope.high_freq_factor, arch.rope.old_context_len)
-            if arch.rope.kind == "llama3_scaled" else None
-        ),
-        "norm_eps": arch.norm_eps,
-    }
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-6)
-    return a == b
 
 
 def checkpoint_file_names(node: DictConfig) -> List[str]:

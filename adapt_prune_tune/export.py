@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adapt_prune_tune import checkpointing as ckpt
-from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_hf_config, arch_from_model
+from adapt_prune_tune.models import DecoderArch, LayerArch, arch_differences, arch_from_hf_config, arch_from_model
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,7 @@ def _check_base_is_the_runs(recorded: DecoderArch, base_config: Union[PathLike, 
     """The base an export takes its tokenizer, special token ids and config fields from is the
     model the run pruned: another one would ship its tokenizer with these weights."""
     given = arch_from_hf_config(_load_json(base_config, "config.json"))
-    fields = ("vocab_size", "embed_dim", "num_layers", "tie_word_embeddings", "attn_bias")
-    differ = [f"{f} {getattr(recorded, f)} vs {getattr(given, f)}" for f in fields if getattr(recorded, f) != getattr(given, f)]
-    if recorded.rope.kind != given.rope.kind or recorded.rope.base != given.rope.base:
-        differ.append(f"rope {recorded.rope.kind}/{recorded.rope.base:g} vs {given.rope.kind}/{given.rope.base:g}")
+    differ = [f"{name} {mine} vs {theirs}" for name, (mine, theirs) in arch_differences(recorded, given).items()]
     if differ:
         where = base_config if not isinstance(base_config, Mapping) else "base_config"
         raise ValueError(

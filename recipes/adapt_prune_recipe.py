@@ -46,7 +46,6 @@ from torchtune import config, training, utils
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune import faults
 from adapt_prune_tune import configs as packaged_configs
-from adapt_prune_tune.checkpoint_checks import arch_fields
 from adapt_prune_tune.config_checks import (
     ConfigError,
     check_inputs as _check_inputs,
@@ -74,7 +73,7 @@ from adapt_prune_tune.distillation import (
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
 from adapt_prune_tune.errors import error_text
-from adapt_prune_tune.models import DecoderArch, arch_from_model
+from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
@@ -1102,10 +1101,9 @@ def _check_same_run(
     """
     saved = resumed["recipe"]
     base = DecoderArch.from_dict(saved["base_arch"])
-    theirs, mine = arch_fields(base), arch_fields(config_arch)
     problems = [
-        f"model: {key} is {theirs[key]!r} in the checkpoint's base model, {mine[key]!r} in this config's"
-        for key in theirs if theirs[key] != mine[key]
+        f"model: {key} is {theirs!r} in the checkpoint's base model, {mine!r} in this config's"
+        for key, (theirs, mine) in arch_differences(base, config_arch).items()
     ]
     if not problems and saved["fingerprint"] != ckpt.run_fingerprint(base, settings):
         batch = "batch_size × gradient_accumulation_steps × ranks: on another number of ranks keep the product"

@@ -179,8 +179,13 @@ def test_base_of_another_model_is_refused(tiny, tmp_path: Path) -> None:
     _write_pruned_checkpoint(run / "final", model.state_dict(), arch, shard=False)
     (run / "run_record.json").write_text(json.dumps({"arch_before": base.to_dict()}))
     other = hf_config(_base_arch("qwen2"), "padded", original=_base_arch("qwen2")).to_dict()
-    with pytest.raises(ValueError, match=r"describes another model than the one this run pruned .*attn_bias False vs True"):
+    with pytest.raises(ValueError, match=r"describes another model than the one this run pruned .*attention biases False vs True"):
         export_hf(run, tmp_path / "out", base_config=other)
+    # A sibling with the same vocabulary, width and depth but another MLP width or eps is another model too.
+    sibling = hf_config(base, "padded", original=base).to_dict()
+    sibling.update(intermediate_size=sibling["intermediate_size"] + 64, rms_norm_eps=1e-6)
+    with pytest.raises(ValueError, match=r"intermediate_dim \d+ vs \d+, norm_eps 1e-05 vs 1e-06"):
+        export_hf(run, tmp_path / "out", base_config=sibling)
     assert not (tmp_path / "out").exists()
     export_hf(run, tmp_path / "out", base_config=hf_config(base, "padded", original=base).to_dict())  # its own
 

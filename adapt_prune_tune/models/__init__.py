@@ -4,6 +4,8 @@ from adapt_prune_tune.models._arch import (
     DecoderArch,
     LayerArch,
     RopeSpec,
+    arch_differences,
+    arch_fields,
     arch_from_model,
 )
 from adapt_prune_tune.models._hf import arch_from_hf_config, decoder_from_hf_config, load_hf_model, read_hf_arch
@@ -21,6 +23,8 @@ __all__ = [
     "LayerArch",
     "RopeSpec",
     "SMOLLM2_135M",
+    "arch_differences",
+    "arch_fields",
     "arch_from_hf_config",
     "arch_from_model",
     "load_hf_model",

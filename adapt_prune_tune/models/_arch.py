@@ -13,10 +13,11 @@ torchtune model and continue from a pruned one through the same code.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -185,6 +186,44 @@ class DecoderArch:
             attn_bias=attn_bias,
             meta=dict(meta or {}),
         )
+
+
+def arch_fields(arch: DecoderArch) -> Dict[str, Any]:
+    """What two descriptions of one unpruned model must agree on: a builder and its checkpoint's
+    config.json, a run and the checkpoint it resumes, an export and the base it takes its
+    tokenizer from."""
+    layer = arch.layers[0]
+    return {
+        "vocab_size": arch.vocab_size,
+        "embed_dim": arch.embed_dim,
+        "num_layers": arch.num_layers,
+        "head_dim": arch.head_dim,
+        "num_heads": layer.num_heads,
+        "num_kv_heads": layer.num_kv_heads,
+        "intermediate_dim": layer.intermediate_dim,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "attention biases": arch.attn_bias,
+        "rope": arch.rope.kind,
+        "rope base": arch.rope.base,
+        "rope scaling (factor, low/high frequency factors, original context)": (
+            (arch.rope.scale_factor, arch.rope.low_freq_factor, arch.rope.high_freq_factor, arch.rope.old_context_len)
+            if arch.rope.kind == "llama3_scaled" else None
+        ),
+        "norm_eps": arch.norm_eps,
+    }
+
+
+def arch_differences(a: DecoderArch, b: DecoderArch) -> Dict[str, Tuple[Any, Any]]:
+    """The ``arch_fields`` in which ``a`` and ``b`` differ: name -> (a's value, b's value).
+    Floats agree to a relative 1e-6 (a config's 1e-05 and a builder's 1e-5 are one model)."""
+    mine, theirs = arch_fields(a), arch_fields(b)
+    return {name: (mine[name], theirs[name]) for name in mine if not _same(mine[name], theirs[name])}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
 
 
 def arch_from_model(model: nn.Module) -> DecoderArch:
