@@ -1148,7 +1148,7 @@ def _check_same_arch_everywhere(arch: DecoderArch, device: torch.device) -> None
 
 
 @config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> Optional[int]:
     """Entry point (``tune run adapt_prune_recipe --config NAME_OR_PATH [key=value ...]``)."""
     cfg = expand_home(cfg)
     config.log_config(recipe_name="AdaptPruneRecipe", cfg=cfg)

@@ -5,7 +5,6 @@ from adapt_prune_tune.models._arch import (
     LayerArch,
     RopeSpec,
     arch_differences,
-    arch_fields,
     arch_from_model,
 )
 from adapt_prune_tune.models._hf import arch_from_hf_config, decoder_from_hf_config, load_hf_model, read_hf_arch
@@ -24,7 +23,6 @@ __all__ = [
     "RopeSpec",
     "SMOLLM2_135M",
     "arch_differences",
-    "arch_fields",
     "arch_from_hf_config",
     "arch_from_model",
     "load_hf_model",
