@@ -387,7 +387,7 @@ def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     training tokens, held-out perplexity, speed, and where the base model came from."""
     record = rr.load_record(run_dir)
     context: Dict[str, Any] = {
-        "command": rr.reproduce_command(record),
+        "command": rr.reproduce_command(record, launcher_flags=False),  # public: no rendezvous host
         "params_before": record.get("params_before"),
         "params_after": record.get("params_after"),
     }

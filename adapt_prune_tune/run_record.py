@@ -13,7 +13,7 @@ import json
 import math
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 RECORD_FILE = "run_record.json"
 # The recipe's name for a single `heldout.text`, for records without per-text results.
@@ -196,13 +196,47 @@ def _parse_command(command: Optional[str]) -> Optional[Tuple[str, List[str]]]:
     return _packaged_config_name(args[i + 1]), args[i + 2 :]
 
 
-def reproduce_command(record: Mapping[str, Any]) -> Optional[str]:
+_RECIPE = "adapt_prune_recipe"
+
+
+def launcher_prefix(argv: Sequence[str]) -> Optional[List[str]]:
+    """The launch part of a launcher's command line, up to and including the recipe, as typed:
+    ``tune run --nnodes 4 --rdzv_endpoint HEAD:29500 ... adapt_prune_recipe`` from the ``tune``
+    process's ``argv`` (``torchrun ... recipes/adapt_prune_recipe.py`` from torchrun's or
+    ``python -m torch.distributed.run``'s), or ``None`` for a command that is neither.
+
+    Worker processes see only the world size torchrun gives them; a multi-node run cannot be
+    repeated without its rendezvous flags, nor a preempted one without its signal handling.
+    """
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if Path(arg).name == "tune" and args[i + 1 : i + 2] == ["run"]:
+            head, rest = ["tune", "run"], args[i + 2 :]
+            break
+        if Path(arg).name == "torchrun":
+            head, rest = ["torchrun"], args[i + 1 :]
+            break
+        if arg == "-m" and args[i + 1 : i + 2] == ["torch.distributed.run"]:
+            head, rest = ["torchrun"], args[i + 2 :]
+            break
+    else:
+        return None
+    for j, arg in enumerate(rest):
+        if Path(arg).name in (_RECIPE, f"{_RECIPE}.py"):
+            return head + rest[: j + 1]
+    return None
+
+
+def reproduce_command(record: Mapping[str, Any], launcher_flags: bool = True) -> Optional[str]:
     """The ``tune run`` command a person types to redo the run.
 
     Built from ``config_name`` (the ``--config`` argument as typed), ``overrides`` (the
-    ``key=value`` arguments as typed) and ``launch`` (``{"nnodes", "nproc_per_node"}``).
-    Records without them are read from ``command``, mapping a packaged config's resolved path
-    back to its name; a command without ``--config`` is returned as recorded.
+    ``key=value`` arguments as typed) and ``launch``: its ``prefix`` (the launcher's command
+    up to the recipe, :func:`launcher_prefix`) where the launcher's command line could be
+    read and ``launcher_flags``, else ``{"nnodes", "nproc_per_node"}`` (a public model card
+    names the world's shape, not the cluster's rendezvous host). Records without them are read
+    from ``command``, mapping a packaged config's resolved path back to its name; a command
+    without ``--config`` is returned as recorded.
     """
     name, overrides = record.get("config_name"), record.get("overrides")
     if name is None:
@@ -212,10 +246,13 @@ def reproduce_command(record: Mapping[str, Any]) -> Optional[str]:
         name, overrides = parsed
     launch = record.get("launch") or {}
     nnodes, nproc = int(launch.get("nnodes", 1)), int(launch.get("nproc_per_node", 1))
-    parts = ["tune", "run"]
-    if nnodes > 1:
-        parts += ["--nnodes", str(nnodes)]
-    if nnodes > 1 or nproc > 1:
-        parts += ["--nproc_per_node", str(nproc)]
-    parts += ["adapt_prune_recipe", "--config", name, *(overrides or [])]
+    parts = list(launch.get("prefix") or []) if launcher_flags else []
+    if not parts:
+        parts = ["tune", "run"]
+        if nnodes > 1:
+            parts += ["--nnodes", str(nnodes)]
+        if nnodes > 1 or nproc > 1:
+            parts += ["--nproc_per_node", str(nproc)]
+        parts.append(_RECIPE)
+    parts += ["--config", name, *(overrides or [])]
     return " ".join(shlex.quote(part) for part in parts)

@@ -85,7 +85,7 @@ from adapt_prune_tune.resize import (
     parameter_shapes,
     rebind_optimizer_,
 )
-from adapt_prune_tune.run_record import reproduce_command
+from adapt_prune_tune.run_record import launcher_prefix, reproduce_command
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 from adapt_prune_tune.sparsity import sparsity_schedule
 from adapt_prune_tune.stopping import StopSignals, signal_name
@@ -593,7 +593,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self.max_steps_per_epoch = self._chunks[remaining[0]].steps
                 self._steps_per_epoch = self.max_steps_per_epoch
                 self._train_t0 = time.perf_counter()
-                super().train()
+                try:
+                    super().train()
+                except _Stopped:
+                    # The stock loop stops its profiler only when it ends: keep the trace taken so far.
+                    self._profiler.stop()
+                    raise
                 self._count_training_time()
                 self._train_t0 = None
                 self._stage_entry(stage)["train_loss_end"] = self._last_loss()
@@ -1191,6 +1196,18 @@ def _single_process_env() -> None:
     )
 
 
+def _launcher_prefix() -> Optional[List[str]]:
+    """The launcher's own command up to the recipe (``tune run --nnodes 4 --rdzv_endpoint ...
+    adapt_prune_recipe``), read from the parent process, which torchrun is to its workers."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun: no launcher flags
+        return None
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # no /proc (macOS): the record keeps the world's shape only
+        return None
+    return launcher_prefix(argv)
+
+
 # What the user typed (the config name before resolution, the overrides, the launch shape),
 # for the report's and the model card's "Reproduce" line.
 _LAUNCH: Dict[str, Any] = {}
@@ -1203,11 +1220,10 @@ def main() -> None:
         i = sys.argv.index("--config") + 1
         if i < len(sys.argv):
             world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            _LAUNCH.update(
-                config_name=sys.argv[i],
-                overrides=list(sys.argv[i + 1 :]),
-                launch={"nnodes": max(1, world // max(1, local)), "nproc_per_node": local},
-            )
+            launch: Dict[str, Any] = {"nnodes": max(1, world // max(1, local)), "nproc_per_node": local}
+            if prefix := _launcher_prefix():
+                launch["prefix"] = prefix
+            _LAUNCH.update(config_name=sys.argv[i], overrides=list(sys.argv[i + 1 :]), launch=launch)
             sys.argv[i] = str(packaged_configs.resolve(sys.argv[i]))
             try:  # torchtune's own merge would fail later with a bare TypeError naming no override
                 merge_overrides(Path(sys.argv[i]), sys.argv[i + 1 :])

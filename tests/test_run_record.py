@@ -8,6 +8,7 @@ from adapt_prune_tune import configs
 from adapt_prune_tune.run_record import (
     HeldoutPoint,
     heldout_series,
+    launcher_prefix,
     load_record,
     perplexity_by_text,
     prune_share,
@@ -84,6 +85,26 @@ def test_reproduce_command_shows_what_the_user_typed():
     assert reproduce_command(record).startswith("tune run --nproc_per_node 8 adapt_prune_recipe --config")
     record["launch"] = {"nnodes": 2, "nproc_per_node": 8}
     assert reproduce_command(record).startswith("tune run --nnodes 2 --nproc_per_node 8 adapt_prune_recipe")
+
+
+def test_launcher_prefix_keeps_the_launchers_flags():
+    rdzv = ["--nnodes", "4", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint", "head:29500"]
+    tune = ["/venv/bin/python", "/venv/bin/tune", "run", *rdzv, "adapt_prune_recipe", "--config", "x", "a=1"]
+    assert launcher_prefix(tune) == ["tune", "run", *rdzv, "adapt_prune_recipe"]
+    torchrun = ["/usr/bin/python3", "-m", "torch.distributed.run", "--signals_to_handle", "SIGTERM,SIGUSR1",
+                "--nproc_per_node", "2", "recipes/adapt_prune_recipe.py", "--config", "x"]
+    assert launcher_prefix(torchrun) == ["torchrun", *torchrun[3:8]]
+    assert launcher_prefix(["torchrun", "--standalone", "-m", "adapt_prune_recipe", "--config", "x"]) == [
+        "torchrun", "--standalone", "-m", "adapt_prune_recipe"]
+    # Neither launcher, or no recipe on the line: the record keeps the world's shape only.
+    assert launcher_prefix(["srun", "python", "train.py"]) is None
+    assert launcher_prefix(["/venv/bin/tune", "run", "full_finetune_distributed"]) is None
+    record = {"config_name": "llama3_1/8B_adapt", "overrides": ["seed=1"],
+              "launch": {"nnodes": 4, "nproc_per_node": 8, "prefix": launcher_prefix(tune)}}
+    assert reproduce_command(record) == (
+        "tune run " + " ".join(rdzv) + " adapt_prune_recipe --config llama3_1/8B_adapt seed=1")
+    assert reproduce_command(record, launcher_flags=False) == (
+        "tune run --nnodes 4 --nproc_per_node 8 adapt_prune_recipe --config llama3_1/8B_adapt seed=1")
 
 
 def test_reproduce_command_of_records_without_the_config_name():

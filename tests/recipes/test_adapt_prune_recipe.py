@@ -398,8 +398,18 @@ def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path, tiny_mo
 
 def test_stop_signal_on_one_rank_checkpoints_that_step_and_resumes_bit_identically(tmp_path, tiny_model, python_docs_dir):
     """SIGTERM reaching rank 0 alone after step 8, inside a checkpoint chunk (steps 8-10): both ranks
-    stop after that step with its checkpoint, and the resume continues the chunk from step 9."""
-    reference, out, cfg = _reference_and_killed(tmp_path, tiny_model, python_docs_dir, {}, "training_step:8:SIGTERM")
+    stop after that step with its checkpoint, the profiler's trace of the steps so far is written, the
+    continue command repeats the launcher's own flags, and the resume continues the chunk from step 9."""
+    (tmp_path / "ref").mkdir()
+    reference = tmp_path / "ref" / "run"
+    assert_ok(_run_2proc(write_config(tmp_path / "ref", tiny_model, python_docs_dir, reference), tmp_path))
+    out = tmp_path / "run"
+    profiler = {"enabled": True, "wait_steps": 0, "warmup_steps": 1, "active_steps": 20, "num_cycles": 1}
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{f"profiler.{k}": v for k, v in profiler.items()})
+    launcher = ["--signals_to_handle", "SIGTERM,SIGINT,SIGUSR1", "--nproc_per_node", "2", "adapt_prune_recipe"]
+    stopped = tune([*launcher, "--config", str(cfg)], cwd=tmp_path, env={"ADAPT_PRUNE_TUNE_KILL_AT": "training_step:8:SIGTERM"})
+    assert f"Continue with: tune run {' '.join(launcher)} --config {cfg} resume_from_checkpoint=True" in stopped.stderr
+    assert list((out / "profiling_outputs").glob("iteration_*/*.pt.trace.json*")), "no trace written at the stop"
     assert ckpt_latest(out).name.startswith("step_0000008_")
     state = json.loads((ckpt_latest(out) / "state.json").read_text())["recipe"]
     assert (state["global_step"], state["epochs_run"]) == (8, 3)  # chunk 3 (steps 8-10) not finished
