@@ -47,10 +47,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adapt_prune_tune import faults
+from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.models import DecoderArch
 from adapt_prune_tune.optimizer_state import flatten_quantized, is_quantized, unflatten_quantized, wrap_like
 from adapt_prune_tune.resize import load_optimizer_state_, named_parameters
@@ -65,6 +66,10 @@ _LEGACY_PICKLES = ("optimizer.pt", "recipe_state.pt")
 
 class CheckpointError(RuntimeError):
     """A run checkpoint that cannot be used (incomplete, unreadable, of an old format)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint this rank could not write (a full disk, a quota, a lost mount)."""
 
 
 # --------------------------------------------------------------------------- small files
@@ -388,27 +393,37 @@ def save_run_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    params = named_parameters(model)
-    write_shards(tmp / f"model-rank{rank:05d}-of-{world:05d}.safetensors", params, rank)
-    optimizer_json = None
-    if optimizer is not None:
-        moments, optimizer_json = _optimizer_parts(model, optimizer)
-        write_shards(tmp / f"optim-rank{rank:05d}-of-{world:05d}.safetensors", moments, rank)
-    (tmp / f"rng-rank{rank:05d}.json").write_text(json.dumps(to_json(rng_state)))
-    if rank == 0:
-        arch.save(tmp / "arch.json")
-        state = {"format": FORMAT_VERSION, "world_size": world, "recipe": recipe_state, "optimizer": optimizer_json}
-        (tmp / STATE_FILE).write_text(json.dumps(to_json(state)))
+    own = [tmp / f"model-rank{rank:05d}-of-{world:05d}.safetensors", tmp / f"optim-rank{rank:05d}-of-{world:05d}.safetensors",
+           tmp / f"rng-rank{rank:05d}.json", tmp / "arch.json", tmp / STATE_FILE]
+    try:
+        write_shards(own[0], named_parameters(model), rank)
+        optimizer_json = None
+        if optimizer is not None:
+            moments, optimizer_json = _optimizer_parts(model, optimizer)
+            write_shards(own[1], moments, rank)
+        own[2].write_text(json.dumps(to_json(rng_state)))
+        if rank == 0:
+            arch.save(own[3])
+            state = {"format": FORMAT_VERSION, "world_size": world, "recipe": recipe_state, "optimizer": optimizer_json}
+            own[4].write_text(json.dumps(to_json(state)))
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        for f in own:  # what this rank wrote of it: space a full disk needs back
+            f.unlink(missing_ok=True)
+        raise write_error(root, tag, e) from e
     _barrier()
     if rank != 0:
         _barrier()
         return None
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    faults.point("checkpoint_write")
-    (tmp / COMPLETE).write_text("ok\n")
-    _fsync_dir(tmp)
+    try:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        faults.point("checkpoint_write")
+        (tmp / COMPLETE).write_text("ok\n")
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(root, tag, e) from e
     if final.exists():  # a rerun of the same step (after resume) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -417,6 +432,25 @@ def save_run_checkpoint(
     _drop_old(root, keep_last, final.name)
     _barrier()
     return final
+
+
+def write_error(root: Path, tag: str, error: BaseException) -> CheckpointWriteError:
+    """What a failed checkpoint write tells the user: the cause, the space there against what the
+    last checkpoint took, and that the last complete one is intact (a write goes to ``.tmp``)."""
+    from adapt_prune_tune.report import format_bytes  # an error path: the report's plotting stack is no cost here
+
+    text = f"checkpoint {tag} could not be written to {root}: {error_text(error)}."
+    last = latest_checkpoint(root)
+    try:
+        text += f" {format_bytes(shutil.disk_usage(root).free)} free there"
+        if last is not None:
+            text += f"; the last checkpoint took {format_bytes(sum(f.stat().st_size for f in last.iterdir() if f.is_file()))}"
+        text += "."
+    except OSError:  # the mount itself is gone
+        pass
+    text += (f" The last complete checkpoint, {last.name}, is intact." if last is not None
+             else " The run has no complete checkpoint yet.")
+    return CheckpointWriteError(text)
 
 
 def _drop_old(root: Path, keep_last: int, newest: str) -> None:

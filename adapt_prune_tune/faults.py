@@ -4,16 +4,18 @@
 reaches ``point`` (1-based; rank 0 only unless ``<point>:<n>:all``). SIGKILL is what a lost node
 or the kernel's OOM killer does: no cleanup, no ``finally``, half-written files left behind.
 A signal's name after it sends that signal instead (``training_step:4:SIGTERM``: a scheduler's
-stop reaching rank 0 alone). Unset (always, outside tests), a point costs one dictionary lookup.
+stop reaching rank 0 alone); ``ENOSPC`` raises the error a full disk gives a write instead
+(``final_write:1:ENOSPC``). Unset (always, outside tests), a point costs one dictionary lookup.
 
 Points in the recipe: ``calibration`` (inside a prune step's calibration pass), ``before_resize``
 (a cut decided, the model not yet rebuilt), ``checkpoint_write`` (shards on disk, the checkpoint
-not yet complete), ``training_step`` (after an optimizer step, mid-chunk), ``export`` (the final
-weights written, the run record not yet).
+not yet complete), ``training_step`` (after an optimizer step, mid-chunk), ``final_write`` (the
+final weights about to be written), ``export`` (the final weights written, the run record not yet).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections import Counter
@@ -32,5 +34,7 @@ def point(name: str, rank: int = 0) -> None:
         return
     _seen[name] += 1
     if _seen[name] == int(count):
+        if "ENOSPC" in rest:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         names = [r for r in rest if r.startswith("SIG")]
         os.kill(os.getpid(), signal.Signals[names[0]] if names else signal.SIGKILL)

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -807,10 +808,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # Named by training step, then prune step: sorts in run order.
         tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
         t0 = time.perf_counter()
-        path = ckpt.save_run_checkpoint(
-            self._ckpt_root, tag, self._arch, self._model, self._optimizer, recipe_state, ckpt.capture_rng(),
-            self._keep_last,
-        )
+        try:
+            path = ckpt.save_run_checkpoint(
+                self._ckpt_root, tag, self._arch, self._model, self._optimizer, recipe_state, ckpt.capture_rng(),
+                self._keep_last,
+            )
+        except ckpt.CheckpointWriteError as e:
+            then = (f"continue with: {_continue_command()}" if ckpt.latest_checkpoint(self._ckpt_root)
+                    else "run it again")
+            raise ckpt.CheckpointWriteError(f"{e} Make room there, then {then}") from e
         if self._is_rank_zero:
             log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
 
@@ -854,10 +860,16 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             out = Path(self._cfg.output_dir) / "final"
             out.mkdir(parents=True, exist_ok=True)
             self._arch.save(out / "arch.json")
+            from safetensors import SafetensorError
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors.tmp"))
-            os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+            try:
+                faults.point("final_write")
+                save_file({k: v.contiguous() for k, v in model_state.items()}, str(out / "model.safetensors.tmp"))
+                os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+            except (OSError, SafetensorError) as e:
+                (out / "model.safetensors.tmp").unlink(missing_ok=True)
+                raise ckpt.CheckpointWriteError(self._final_write_failed(out, model_state, e)) from e
             faults.point("export")
             del model_state
             record = self.run_record()
@@ -875,6 +887,19 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             )
         if dist.is_initialized():
             dist.barrier()
+
+    def _final_write_failed(self, out: Path, model_state: Dict[str, torch.Tensor], error: BaseException) -> str:
+        """Why the pruned model is not on disk, and that nothing of the training is lost."""
+        from adapt_prune_tune.report import format_bytes
+
+        need = sum(v.numel() * v.element_size() for v in model_state.values())
+        try:
+            free = f", {format_bytes(shutil.disk_usage(out).free)} free there"
+        except OSError:
+            free = ""
+        return (f"the pruned model could not be written to {out}: {error_text(error)} ({format_bytes(need)} to "
+                f"write{free}). Training is complete and its last checkpoint is intact: make room, then continue "
+                f"with: {_continue_command()} (nothing is trained again)")
 
     def _measure_speed(self) -> Optional[Dict[str, Any]]:
         """Forward and generation tokens/s and peak memory of the original and the pruned shape.
@@ -1231,7 +1256,8 @@ def main() -> None:
                 sys.exit(str(e))
     try:
         sys.exit(recipe_main())
-    except ConfigError as e:  # the problems and their fixes, not a traceback (every rank: none is cut off)
+    # The problems and their fixes, not a traceback (every rank: none is cut off).
+    except (ConfigError, ckpt.CheckpointError) as e:
         sys.exit(str(e))
 
 

@@ -120,6 +120,32 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     assert not half.exists()
 
 
+def test_failed_write_names_the_cause_and_space_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model, arch, opt = trained(steps=1)
+    save(tmp_path, "step_0000001_prune_0000", model, arch, opt, 1)
+    real_save_file, calls = ckpt.save_file, []
+
+    def disk_full_on_the_optimizer(tensors, path, **kwargs):  # the weights land, the moments do not
+        calls.append(path)
+        if "optim-rank" in path:
+            real_save_file(dict(list(tensors.items())[:1]), path, **kwargs)  # a partial file, as ENOSPC leaves
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, path, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full_on_the_optimizer)
+    with pytest.raises(ckpt.CheckpointWriteError) as failed:
+        save(tmp_path, "step_0000002_prune_0000", model, arch, opt, 2)
+    message = str(failed.value)
+    assert "checkpoint step_0000002_prune_0000 could not be written" in message and "No space left on device" in message
+    assert " free there; the last checkpoint took " in message
+    assert "The last complete checkpoint, step_0000001_prune_0000, is intact." in message
+    assert list((tmp_path / "step_0000002_prune_0000.tmp").iterdir()) == []  # its space handed back
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000001_prune_0000"
+    assert ckpt.load_run_checkpoint(tmp_path / "step_0000001_prune_0000")["recipe"] == {"value": 1}
+    monkeypatch.setattr(ckpt, "save_file", real_save_file)  # space freed: the next save lands
+    assert save(tmp_path, "step_0000002_prune_0000", model, arch, opt, 2).name == "step_0000002_prune_0000"
+
+
 def test_unreadable_newest_names_the_previous_and_deletes_nothing(tmp_path):
     model, arch, opt = trained(steps=1)
     save(tmp_path, "step_0000001_prune_0000", model, arch, opt, 1)

@@ -453,6 +453,30 @@ def test_scheduler_sigterm_stops_after_a_step_with_its_checkpoint(tmp_path, tiny
     assert all(torch.equal(weights[k], ref[k]) for k in ref)
 
 
+def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, tiny_model, python_docs_dir):
+    """A write failing as on a full disk, at a checkpoint and at the final weights: a message (no
+    traceback) naming the cause, the intact checkpoint and the command that continues; continued
+    after each, the run ends with its model."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, heldout=None, speed=None)
+    go_on = f"then continue with: tune run adapt_prune_recipe --config {cfg} resume_from_checkpoint=True"
+    failed = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path,
+                  env={"ADAPT_PRUNE_TUNE_KILL_AT": "checkpoint_write:2:ENOSPC"})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert "OSError: [Errno 28] No space left on device" in failed.stderr
+    intact = ckpt_latest(out).name
+    assert f"The last complete checkpoint, {intact}, is intact. Make room there, {go_on}" in failed.stderr
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the failed one's files handed back
+    failed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path,
+                  env={"ADAPT_PRUNE_TUNE_KILL_AT": "final_write:1:ENOSPC"})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert f"the pruned model could not be written to {out / 'final'}: OSError" in failed.stderr
+    assert f"Training is complete and its last checkpoint is intact: make room, {go_on}" in failed.stderr
+    assert not (out / "final" / "model.safetensors").exists()
+    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
+    assert (out / "final" / "model.safetensors").is_file() and (out / "run_record.json").is_file()
+
+
 def _reference_and_killed(tmp_path: Path, model: Path, docs: Path, overrides: Dict, kill_at: str):
     """An uninterrupted 2-process reference run, and the same run killed at ``kill_at``:
     (reference output dir, killed output dir, killed run's config)."""
