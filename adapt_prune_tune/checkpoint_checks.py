@@ -56,7 +56,49 @@ def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
     missing = [str(ckpt_dir / f) for f in names if not (ckpt_dir / f).is_file()]
     if missing:
         return [f"{key}: checkpoint files not found: {', '.join(missing)}. {fetch}"]
-    return shard_index_problems(ckpt_dir, names, key) + checkpoint_format_problems(node, ckpt_dir, names, key)
+    problems = shard_index_problems(ckpt_dir, names, key) + safetensors_size_problems(ckpt_dir, names, key)
+    return problems or checkpoint_format_problems(node, ckpt_dir, names, key)
+
+
+def safetensors_size_problems(ckpt_dir: Path, names: Sequence[str], key: str) -> List[str]:
+    """Every listed safetensors file is as long as its header says.
+
+    An interrupted download or copy leaves a file whose tensors are cut off; torchtune finds
+    out while loading it ("Unable to load checkpoint"), after the files before it, minutes into
+    an 8B run. A safetensors file starts with its header's length and the header gives every
+    tensor's end: its first bytes say how long the file must be.
+    """
+    import json
+    import struct
+
+    problems = []
+    for path in (ckpt_dir / n for n in names if n.endswith(".safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            raw = f.read(header_len) if 0 < header_len <= size - 8 else None
+        if head.startswith(b"version "):  # a repository cloned without git-lfs holds pointers
+            problems.append(f"{key}: {path} is a Git LFS pointer ({size:,} bytes), not the weights: run "
+                            f"`git lfs pull` in {ckpt_dir}, or download with `tune download`")
+            continue
+        if raw is None:
+            what = ("is cut off inside its header" if header_len < _MAX_HEADER else "is not a safetensors file")
+            problems.append(f"{key}: {path} {what} ({size:,} bytes): download it again")
+            continue
+        try:
+            header = json.loads(raw)
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            problems.append(f"{key}: {path} is not a safetensors file (its header is not one): download it again")
+            continue
+        if size < 8 + header_len + end:
+            problems.append(f"{key}: {path} is cut off: {size:,} of the {8 + header_len + end:,} bytes its header "
+                            "describes (an interrupted download or copy): download it again")
+    return problems
+
+
+_MAX_HEADER = 100 * 2**20  # safetensors refuses longer headers: a length past it is not a header
 
 
 # torchtune's full-model checkpointers by the key layout they read.

@@ -15,6 +15,7 @@ from typing import List
 import pytest
 import torchtune
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from adapt_prune_tune import config_checks, config_schema, configs, data_checks
 from adapt_prune_tune.config_checks import ConfigError, check_inputs, clear_previous_run
@@ -44,6 +45,7 @@ def demo_config(tmp_path: Path, *overrides: str):
     ):
         (cache / name).parent.mkdir(parents=True, exist_ok=True)
         (cache / name).touch()
+    save_file({}, str(cache / "models/SmolLM2-135M-Instruct/model.safetensors"))  # a whole header, no weights
     (cache / "data/austen-novels").mkdir(parents=True, exist_ok=True)
     cfg, _ = load_config("smollm2/135M_adapt", [f"cache_dir={cache}", *overrides])
     return cfg
@@ -399,7 +401,7 @@ def test_every_shard_the_index_names_must_be_listed(tmp_path):
     ckpt_dir = Path(cfg.checkpointer.checkpoint_dir)
     shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     for shard in shards:
-        (ckpt_dir / shard).write_bytes(b"")
+        save_file({}, str(ckpt_dir / shard))
     (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {f"w{i}": shard for i, shard in enumerate(shards * 2)}}))
     cfg.checkpointer.checkpoint_files = shards[:1]
@@ -411,6 +413,26 @@ def test_every_shard_the_index_names_must_be_listed(tmp_path):
         "max_filename: '00003'}`)"]
     cfg.checkpointer.checkpoint_files = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00003"}
     check_inputs(cfg, world_size=1)
+
+
+def test_cut_off_and_pointer_weight_files_are_named_before_loading(tmp_path):
+    """An interrupted download, or a clone without git-lfs: torchtune found out while loading the
+    weights ("Unable to load checkpoint"), after the files before it."""
+    import torch
+
+    cfg = demo_config(tmp_path)
+    weights = Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 8)}, str(weights))
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    assert [p for p in problems_of(cfg) if str(weights) in p] == [
+        f"checkpointer: {weights} is cut off: {len(whole) - 100:,} of the {len(whole):,} bytes its header describes "
+        "(an interrupted download or copy): download it again"]
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 269060552\n")
+    (problem,) = [p for p in problems_of(cfg) if str(weights) in p]
+    assert problem.startswith(f"checkpointer: {weights} is a Git LFS pointer (") and "`git lfs pull`" in problem
+    weights.write_bytes(whole[:20])
+    assert f"{weights} is cut off inside its header (20 bytes)" in " ".join(problems_of(cfg))
 
 
 def test_checkpointer_model_type_and_key_layout_are_checked(tmp_path):
