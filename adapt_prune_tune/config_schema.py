@@ -510,7 +510,9 @@ PRUNING_CALIBRATION = Section(
         Setting("num_samples", "int", REQUIRED, "windows per prune step, over all ranks (paper code: 512)",
                 Range(1)),
         Setting("seq_len", "int", REQUIRED, "tokens per window (paper code: 64)", Range(2)),
-        Setting("batch_size", "int", REQUIRED, "windows per forward/backward on one rank", Range(1)),
+        Setting("batch_size", "int", REQUIRED,
+                "windows per forward/backward on one rank (memory only: a resume may lower it, the cut stays the same)",
+                Range(1)),
     ),
     (
         Relation("`num_samples` is a multiple of `batch_size` × data-parallel ranks (every rank runs the same "

@@ -34,3 +34,22 @@ def error_text(error: BaseException, key: Optional[str] = None) -> str:
         where = f"{key}.encoding" if key else "the loader's `encoding`"
         text += f"; the file is not UTF-8: give its encoding, e.g. {where}=latin-1"
     return text
+
+
+class OutOfMemory(RuntimeError):
+    """Memory ran out in a phase of a run; the message names the settings that lower it."""
+
+
+# What the CPU allocators say where CUDA raises ``torch.OutOfMemoryError``.
+_CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """The device (CUDA, XPU, MPS: ``torch.OutOfMemoryError``) or the host allocator ran out."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and (
+        any(text in str(error) for text in _CPU_OUT_OF_MEMORY) or str(error).startswith("MPS backend out of memory")
+    )

@@ -5,7 +5,8 @@ reaches ``point`` (1-based; rank 0 only unless ``<point>:<n>:all``). SIGKILL is 
 or the kernel's OOM killer does: no cleanup, no ``finally``, half-written files left behind.
 A signal's name after it sends that signal instead (``training_step:4:SIGTERM``: a scheduler's
 stop reaching rank 0 alone); ``ENOSPC`` raises the error a full disk gives a write instead
-(``final_write:1:ENOSPC``). Unset (always, outside tests), a point costs one dictionary lookup.
+(``final_write:1:ENOSPC``), and ``OOM`` the error a device out of memory gives
+(``calibration:7:OOM``). Unset (always, outside tests), a point costs one dictionary lookup.
 
 Points in the recipe: ``calibration`` (inside a prune step's calibration pass), ``before_resize``
 (a cut decided, the model not yet rebuilt), ``checkpoint_write`` (shards on disk, the checkpoint
@@ -36,5 +37,9 @@ def point(name: str, rank: int = 0) -> None:
     if _seen[name] == int(count):
         if "ENOSPC" in rest:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if "OOM" in rest:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fault point {name}). Tried to allocate 2.00 GiB.")
         names = [r for r in rest if r.startswith("SIG")]
         os.kill(os.getpid(), signal.Signals[names[0]] if names else signal.SIGKILL)

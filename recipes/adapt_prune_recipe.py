@@ -73,7 +73,7 @@ from adapt_prune_tune.distillation import (
     own_storage_,
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
-from adapt_prune_tune.errors import error_text
+from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
@@ -457,7 +457,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         t0 = time.perf_counter()
         if self._progress is not None:
             self._progress.doing(f"held-out evaluation ({event})")
-        with _eager_if(self._compile):  # no graphs for an eval-only shape and grad mode
+        with _eager_if(self._compile), self._phase("heldout"):  # no graphs for an eval-only shape and grad mode
             values = {
                 name: perplexity(self._model, windows, self._heldout_batch_size)
                 for name, windows in self._heldout.items()
@@ -575,6 +575,60 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self._train_stages()
             except _Stopped as stop:
                 self._stopped(stop)
+            except Exception as e:  # noqa: BLE001 - only running out of memory is turned into advice
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemory(self._out_of_memory_advice(e)) from e
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """What the run is doing, for the advice if memory runs out in it. An error leaves the
+        phase it was raised in set (no ``finally``): ``train`` reads it after the unwinding."""
+        outer, self._memory_phase = getattr(self, "_memory_phase", None), name
+        yield
+        self._memory_phase = outer
+
+    def _out_of_memory_advice(self, error: BaseException) -> str:
+        """Which settings lower the memory of the phase that ran out, and the command that goes on with them."""
+        cfg, world, stage = self._cfg, self.world_size, self._stage
+        checkpointing = ("" if cfg.get("enable_activation_checkpointing", False)
+                         else ", or enable_activation_checkpointing=True")
+        phase, changes = getattr(self, "_memory_phase", None), {}
+        if phase == "calibration":
+            batch, per_rank = int(cfg.pruning.calibration.batch_size), int(cfg.pruning.calibration.num_samples) // world
+            smaller = max(d for d in range(1, max(1, batch // 2) + 1) if per_rank % d == 0)
+            if smaller < batch:
+                changes["pruning.calibration.batch_size"] = smaller
+            what = (f"stage {stage}'s calibration pass: lower pruning.calibration.batch_size (now {batch}; a divisor "
+                    f"of {per_rank} windows per rank; the cut stays the same, the same windows are only batched "
+                    f"differently){checkpointing}")
+        elif phase == "heldout":
+            batch = self._heldout_batch_size
+            if batch > 1:
+                changes["heldout.batch_size"] = batch // 2
+            what = f"a held-out evaluation: lower heldout.batch_size (now {batch})"
+        elif phase == "training":
+            batch, accumulation = int(cfg.batch_size), self._gradient_accumulation_steps
+            if batch > 1 and batch % 2 == 0:
+                changes.update({"batch_size": batch // 2, "gradient_accumulation_steps": accumulation * 2})
+            what = (f"stage {stage}'s training: lower batch_size (now {batch}) and raise gradient_accumulation_steps "
+                    f"(now {accumulation}) to keep their product{checkpointing}")
+        elif phase == "resize":
+            what = (f"stage {stage}'s resize, which holds the old and the new weights and optimizer state at once: "
+                    "run on more ranks (FSDP shards them; keep batch_size × gradient_accumulation_steps × ranks)")
+        else:
+            what = "this run: lower batch_size or pruning.calibration.batch_size"
+        latest = ckpt.latest_checkpoint(self._ckpt_root)
+        if latest is None:
+            then = ("No checkpoint of this run is complete yet: run it again with the lower setting"
+                    + (f": {_continue_command(changes, resume=False)}" if changes else "."))
+        else:
+            then = (f"The last complete checkpoint, {latest.name}, is intact; continue with: "
+                    f"{_continue_command(changes)}" + ("" if changes else " (and the new setting)"))
+        text = str(error).strip()
+        cause = text.splitlines()[0][:300] if text else type(error).__name__
+        return (f"out of memory on rank {self.rank} ({self._device}) in {what}. `adapt-prune-tune plan` with this "
+                f"config and --world-size {world} shows what each stage needs. {then}\n({cause})")
 
     def _train_stages(self) -> None:
         if self._heldout_original is None and not any(self._stage_pruned):
@@ -595,7 +649,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self._steps_per_epoch = self.max_steps_per_epoch
                 self._train_t0 = time.perf_counter()
                 try:
-                    super().train()
+                    with self._phase("training"):
+                        super().train()
                 except _Stopped:
                     # The stock loop stops its profiler only when it ends: keep the trace taken so far.
                     self._profiler.stop()
@@ -686,13 +741,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 t_step = time.perf_counter()
                 if self._progress is not None:
                     self._progress.doing(f"calibration pass + cut, prune step {j}/{self._steps_per_stage}")
-                plan, calib = self._pruner.measure_and_plan(
-                    self._model, self._arch, self._calib_batches, target, **self._calibration_loss()
-                )
+                with self._phase("calibration"):
+                    plan, calib = self._pruner.measure_and_plan(
+                        self._model, self._arch, self._calib_batches, target, **self._calibration_loss()
+                    )
                 loss_before = calib.loss if loss_before is None else loss_before
                 keeps = _broadcast_keeps(plan.keeps, self._device)
                 faults.point("before_resize", self.rank)
-                self._resize(keeps, plan.arch)
+                with self._phase("resize"):
+                    self._resize(keeps, plan.arch)
                 record = self._pruner.commit(plan, calib, target, stage, time.perf_counter() - t_step)
                 if self._progress is not None:
                     self._progress.prune_step_done(record.seconds)
@@ -701,7 +758,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                     f"stage {stage} prune step {j}/{self._steps_per_stage}: target {target:.3f}, "
                     f"params {record.params:,}, calib loss {calib.loss:.4f}, {record.seconds:.2f}s",
                 )
-            loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
+            with self._phase("calibration"):
+                loss_after = calibrate(self._model, self._calib_batches, with_gradients=False).loss
         seconds_prune = time.perf_counter() - t0
         heldout = self._heldout_ppl("pruned")
         self._stage_pruned[stage - 1] = True
@@ -1121,6 +1179,13 @@ def _broadcast_keeps(keeps: List[Optional[LayerKeep]], device: torch.device) -> 
     return [None if row[0] < 0 else LayerKeep(next(it), next(it), next(it)) for row in counts_list]
 
 
+# Settings a resume may change: they decide only how much is held in memory at once. The
+# calibration windows do not depend on how they are batched, and the Taylor scores of the
+# summed gradient only scale with it (one factor for every group): the cut is the same, up to
+# rounding, after lowering the batch size that ran out of memory.
+MEMORY_SETTINGS = ("pruning.calibration.batch_size",)
+
+
 def _check_same_run(
     resumed: Dict[str, Any], settings: Dict[str, Any], config_arch: DecoderArch, choices: Dict[str, Any]
 ) -> None:
@@ -1138,11 +1203,13 @@ def _check_same_run(
     if not problems and saved["fingerprint"] != ckpt.run_fingerprint(base, settings):
         batch = "batch_size × gradient_accumulation_steps × ranks: on another number of ranks keep the product"
         recorded = saved.get("settings")  # None: a checkpoint from before the settings were recorded
-        differences = ckpt.settings_differences(recorded, settings) if recorded is not None else []
-        problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "") for d in differences] or [
-            "the pruning, adapt or distill settings or the global batch differ from the run's (this checkpoint "
-            f"does not record which; global batch = {batch})"
-        ]
+        if recorded is None:
+            problems = ["the pruning, adapt or distill settings or the global batch differ from the run's (this "
+                        f"checkpoint does not record which; global batch = {batch})"]
+        else:
+            differences = ckpt.settings_differences(recorded, settings)
+            problems = [d + (f" ({batch})" if d.startswith("samples_per_step") else "")
+                        for d in differences if d.split(":", 1)[0] not in MEMORY_SETTINGS]
     why = {"seed": "it orders the training data", "shuffle": "it orders the training data",
            "heldout": "every held-out evaluation of a run measures the same texts"}
     for key, now in choices.items():
@@ -1191,13 +1258,17 @@ def recipe_main(cfg: DictConfig) -> Optional[int]:
     return 128 + recipe.stopped_by if recipe.stopped_by else None
 
 
-def _continue_command() -> str:
-    """The command that continues this run: the one that launched it, resuming."""
+def _continue_command(changes: Optional[Dict[str, Any]] = None, resume: bool = True) -> str:
+    """The command that continues this run: the one that launched it, resuming (or, with
+    ``resume=False``, starting again), with ``changes`` (``key: value``) in place of what was
+    typed for those keys."""
+    changes = {**(changes or {}), **({"resume_from_checkpoint": True} if resume else {})}
+    typed = [f"{k}={v}" for k, v in changes.items()]
     if "config_name" not in _LAUNCH:  # recipe_main called without main()
-        return "the same command with resume_from_checkpoint=True"
-    dropped = ("resume_from_checkpoint", "overwrite_output_dir")  # the latter contradicts a resume
+        return f"the same command with {' '.join(typed)}"
+    dropped = {*changes, "overwrite_output_dir"}  # the latter contradicts a resume
     overrides = [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") not in dropped]
-    return reproduce_command({**_LAUNCH, "overrides": overrides + ["resume_from_checkpoint=True"]})
+    return reproduce_command({**_LAUNCH, "overrides": overrides + typed})
 
 
 def _single_process_env() -> None:
@@ -1257,7 +1328,7 @@ def main() -> None:
     try:
         sys.exit(recipe_main())
     # The problems and their fixes, not a traceback (every rank: none is cut off).
-    except (ConfigError, ckpt.CheckpointError) as e:
+    except (ConfigError, ckpt.CheckpointError, OutOfMemory) as e:
         sys.exit(str(e))
 
 

@@ -39,3 +39,16 @@ def test_a_cause_that_repeats_the_message_is_not_repeated():
     error = RuntimeError("disk full: /tmp")
     error.__cause__ = OSError("disk full: /tmp")
     assert error_text(error) == "RuntimeError: disk full: /tmp"
+
+
+def test_out_of_memory_is_told_from_other_runtime_errors():
+    import torch
+
+    from adapt_prune_tune.errors import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                         "can't allocate memory: you tried to allocate 68719476736 bytes."))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.0 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_out_of_memory(MemoryError())  # Python's own: not a tensor allocation the settings size

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -477,6 +478,34 @@ def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, 
     assert (out / "final" / "model.safetensors").is_file() and (out / "run_record.json").is_file()
 
 
+def _printed_command(stderr: str, after: str) -> List[str]:
+    """The command a message printed after ``after``, as the words a shell would pass."""
+    line = next(line for line in stderr.splitlines() if after in line)
+    return shlex.split(line.split(after, 1)[1])
+
+
+def test_out_of_memory_names_the_setting_and_the_printed_command_goes_on(tmp_path, tiny_model, python_docs_dir):
+    """Memory running out in stage 2's calibration pass, then in training: each time a message
+    (no traceback) naming the phase and the setting that lowers it, and a command with a lower
+    value that, run as printed, continues the run to its end."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, heldout=None, speed=None)
+    # 4 calibration batches per pass, 2 passes with gradients per stage: the 10th is stage 2's.
+    failed = tune(["adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path, env={"ADAPT_PRUNE_TUNE_KILL_AT": "calibration:10:OOM"})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert "out of memory on rank 0 (cpu) in stage 2's calibration pass: lower pruning.calibration.batch_size (now 2;" in failed.stderr
+    command = _printed_command(failed.stderr, "; continue with: ")
+    assert command[:2] == ["tune", "run"] and command[-2:] == ["pruning.calibration.batch_size=1", "resume_from_checkpoint=True"]
+    failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "ADAPT_PRUNE_TUNE_KILL_AT": "training_step:2:OOM"})
+    assert failed.returncode == 1 and "in stage 2's training: lower batch_size (now 2)" in failed.stderr, failed.stderr[-3000:]
+    command = _printed_command(failed.stderr, "; continue with: ")
+    assert command[-4:] == ["pruning.calibration.batch_size=1", "batch_size=1", "gradient_accumulation_steps=2",
+                            "resume_from_checkpoint=True"]
+    assert_ok(subprocess.run(command, cwd=tmp_path, capture_output=True, text=True))
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def _reference_and_killed(tmp_path: Path, model: Path, docs: Path, overrides: Dict, kill_at: str):
     """An uninterrupted 2-process reference run, and the same run killed at ``kill_at``:
     (reference output dir, killed output dir, killed run's config)."""
@@ -675,7 +704,8 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     proc = tune(
         ["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True", "pruning.method.amplitude=0.3",
-         "gradient_accumulation_steps=2", "shuffle=False", "heldout.num_tokens=640", "heldout.batch_size=2"],
+         "gradient_accumulation_steps=2", "shuffle=False", "heldout.num_tokens=640", "heldout.batch_size=2",
+         "pruning.calibration.batch_size=1"],
         cwd=tmp_path,
     )
     assert proc.returncode != 0
@@ -685,7 +715,8 @@ def test_resume_from_another_config_is_refused(tmp_path, tiny_model, python_docs
     assert "samples_per_step: 2 in the checkpoint, 4 in this config" in logs
     assert "shuffle: True in the checkpoint, False in this config (it orders the training data)" in logs
     assert "heldout.num_tokens: 576 in the checkpoint, 640 in this config" in logs
-    assert "heldout.batch_size" not in logs.split("cannot run this config")[-1]  # operational: may change
+    remaining = logs.split("cannot run this config")[-1]
+    assert "heldout.batch_size" not in remaining and "calibration.batch_size" not in remaining  # memory: may change
     assert "Traceback" not in logs and "Instantiating model" not in logs
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
