@@ -20,6 +20,7 @@ problems are reported through it instead.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -161,7 +162,8 @@ def check_inputs(cfg: DictConfig, world_size: Optional[int] = None, warn: Warn =
     arch, model_problem, modules = meta_model(cfg)
     schema = check_sections(cfg, world_size=world_size, arch=arch)
     problems = list(schema.problems) + unsupported_features(cfg) + stock_setting_problems(cfg)
-    problems += stock_value_problems(cfg) + component_problems(cfg) + sharding_problems(cfg, arch, modules)
+    problems += stock_value_problems(cfg) + component_problems(cfg) + metric_logger_problems(cfg)
+    problems += sharding_problems(cfg, arch, modules)
     problems += sample_length_problems(cfg, arch)
     if model_problem:
         problems.append(model_problem)
@@ -227,6 +229,34 @@ def component_problems(cfg: DictConfig) -> List[str]:
         except Exception as e:  # noqa: BLE001
             problems.append(f"lr_scheduler: {cfg.lr_scheduler.get('_component_')} cannot be built: {error_text(e)}")
     return optimizer_state_problems(cfg, optimizer) + problems
+
+
+# The package each of torchtune's metric loggers imports when it is built.
+_LOGGER_PACKAGES = {"WandBLogger": "wandb", "TensorBoardLogger": "tensorboard", "CometLogger": "comet_ml",
+                    "MLFlowLogger": "mlflow"}
+
+
+def metric_logger_problems(cfg: DictConfig) -> List[str]:
+    """The metric logger's class and the package it logs through are installed.
+
+    The stock setup builds the logger after the data was read, and torchtune's loggers import
+    their package only then. The logger is not built here: building one starts a remote run.
+    """
+    node = cfg.get("metric_logger", None)
+    if not isinstance(node, DictConfig) or node.get("_component_", None) is None:
+        return []
+    component = str(node._component_)
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        _get_component_from_path(component)
+    except Exception as e:  # noqa: BLE001 - a typo or a module that is not installed
+        return [f"metric_logger: {component} cannot be found: {error_text(e)}"]
+    package = _LOGGER_PACKAGES.get(component.rsplit(".", 1)[-1])
+    if package is None or importlib.util.find_spec(package) is not None:
+        return []
+    return [f"metric_logger: {component} logs through `{package}`, which is not installed: `pip install {package}`, "
+            "or log to files with metric_logger._component_=torchtune.training.metric_logging.DiskLogger"]
 
 
 def optimizer_state_problems(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> List[str]:

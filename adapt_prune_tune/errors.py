@@ -45,11 +45,14 @@ _CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUA
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """The device (CUDA, XPU, MPS: ``torch.OutOfMemoryError``) or the host allocator ran out."""
+    """The device (CUDA, XPU, MPS: ``torch.OutOfMemoryError``) or the host allocator ran out,
+    also where another error wraps it (a compiled region's backend failure)."""
     import torch
 
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and (
-        any(text in str(error) for text in _CPU_OUT_OF_MEMORY) or str(error).startswith("MPS backend out of memory")
-    )
+    for e in {id(error): error, id(root_cause(error)): root_cause(error)}.values():
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        if isinstance(e, RuntimeError) and (any(text in str(e) for text in _CPU_OUT_OF_MEMORY)
+                                            or str(e).startswith("MPS backend out of memory")):
+            return True
+    return False

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -627,8 +628,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                     f"{_continue_command(changes)}" + ("" if changes else " (and the new setting)"))
         text = str(error).strip()
         cause = text.splitlines()[0][:300] if text else type(error).__name__
-        return (f"out of memory on rank {self.rank} ({self._device}) in {what}. `adapt-prune-tune plan` with this "
-                f"config and --world-size {world} shows what each stage needs. {then}\n({cause})")
+        return (f"out of memory on rank {self.rank} ({self._device}) in {what}. What each stage needs: "
+                f"{_plan_command(world)}. {then}\n({cause})")
 
     def _train_stages(self) -> None:
         if self._heldout_original is None and not any(self._stage_pruned):
@@ -1256,6 +1257,15 @@ def recipe_main(cfg: DictConfig) -> Optional[int]:
     # Stopped by a signal: the shell's code for it (143 for SIGTERM), so no scheduler or script
     # takes the unfinished run for a finished one.
     return 128 + recipe.stopped_by if recipe.stopped_by else None
+
+
+def _plan_command(world_size: int) -> str:
+    """The ``plan`` command for this run's config and overrides on ``world_size`` ranks."""
+    if "config_name" not in _LAUNCH:
+        return f"adapt-prune-tune plan CONFIG --world-size {world_size}"
+    overrides = [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") != "resume_from_checkpoint"]
+    words = ["adapt-prune-tune", "plan", _LAUNCH["config_name"], *overrides, "--world-size", str(world_size)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _continue_command(changes: Optional[Dict[str, Any]] = None, resume: bool = True) -> str:

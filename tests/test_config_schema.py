@@ -415,6 +415,22 @@ def test_every_shard_the_index_names_must_be_listed(tmp_path):
     check_inputs(cfg, world_size=1)
 
 
+def test_a_metric_logger_without_its_package_is_named(tmp_path, monkeypatch):
+    """torchtune imports wandb (tensorboard, comet_ml, mlflow) when the stock setup builds the
+    logger, after the data was read."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = demo_config(tmp_path, "metric_logger._component_=torchtune.training.metric_logging.WandBLogger")
+    assert [p for p in problems_of(cfg) if p.startswith("metric_logger")] == [
+        "metric_logger: torchtune.training.metric_logging.WandBLogger logs through `wandb`, which is not installed: "
+        "`pip install wandb`, or log to files with metric_logger._component_=torchtune.training.metric_logging.DiskLogger"]
+    cfg = demo_config(tmp_path, "metric_logger._component_=torchtune.training.metric_logging.WandLogger")
+    (problem,) = [p for p in problems_of(cfg) if p.startswith("metric_logger")]
+    assert problem.startswith("metric_logger: torchtune.training.metric_logging.WandLogger cannot be found: ")
+
+
 def test_cut_off_and_pointer_weight_files_are_named_before_loading(tmp_path):
     """An interrupted download, or a clone without git-lfs: torchtune found out while loading the
     weights ("Unable to load checkpoint"), after the files before it."""

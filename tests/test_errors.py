@@ -52,3 +52,10 @@ def test_out_of_memory_is_told_from_other_runtime_errors():
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 9.0 GB)"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_out_of_memory(MemoryError())  # Python's own: not a tensor allocation the settings size
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner  # as a compiled region reports it
+    except RuntimeError as wrapped:
+        assert is_out_of_memory(wrapped)
