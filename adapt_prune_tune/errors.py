@@ -10,7 +10,7 @@ inference error) and would mislead.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -56,3 +56,42 @@ def is_out_of_memory(error: BaseException) -> bool:
                                             or str(e).startswith("MPS backend out of memory")):
             return True
     return False
+
+
+def memory_advice(
+    phase: Optional[str],
+    stage: int,
+    *,
+    batch_size: int,
+    accumulation: int,
+    calibration_batch: int,
+    calibration_per_rank: int,
+    heldout_batch: int,
+    activation_checkpointing: bool,
+) -> Tuple[str, Dict[str, int]]:
+    """Where a run ran out of memory and which settings lower it there, and the changes (halved
+    values) a continued run is given. ``phase``: ``calibration``, ``resize``, ``heldout``,
+    ``training`` or ``None`` (elsewhere); ``calibration_per_rank``: windows per rank, which the
+    calibration batch must divide."""
+    checkpointing = "" if activation_checkpointing else ", or enable_activation_checkpointing=True"
+    changes: Dict[str, int] = {}
+    if phase == "calibration":
+        smaller = max(d for d in range(1, max(1, calibration_batch // 2) + 1) if calibration_per_rank % d == 0)
+        if smaller < calibration_batch:
+            changes["pruning.calibration.batch_size"] = smaller
+        return (f"stage {stage}'s calibration pass: lower pruning.calibration.batch_size (now {calibration_batch}; "
+                f"a divisor of {calibration_per_rank} windows per rank; the cut stays the same, the same windows are "
+                f"only batched differently){checkpointing}"), changes
+    if phase == "heldout":
+        if heldout_batch > 1:
+            changes["heldout.batch_size"] = heldout_batch // 2
+        return f"a held-out evaluation: lower heldout.batch_size (now {heldout_batch})", changes
+    if phase == "training":
+        if batch_size > 1 and batch_size % 2 == 0:
+            changes.update({"batch_size": batch_size // 2, "gradient_accumulation_steps": accumulation * 2})
+        return (f"stage {stage}'s training: lower batch_size (now {batch_size}) and raise "
+                f"gradient_accumulation_steps (now {accumulation}) to keep their product{checkpointing}"), changes
+    if phase == "resize":
+        return (f"stage {stage}'s resize, which holds the old and the new weights and optimizer state at once: run "
+                "on more ranks (FSDP shards them; keep batch_size × gradient_accumulation_steps × ranks)"), changes
+    return "this run: lower batch_size or pruning.calibration.batch_size", changes

@@ -74,7 +74,7 @@ from adapt_prune_tune.distillation import (
     own_storage_,
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
-from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory
+from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory, memory_advice
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
@@ -591,34 +591,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     def _out_of_memory_advice(self, error: BaseException) -> str:
         """Which settings lower the memory of the phase that ran out, and the command that goes on with them."""
-        cfg, world, stage = self._cfg, self.world_size, self._stage
-        checkpointing = ("" if cfg.get("enable_activation_checkpointing", False)
-                         else ", or enable_activation_checkpointing=True")
-        phase, changes = getattr(self, "_memory_phase", None), {}
-        if phase == "calibration":
-            batch, per_rank = int(cfg.pruning.calibration.batch_size), int(cfg.pruning.calibration.num_samples) // world
-            smaller = max(d for d in range(1, max(1, batch // 2) + 1) if per_rank % d == 0)
-            if smaller < batch:
-                changes["pruning.calibration.batch_size"] = smaller
-            what = (f"stage {stage}'s calibration pass: lower pruning.calibration.batch_size (now {batch}; a divisor "
-                    f"of {per_rank} windows per rank; the cut stays the same, the same windows are only batched "
-                    f"differently){checkpointing}")
-        elif phase == "heldout":
-            batch = self._heldout_batch_size
-            if batch > 1:
-                changes["heldout.batch_size"] = batch // 2
-            what = f"a held-out evaluation: lower heldout.batch_size (now {batch})"
-        elif phase == "training":
-            batch, accumulation = int(cfg.batch_size), self._gradient_accumulation_steps
-            if batch > 1 and batch % 2 == 0:
-                changes.update({"batch_size": batch // 2, "gradient_accumulation_steps": accumulation * 2})
-            what = (f"stage {stage}'s training: lower batch_size (now {batch}) and raise gradient_accumulation_steps "
-                    f"(now {accumulation}) to keep their product{checkpointing}")
-        elif phase == "resize":
-            what = (f"stage {stage}'s resize, which holds the old and the new weights and optimizer state at once: "
-                    "run on more ranks (FSDP shards them; keep batch_size × gradient_accumulation_steps × ranks)")
-        else:
-            what = "this run: lower batch_size or pruning.calibration.batch_size"
+        cfg, world = self._cfg, self.world_size
+        what, changes = memory_advice(
+            getattr(self, "_memory_phase", None), self._stage,
+            batch_size=int(cfg.batch_size), accumulation=self._gradient_accumulation_steps,
+            calibration_batch=int(cfg.pruning.calibration.batch_size),
+            calibration_per_rank=int(cfg.pruning.calibration.num_samples) // world,
+            heldout_batch=getattr(self, "_heldout_batch_size", 0),
+            activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+        )
         latest = ckpt.latest_checkpoint(self._ckpt_root)
         if latest is None:
             then = ("No checkpoint of this run is complete yet: run it again with the lower setting"

@@ -59,3 +59,28 @@ def test_out_of_memory_is_told_from_other_runtime_errors():
             raise RuntimeError("backend compiler failed") from inner  # as a compiled region reports it
     except RuntimeError as wrapped:
         assert is_out_of_memory(wrapped)
+
+
+def test_memory_advice_names_the_phases_setting_and_halves_it():
+    from adapt_prune_tune.errors import memory_advice
+
+    sizes = dict(batch_size=4, accumulation=2, calibration_batch=8, calibration_per_rank=24, heldout_batch=4,
+                 activation_checkpointing=False)
+    what, changes = memory_advice("calibration", 3, **sizes)
+    assert what.startswith("stage 3's calibration pass: lower pruning.calibration.batch_size (now 8; a divisor of 24")
+    assert what.endswith(", or enable_activation_checkpointing=True")
+    assert changes == {"pruning.calibration.batch_size": 4}
+    # An odd batch of 5 over 15 windows: the largest divisor of 15 at most half of it.
+    assert memory_advice("calibration", 1, **{**sizes, "calibration_batch": 5, "calibration_per_rank": 15})[1] == {
+        "pruning.calibration.batch_size": 1}
+    assert memory_advice("calibration", 1, **{**sizes, "calibration_batch": 6, "calibration_per_rank": 18})[1] == {
+        "pruning.calibration.batch_size": 3}
+    assert memory_advice("calibration", 1, **{**sizes, "calibration_batch": 1})[1] == {}  # nothing lower
+    what, changes = memory_advice("training", 2, **{**sizes, "activation_checkpointing": True})
+    assert "lower batch_size (now 4) and raise gradient_accumulation_steps (now 2)" in what
+    assert "enable_activation_checkpointing" not in what
+    assert changes == {"batch_size": 2, "gradient_accumulation_steps": 4}  # the global batch kept
+    assert memory_advice("training", 2, **{**sizes, "batch_size": 3})[1] == {}  # no exact half
+    assert memory_advice("heldout", 2, **sizes) == ("a held-out evaluation: lower heldout.batch_size (now 4)",
+                                                    {"heldout.batch_size": 2})
+    assert "run on more ranks" in memory_advice("resize", 2, **sizes)[0]
