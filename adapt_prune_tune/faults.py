@@ -11,7 +11,8 @@ stop reaching rank 0 alone); ``ENOSPC`` raises the error a full disk gives a wri
 Points in the recipe: ``calibration`` (inside a prune step's calibration pass), ``before_resize``
 (a cut decided, the model not yet rebuilt), ``checkpoint_write`` (shards on disk, the checkpoint
 not yet complete), ``training_step`` (after an optimizer step, mid-chunk), ``final_write`` (the
-final weights about to be written), ``export`` (the final weights written, the run record not yet).
+final weights about to be written), ``export`` (the final weights written, the run record not yet),
+``record_write`` (the run record about to be written).
 """
 
 from __future__ import annotations

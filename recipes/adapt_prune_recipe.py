@@ -914,7 +914,14 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             del model_state
             record = self.run_record()
             record["speed"] = self._measure_speed()
-            ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
+            try:
+                faults.point("record_write")
+                ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
+            except OSError as e:
+                raise ckpt.CheckpointWriteError(
+                    f"the run record could not be written to {self._cfg.output_dir}: {error_text(e)}. The pruned "
+                    f"model is in {out}; make room, then continue with: {_continue_command()} (nothing is trained again)"
+                ) from e
             try:  # the model and record are already on disk; a plotting failure must not lose them
                 from adapt_prune_tune.report import write_report
 

@@ -455,9 +455,9 @@ def test_scheduler_sigterm_stops_after_a_step_with_its_checkpoint(tmp_path, tiny
 
 
 def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, tiny_model, python_docs_dir):
-    """A write failing as on a full disk, at a checkpoint and at the final weights: a message (no
-    traceback) naming the cause, the intact checkpoint and the command that continues; continued
-    after each, the run ends with its model."""
+    """A write failing as on a full disk, at a checkpoint, at the final weights and at the run record:
+    a message (no traceback) naming the cause, what is intact and the command that continues;
+    continued after each, the run ends with its model and record."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, heldout=None, speed=None)
     go_on = f"then continue with: tune run adapt_prune_recipe --config {cfg} resume_from_checkpoint=True"
@@ -474,6 +474,11 @@ def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, 
     assert f"the pruned model could not be written to {out / 'final'}: OSError" in failed.stderr
     assert f"Training is complete and its last checkpoint is intact: make room, {go_on}" in failed.stderr
     assert not (out / "final" / "model.safetensors").exists()
+    failed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path,
+                  env={"ADAPT_PRUNE_TUNE_KILL_AT": "record_write:1:ENOSPC"})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert f"the run record could not be written to {out}: OSError" in failed.stderr and go_on in failed.stderr
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "run_record.json").exists()
     assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
     assert (out / "final" / "model.safetensors").is_file() and (out / "run_record.json").is_file()
 
