@@ -398,8 +398,9 @@ def save_run_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    own = [tmp / f"model-rank{rank:05d}-of-{world:05d}.safetensors", tmp / f"optim-rank{rank:05d}-of-{world:05d}.safetensors",
-           tmp / f"rng-rank{rank:05d}.json", tmp / "arch.json", tmp / STATE_FILE]
+    of = f"rank{rank:05d}-of-{world:05d}"
+    own = [tmp / f"model-{of}.safetensors", tmp / f"optim-{of}.safetensors", tmp / f"rng-rank{rank:05d}.json",
+           tmp / "arch.json", tmp / STATE_FILE]
     try:
         write_shards(own[0], named_parameters(model), rank)
         optimizer_json = None
@@ -414,7 +415,7 @@ def save_run_checkpoint(
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         for f in own:  # what this rank wrote of it: space a full disk needs back
             f.unlink(missing_ok=True)
-        raise write_error(root, tag, e) from e
+        raise _write_error(root, tag, e) from e
     _barrier()
     if rank != 0:
         _barrier()
@@ -428,7 +429,7 @@ def save_run_checkpoint(
         _fsync_dir(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(root, tag, e) from e
+        raise _write_error(root, tag, e) from e
     if final.exists():  # a rerun of the same step (after resume) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -439,7 +440,7 @@ def save_run_checkpoint(
     return final
 
 
-def write_error(root: Path, tag: str, error: BaseException) -> CheckpointWriteError:
+def _write_error(root: Path, tag: str, error: BaseException) -> CheckpointWriteError:
     """What a failed checkpoint write tells the user: the cause, the space there against what the
     last checkpoint took, and that the last complete one is intact (a write goes to ``.tmp``)."""
     from adapt_prune_tune.report import format_bytes  # an error path: the report's plotting stack is no cost here
@@ -449,7 +450,8 @@ def write_error(root: Path, tag: str, error: BaseException) -> CheckpointWriteEr
     try:
         text += f" {format_bytes(shutil.disk_usage(root).free)} free there"
         if last is not None:
-            text += f"; the last checkpoint took {format_bytes(sum(f.stat().st_size for f in last.iterdir() if f.is_file()))}"
+            size = sum(f.stat().st_size for f in last.iterdir() if f.is_file())
+            text += f"; the last checkpoint took {format_bytes(size)}"
         text += "."
     except OSError:  # the mount itself is gone
         pass

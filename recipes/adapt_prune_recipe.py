@@ -920,7 +920,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             except OSError as e:
                 raise ckpt.CheckpointWriteError(
                     f"the run record could not be written to {self._cfg.output_dir}: {error_text(e)}. The pruned "
-                    f"model is in {out}; make room, then continue with: {_continue_command()} (nothing is trained again)"
+                    f"model is in {out}; make room, then continue with: {_continue_command()} "
+                    "(nothing is trained again)"
                 ) from e
             try:  # the model and record are already on disk; a plotting failure must not lose them
                 from adapt_prune_tune.report import write_report
