@@ -78,7 +78,7 @@ def safetensors_size_problems(ckpt_dir: Path, names: Sequence[str], key: str) ->
             head = f.read(8)
             header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             raw = f.read(header_len) if 0 < header_len <= size - 8 else None
-        if head.startswith(b"version "):  # a repository cloned without git-lfs holds pointers
+        if is_lfs_pointer(path):
             problems.append(f"{key}: {path} is a Git LFS pointer ({size:,} bytes), not the weights: run "
                             f"`git lfs pull` in {ckpt_dir}, or download with `tune download`")
             continue
@@ -99,6 +99,17 @@ def safetensors_size_problems(ckpt_dir: Path, names: Sequence[str], key: str) ->
 
 
 _MAX_HEADER = 100 * 2**20  # safetensors refuses longer headers: a length past it is not a header
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """A Git LFS pointer file: what a model repository cloned without git-lfs holds in place of
+    its weights and tokenizer files."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LFS_POINTER)) == _LFS_POINTER
+    except OSError:
+        return False
 
 
 # torchtune's full-model checkpointers by the key layout they read.

@@ -96,7 +96,28 @@ def run_tokenizer(cfg: DictConfig) -> Tuple[Any, List[str]]:
     try:
         return config.instantiate(cfg.tokenizer), []
     except Exception as e:  # noqa: BLE001 - the builder's own words, under its key
-        return None, [f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {error_text(e)}"]
+        problem = f"tokenizer: {cfg.tokenizer.get('_component_')} cannot be built: {error_text(e)}"
+        pointers = tokenizer_lfs_pointers(cfg.tokenizer)
+        if pointers:
+            what = "is a Git LFS pointer" if len(pointers) == 1 else "are Git LFS pointers"
+            problem += (f"; {', '.join(map(str, pointers))} {what}, not the file: run `git lfs pull` in the "
+                        "model's directory, or download with `tune download`")
+        return None, [problem]
+
+
+def tokenizer_lfs_pointers(node: DictConfig) -> List[Path]:
+    """Files a tokenizer's settings name (or that lie in a directory they name) that are Git LFS
+    pointers: a repository cloned without git-lfs; the builder's own error names a parse failure."""
+    from adapt_prune_tune.checkpoint_checks import is_lfs_pointer
+
+    found: List[Path] = []
+    for value in node.values():
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        candidates = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+        found += [f for f in candidates if f.is_file() and is_lfs_pointer(f)]
+    return found
 
 
 def dataset_problems(

@@ -451,6 +451,19 @@ def test_cut_off_and_pointer_weight_files_are_named_before_loading(tmp_path):
     assert f"{weights} is cut off inside its header (20 bytes)" in " ".join(problems_of(cfg))
 
 
+def test_a_tokenizer_file_left_as_a_git_lfs_pointer_is_named(tmp_path):
+    pointer = tmp_path / "original" / "tokenizer.model"
+    pointer.parent.mkdir()
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 2183982\n")
+    node = OmegaConf.create({"_component_": "torchtune.models.llama3.llama3_tokenizer", "path": str(pointer)})
+    _, (problem,) = data_checks.run_tokenizer(OmegaConf.create({"tokenizer": node}))
+    assert problem.startswith("tokenizer: torchtune.models.llama3.llama3_tokenizer cannot be built: ")
+    assert problem.endswith(f"; {pointer} is a Git LFS pointer, not the file: run `git lfs pull` in the model's "
+                            "directory, or download with `tune download`")
+    # A directory named as the path (HF tokenizers): the pointers in it are found too.
+    assert data_checks.tokenizer_lfs_pointers(OmegaConf.create({"path": str(pointer.parent)})) == [pointer]
+
+
 def test_checkpointer_model_type_and_key_layout_are_checked(tmp_path):
     """A model_type typo was a bare KeyError in the checkpointer's constructor; HF weights given to
     the Meta or torchtune checkpointer failed inside the weight load."""
