@@ -74,14 +74,14 @@ def safetensors_size_problems(ckpt_dir: Path, names: Sequence[str], key: str) ->
     problems = []
     for path in (ckpt_dir / n for n in names if n.endswith(".safetensors")):
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            raw = f.read(header_len) if 0 < header_len <= size - 8 else None
         if is_lfs_pointer(path):
             problems.append(f"{key}: {path} is a Git LFS pointer ({size:,} bytes), not the weights: run "
                             f"`git lfs pull` in {ckpt_dir}, or download with `tune download`")
             continue
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            raw = f.read(header_len) if 0 < header_len <= size - 8 else None
         if raw is None:
             what = ("is cut off inside its header" if header_len < _MAX_HEADER else "is not a safetensors file")
             problems.append(f"{key}: {path} {what} ({size:,} bytes): download it again")

@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -1252,7 +1252,7 @@ def _plan_command(world_size: int) -> str:
     """The ``plan`` command for this run's config and overrides on ``world_size`` ranks."""
     if "config_name" not in _LAUNCH:
         return f"adapt-prune-tune plan CONFIG --world-size {world_size}"
-    overrides = [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") != "resume_from_checkpoint"]
+    overrides = _typed_overrides_without({"resume_from_checkpoint"})
     words = ["adapt-prune-tune", "plan", _LAUNCH["config_name"], *overrides, "--world-size", str(world_size)]
     return " ".join(shlex.quote(word) for word in words)
 
@@ -1265,9 +1265,13 @@ def _continue_command(changes: Optional[Dict[str, Any]] = None, resume: bool = T
     typed = [f"{k}={v}" for k, v in changes.items()]
     if "config_name" not in _LAUNCH:  # recipe_main called without main()
         return f"the same command with {' '.join(typed)}"
-    dropped = {*changes, "overwrite_output_dir"}  # the latter contradicts a resume
-    overrides = [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") not in dropped]
+    overrides = _typed_overrides_without({*changes, "overwrite_output_dir"})  # the latter contradicts a resume
     return reproduce_command({**_LAUNCH, "overrides": overrides + typed})
+
+
+def _typed_overrides_without(keys: Set[str]) -> List[str]:
+    """The ``key=value`` overrides typed at launch, less those setting (or removing) ``keys``."""
+    return [o for o in _LAUNCH["overrides"] if o.split("=", 1)[0].lstrip("~+") not in keys]
 
 
 def _single_process_env() -> None:
