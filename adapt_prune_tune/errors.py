@@ -10,6 +10,7 @@ inference error) and would mislead.
 
 from __future__ import annotations
 
+import errno
 from typing import Dict, Optional, Tuple
 
 
@@ -54,6 +55,23 @@ def is_out_of_memory(error: BaseException) -> bool:
             return True
         if isinstance(e, RuntimeError) and (any(text in str(e) for text in _CPU_OUT_OF_MEMORY)
                                             or str(e).startswith("MPS backend out of memory")):
+            return True
+    return False
+
+
+# A full disk or quota: the errno, or its text where a library reports it as its own error
+# (safetensors: "I/O error: No space left on device (os error 28)").
+_OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_OUT_OF_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """A write failed because the disk (or the user's quota) is full, not for another reason
+    (a directory removed under it, a lost mount, permissions): only then is "make room" the fix."""
+    for e in {id(error): error, id(root_cause(error)): root_cause(error)}.values():
+        if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        if any(text in str(e) for text in _OUT_OF_SPACE_TEXT):
             return True
     return False
 

@@ -74,7 +74,7 @@ from adapt_prune_tune.distillation import (
     own_storage_,
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
-from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory, memory_advice
+from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory, is_out_of_space, memory_advice
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
@@ -87,6 +87,7 @@ from adapt_prune_tune.resize import (
     parameter_shapes,
     rebind_optimizer_,
 )
+from adapt_prune_tune.run_lock import OutputDirInUse, hold_output_dir
 from adapt_prune_tune.run_record import launcher_prefix, reproduce_command
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 from adapt_prune_tune.sparsity import sparsity_schedule
@@ -255,6 +256,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # Wall time of the processes before this one (a resumed run), up to the checkpoint it
         # resumes from, and how many there were: the record counts the run, not this process.
         self._seconds_before, self._resumes = 0.0, 0
+        self._output_lock: Optional[Any] = None  # rank 0's hold on output_dir (run_lock), until exit
+        output_dir = Path(str(cfg.output_dir)).expanduser()
+        if output_dir.is_dir():  # a live run there must not be taken for a finished one by the checks
+            self._hold_output_dir(output_dir, early=True)
         # Every problem of the config, its files and output_dir in one message, before any work.
         checked = _check_inputs(cfg)
         # This machine's device, and the data, read before the weights load.
@@ -269,6 +274,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         if data_problems:
             raise ConfigError(data_problems)
         self._pruning_cfg, self._distill = checked.pruning, checked.distill
+        self._hold_output_dir(output_dir)
         _clear_previous_run(cfg)  # overwrite_output_dir=True only, now that every check has passed
         adapt = cfg.adapt
         self._num_stages = int(adapt.stages)
@@ -307,6 +313,20 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             utils.log_rank_zero(log, f"Resuming from {self._resume_state['path']}")
             # The stock setup must not try to read torchtune recipe state.
             self._resume_from_checkpoint = False
+
+    def _hold_output_dir(self, output_dir: Path, early: bool = False) -> None:
+        """Global rank 0 takes ``output_dir``'s run lock before the run writes anything there
+        (``run_lock``); a second run into it is refused, naming the first. ``early``: the
+        directory may still prove unwritable, which the config checks then report."""
+        if self._output_lock is not None or int(os.environ.get("RANK", "0")) != 0:
+            return
+        try:
+            self._output_lock = hold_output_dir(output_dir, _launch_command()) or False
+        except OutputDirInUse as e:
+            raise ConfigError([str(e)]) from None
+        except OSError:
+            if not early:
+                raise
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
@@ -856,7 +876,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         except ckpt.CheckpointWriteError as e:
             then = (f"continue with: {_continue_command()}" if ckpt.latest_checkpoint(self._ckpt_root)
                     else "run it again")
-            raise ckpt.CheckpointWriteError(f"{e} Make room there, then {then}") from e
+            raise ckpt.CheckpointWriteError(f"{e} {_once_fixed(e)} {then}") from e
         if self._is_rank_zero:
             log.info(f"Checkpoint written to {path} ({time.perf_counter() - t0:.1f}s)")
 
@@ -920,7 +940,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             except OSError as e:
                 raise ckpt.CheckpointWriteError(
                     f"the run record could not be written to {self._cfg.output_dir}: {error_text(e)}. The pruned "
-                    f"model is in {out}; make room, then continue with: {_continue_command()} "
+                    f"model is in {out}; {_once_fixed(e).lower()} continue with: {_continue_command()} "
                     "(nothing is trained again)"
                 ) from e
             try:  # the model and record are already on disk; a plotting failure must not lose them
@@ -946,8 +966,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         except OSError:
             free = ""
         return (f"the pruned model could not be written to {out}: {error_text(error)} ({format_bytes(need)} to "
-                f"write{free}). Training is complete and its last checkpoint is intact: make room, then continue "
-                f"with: {_continue_command()} (nothing is trained again)")
+                f"write{free}). Training is complete and its last checkpoint is intact: {_once_fixed(error).lower()} "
+                f"continue with: {_continue_command()} (nothing is trained again)")
 
     def _measure_speed(self) -> Optional[Dict[str, Any]]:
         """Forward and generation tokens/s and peak memory of the original and the pruned shape.
@@ -1246,6 +1266,17 @@ def recipe_main(cfg: DictConfig) -> Optional[int]:
     # Stopped by a signal: the shell's code for it (143 for SIGTERM), so no scheduler or script
     # takes the unfinished run for a finished one.
     return 128 + recipe.stopped_by if recipe.stopped_by else None
+
+
+def _once_fixed(error: BaseException) -> str:
+    """How a write-failure message leads to its continue command: make room for a full disk,
+    otherwise mend what the error names (a removed directory, a lost mount, permissions)."""
+    return "Make room there, then" if is_out_of_space(error) else "Once that is mended,"
+
+
+def _launch_command() -> str:
+    """The command that started this run, as the run lock names it to a run it refuses."""
+    return (reproduce_command(_LAUNCH) if "config_name" in _LAUNCH else None) or " ".join(sys.argv)
 
 
 def _plan_command(world_size: int) -> str:

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.models import DecoderArch, RopeSpec, decoder_from_arch
@@ -144,6 +145,23 @@ def test_failed_write_names_the_cause_and_space_and_keeps_the_last_checkpoint(tm
     assert ckpt.load_run_checkpoint(tmp_path / "step_0000001_prune_0000")["recipe"] == {"value": 1}
     monkeypatch.setattr(ckpt, "save_file", real_save_file)  # space freed: the next save lands
     assert save(tmp_path, "step_0000002_prune_0000", model, arch, opt, 2).name == "step_0000002_prune_0000"
+
+
+def test_failed_write_for_another_cause_does_not_talk_of_space(tmp_path, monkeypatch):
+    """A write that fails because its directory went away (another process removed it) is not a
+    disk problem: no free-space figures beside it, which would send the user to make room."""
+    model, arch, opt = trained(steps=1)
+    save(tmp_path, "step_0000001_prune_0000", model, arch, opt, 1)
+
+    def directory_removed(tensors, path, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No such file or directory (os error 2)")
+
+    monkeypatch.setattr(ckpt, "save_file", directory_removed)
+    with pytest.raises(ckpt.CheckpointWriteError) as failed:
+        save(tmp_path, "step_0000002_prune_0000", model, arch, opt, 2)
+    message = str(failed.value)
+    assert "No such file or directory" in message and "free there" not in message
+    assert "The last complete checkpoint, step_0000001_prune_0000, is intact." in message
 
 
 def test_unreadable_newest_names_the_previous_and_deletes_nothing(tmp_path):

@@ -61,6 +61,26 @@ def test_out_of_memory_is_told_from_other_runtime_errors():
         assert is_out_of_memory(wrapped)
 
 
+def test_out_of_space_is_told_from_other_write_failures():
+    import errno
+
+    from safetensors import SafetensorError
+
+    from adapt_prune_tune.errors import is_out_of_space
+
+    assert is_out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    # safetensors reports the OS error as its own, in words only
+    assert is_out_of_space(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    wrapped = RuntimeError("checkpoint could not be written")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert is_out_of_space(wrapped)
+    # a directory removed under the write, permissions, a lost mount: making room would not help
+    assert not is_out_of_space(SafetensorError("Error while serializing: I/O error: No such file or directory (os error 2)"))
+    assert not is_out_of_space(PermissionError(errno.EACCES, "Permission denied"))
+    assert not is_out_of_space(OSError(errno.EIO, "Input/output error"))
+
+
 def test_memory_advice_names_the_phases_setting_and_halves_it():
     from adapt_prune_tune.errors import memory_advice
 

@@ -454,6 +454,44 @@ def test_scheduler_sigterm_stops_after_a_step_with_its_checkpoint(tmp_path, tiny
     assert all(torch.equal(weights[k], ref[k]) for k in ref)
 
 
+def test_a_second_run_into_a_live_runs_output_dir_is_refused_and_changes_nothing(tmp_path, tiny_model, python_docs_dir):
+    """A run paused mid-stage (SIGSTOP: alive, holding its output_dir) and a second run into the
+    same output_dir, resuming it or overwriting it: refused before any work, naming the first run;
+    the first then goes on to its end. Before the lock the two wrote the same checkpoints."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, heldout=None, speed=None)
+    first = subprocess.Popen(
+        ["tune", "run", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "ADAPT_PRUNE_TUNE_KILL_AT": "training_step:5:SIGSTOP"},
+    )
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and first.poll() is None and not _stopped(first.pid):
+            time.sleep(0.1)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        for second in ("resume_from_checkpoint=True", "overwrite_output_dir=True"):
+            refused = tune(["adapt_prune_recipe", "--config", str(cfg), second], cwd=tmp_path)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+            assert f"output_dir {out} is in use by another run: pid {first.pid} on {socket.gethostname()}" in refused.stderr
+            assert f"(`tune run adapt_prune_recipe --config {cfg}`)" in refused.stderr
+            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == written
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file() and (out / "run_record.json").is_file()
+
+
+def _stopped(pid: int) -> bool:
+    """``pid`` is stopped by a signal (state T in /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
 def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, tiny_model, python_docs_dir):
     """A write failing as on a full disk, at a checkpoint, at the final weights and at the run record:
     a message (no traceback) naming the cause, what is intact and the command that continues;
@@ -472,7 +510,7 @@ def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, 
                   env={"ADAPT_PRUNE_TUNE_KILL_AT": "final_write:1:ENOSPC"})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     assert f"the pruned model could not be written to {out / 'final'}: OSError" in failed.stderr
-    assert f"Training is complete and its last checkpoint is intact: make room, {go_on}" in failed.stderr
+    assert f"Training is complete and its last checkpoint is intact: make room there, {go_on}" in failed.stderr
     assert not (out / "final" / "model.safetensors").exists()
     failed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path,
                   env={"ADAPT_PRUNE_TUNE_KILL_AT": "record_write:1:ENOSPC"})
