@@ -37,6 +37,7 @@ candidate, and is removed by the next save.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -180,6 +181,36 @@ def _rank_world() -> Tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def unseen_ranks(root: Path, device: torch.device) -> List[int]:
+    """Collective: the ranks whose files in ``root`` global rank 0 does not see (empty on one process).
+
+    Every rank writes its shards into one checkpoint directory that rank 0 then completes, so
+    ``output_dir`` must be one filesystem for all ranks. A node-local path (``/tmp``, a local NVMe
+    disk) in a multi-node run fails no write: each node fills its own copy, rank 0 marks the
+    checkpoint complete, and only the resume finds the other nodes' shards missing. Here each rank
+    leaves an empty marker, rank 0 lists them, and every rank gets its answer.
+    """
+    rank, world = _rank_world()
+    if world == 1:
+        return []
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
+    marks = root / f".ranks-visible-{hashlib.sha1(launch.encode()).hexdigest()[:8]}"  # this launch's only
+    marks.mkdir(parents=True, exist_ok=True)  # on every rank: a node-local root exists only where made
+    mark = marks / f"rank{rank:05d}"
+    mark.touch()
+    _barrier()
+    seen = torch.zeros(world, dtype=torch.int32, device=device)
+    if rank == 0:
+        present = {p.name for p in marks.iterdir()}
+        seen = torch.tensor([f"rank{r:05d}" in present for r in range(world)], dtype=torch.int32, device=device)
+    dist.broadcast(seen, src=0)
+    mark.unlink(missing_ok=True)
+    _barrier()
+    with contextlib.suppress(OSError):  # another rank of the node may have removed it first
+        marks.rmdir()
+    return [r for r, ok in enumerate(seen.tolist()) if not ok]
 
 
 def local_shard(t: torch.Tensor, rank: int) -> Optional[Tuple[torch.Tensor, List[int]]]:

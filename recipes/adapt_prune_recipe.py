@@ -285,6 +285,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         self._keep_last = int(adapt.get("keep_last_checkpoints", 2))
         self._optimizer_state_mode = adapt.get("optimizer_state", "slice")
         super().__init__(cfg)
+        if unseen := ckpt.unseen_ranks(output_dir, self._device):
+            raise ConfigError([_unshared_output_dir(output_dir, unseen, self.world_size)])
         self._cfg = cfg
         self._ckpt_root = Path(cfg.output_dir) / "checkpoints"
         self._stage = 0
@@ -1266,6 +1268,15 @@ def recipe_main(cfg: DictConfig) -> Optional[int]:
     # Stopped by a signal: the shell's code for it (143 for SIGTERM), so no scheduler or script
     # takes the unfinished run for a finished one.
     return 128 + recipe.stopped_by if recipe.stopped_by else None
+
+
+def _unshared_output_dir(output_dir: Path, unseen: List[int], world_size: int) -> str:
+    """Why a run whose ranks do not share ``output_dir`` stops before its first checkpoint."""
+    ranks = ", ".join(map(str, unseen[:8])) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+    return (f"output_dir {output_dir} is not one directory for all {world_size} ranks: global rank 0 does not see "
+            f"the files of rank{'s' if len(unseen) > 1 else ''} {ranks} (a node-local path such as /tmp or a local "
+            "disk on a multi-node run?). Every rank writes its checkpoint shards there and rank 0 completes the "
+            "checkpoint: put output_dir on a filesystem every node mounts (NFS, Lustre, a shared volume)")
 
 
 def _once_fixed(error: BaseException) -> str:

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,19 @@ def test_settings_differences_name_every_changed_key():
         "pruning.method.amplitude: 0.02 in the checkpoint, 0.05 in this config",
     ]
     assert ckpt.settings_differences(saved, saved) == []
+
+
+def _unseen_on_rank(rank: int, world: int, shared: str, per_node: str) -> None:
+    device = torch.device("cpu")
+    assert ckpt.unseen_ranks(Path(shared), device) == []
+    # ranks 0-1 on one "node", 2 on another: each node has its own copy of the path
+    assert ckpt.unseen_ranks(Path(per_node) / f"node{rank // 2}", device) == [2]
+    assert not list(Path(shared).iterdir())  # the markers are removed
+
+
+def test_unseen_ranks_tells_a_shared_output_dir_from_node_local_ones(tmp_path):
+    from _gloo import on_ranks
+
+    on_ranks(_unseen_on_rank, 3, tmp_path, str(tmp_path / "shared"), str(tmp_path / "local"))
+    assert ckpt.unseen_ranks(tmp_path / "one", torch.device("cpu")) == []  # one process: nothing to see
+

@@ -230,23 +230,37 @@ def test_compile_widths_bound_the_graphs_across_resizes(tmp_path, tiny_model, py
         assert width_recompiles >= 3, proc.stderr[-4000:]
 
 
-def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir):
+@pytest.mark.parametrize("output_dir", ["shared", "node_local"])
+def test_two_node_rendezvous_on_localhost(tmp_path, tiny_model, python_docs_dir, output_dir):
+    """Two nodes (one process each) on one machine. ``node_local``: each node's output_dir is its own
+    directory, as a path on a node's local disk is; the run stops before it loads the model, where
+    before it failed at its first checkpoint, after the first prune, with "No such file or directory"."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **{"adapt.total_steps": 4})
+    configs = [write_config(tmp_path, tiny_model, python_docs_dir, out, **{"adapt.total_steps": 4})]
+    if output_dir == "node_local":
+        (tmp_path / "node1").mkdir()
+        configs.append(write_config(tmp_path / "node1", tiny_model, python_docs_dir, tmp_path / "node1" / "run",
+                                    **{"adapt.total_steps": 4}))
     port = free_port()
     launchers = [
         subprocess.Popen(
             ["tune", "run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "apt-test",
-             "adapt_prune_recipe", "--config", str(cfg)],
+             "adapt_prune_recipe", "--config", str(configs[rank % len(configs)])],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in launchers]
-    for p, text in zip(launchers, outputs):
-        assert p.returncode == 0, text[-6000:]
-    assert (out / "final" / "model.safetensors").is_file()
+    if output_dir == "shared":
+        for p, text in zip(launchers, outputs):
+            assert p.returncode == 0, text[-6000:]
+        assert (out / "final" / "model.safetensors").is_file()
+        return
+    assert all(p.returncode != 0 for p in launchers), outputs
+    assert "is not one directory for all 2 ranks: global rank 0 does not see the files of rank 1" in "".join(outputs)
+    assert "loading checkpoint" not in "".join(outputs) and not list(tmp_path.rglob("checkpoints"))
+    assert not list(tmp_path.rglob(".ranks-visible-*"))  # the markers are gone
 
 
 def test_two_process_distillation_run(tmp_path, tiny_model, python_docs_dir):
