@@ -289,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # ``plan CONFIG --world-size 8 key=value``: argparse stops the overrides at the first option, so
+    # overrides typed after an option come back unparsed; they are overrides all the same.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

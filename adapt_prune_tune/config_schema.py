@@ -352,13 +352,20 @@ def _reachable_target(v: Dict[str, Any], ctx: Context) -> Optional[str]:
 
 
 def _calibration_split(v: Dict[str, Any], ctx: Context) -> Optional[str]:
-    per_step = v["batch_size"] * ctx.world_size
-    if v["num_samples"] % per_step:
-        return (
-            f"pruning.calibration.num_samples ({v['num_samples']}) must be a multiple of batch_size × world size "
-            f"({v['batch_size']} × {ctx.world_size}) so every rank runs the same number of calibration batches"
-        )
-    return None
+    samples, batch, world = v["num_samples"], v["batch_size"], ctx.world_size
+    per_step = batch * world
+    if samples % per_step == 0:
+        return None
+    fixes = []
+    if samples % world == 0:  # a smaller batch cuts alike: the same windows, batched differently
+        fits = max(d for d in range(1, batch + 1) if (samples // world) % d == 0)
+        fixes.append(f"pruning.calibration.batch_size={fits} (the same windows, {samples // world} per rank: the same cut)")
+    fixes += [f"pruning.calibration.num_samples={n}" for n in (samples // per_step * per_step, -(-samples // per_step) * per_step) if n]
+    return (
+        f"pruning.calibration.num_samples ({samples}) must be a multiple of batch_size × world size "
+        f"({batch} × {world}) so every rank runs the same number of calibration batches: set "
+        + " or ".join(fixes)
+    )
 
 
 def _training_steps(v: Dict[str, Any], ctx: Context) -> Optional[str]:

@@ -247,10 +247,17 @@ def test_calibration_split_is_checked_for_the_ranks(tmp_path):
     cfg = demo_config(tmp_path)  # 16 samples in batches of 8: 1 or 2 ranks
     check_inputs(cfg, world_size=2)
     found = problems_of(cfg, world_size=3)
-    assert found == [
+    assert found == [  # 16 windows cannot be split over 3 ranks: only other counts fix it
         "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 3) so every rank "
-        "runs the same number of calibration batches"
+        "runs the same number of calibration batches: set pruning.calibration.num_samples=24"
     ]
+    # 16 windows over 4 ranks: 4 each, in batches of 4 (a smaller batch cuts alike), or other counts
+    assert problems_of(cfg, world_size=4) == [
+        "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 4) so every rank "
+        "runs the same number of calibration batches: set pruning.calibration.batch_size=4 (the same windows, 4 per "
+        "rank: the same cut) or pruning.calibration.num_samples=32"
+    ]
+    check_inputs(demo_config(tmp_path, "pruning.calibration.batch_size=4"), world_size=4)
 
 
 def test_every_problem_in_one_message(tmp_path):

@@ -187,6 +187,11 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
     main(args + ["--json"])
     data = json.loads(capsys.readouterr().out)
     assert data["world_size"] == 8 and len(data["stages"]) == 10
+    main(["plan", "llama3_1/8B_adapt", "--world-size", "8", "adapt.stages=4", "--json"])  # overrides after options
+    assert len(json.loads(capsys.readouterr().out)["stages"]) == 4
+    with pytest.raises(SystemExit):
+        main(["plan", "llama3_1/8B_adapt", "--world-sise", "8"])
+    assert "unrecognized arguments: --world-sise 8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
         main(["plan", "llama3_1/8B_adapt", "pruning.method.target_sparsity=1.5"])
     assert err.value.code == 2
