@@ -256,7 +256,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         # Wall time of the processes before this one (a resumed run), up to the checkpoint it
         # resumes from, and how many there were: the record counts the run, not this process.
         self._seconds_before, self._resumes = 0.0, 0
-        self._output_lock: Optional[Any] = None  # rank 0's hold on output_dir (run_lock), until exit
+        # Rank 0's hold on output_dir (run_lock) until the process exits; False where the
+        # filesystem has no flock, None before it is taken.
+        self._output_lock: Optional[Any] = None
         output_dir = Path(str(cfg.output_dir)).expanduser()
         if output_dir.is_dir():  # a live run there must not be taken for a finished one by the checks
             self._hold_output_dir(output_dir, early=True)
