@@ -708,11 +708,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             self.save_run_checkpoint()
         self.stopped_by = stop.signum
         if self._is_rank_zero:
-            log.warning(
+            message = (
                 f"Stopped on {signal_name(stop.signum)} after {self.global_step:,} of {sum(self._stage_steps):,} "
                 f"training steps (stage {self._stage} of {self._num_stages}), checkpoint written. "
                 f"Continue with: {_continue_command()}"
             )
+            log.warning(message)
+            _tell_the_launcher(message)
 
     def _stage_entry(self, stage: int) -> Dict[str, Any]:
         """The stage log's entry of ``stage`` (written by its prune)."""
@@ -1376,7 +1378,24 @@ def main() -> None:
         sys.exit(recipe_main())
     # The problems and their fixes, not a traceback (every rank: none is cut off).
     except (ConfigError, ckpt.CheckpointError, OutOfMemory) as e:
+        # Config problems are found alike on every rank: the summary shows them once, from rank 0.
+        if not isinstance(e, ConfigError) or os.environ.get("RANK", "0") == "0":
+            _tell_the_launcher(str(e))
         sys.exit(str(e))
+
+
+def _tell_the_launcher(message: str) -> None:
+    """Give torchrun this worker's message for its failure summary.
+
+    A multi-process run ends with torchrun's summary of the failed workers, whose root cause reads
+    "To enable traceback see ..." unless the worker left a message in its error file; ours (a
+    config problem, a full disk, out of memory, a stop with its continue command) would scroll away
+    above it. A plain ``tune run`` (no torchrun) has no error file and prints the message last anyway.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 if __name__ == "__main__":
