@@ -544,6 +544,12 @@ def load_run_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         )
     try:
         state = from_json(json.loads((path / STATE_FILE).read_text()))
+        if missing := _missing_files(path, state):
+            raise CheckpointError(
+                f"{path} lacks {len(missing)} of the files its {_ranks(state.get('world_size') or 1)} wrote "
+                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): a copy that left them out, "
+                "or files deleted since"
+            )
         arch = DecoderArch.load(path / "arch.json")
         model = ShardedTensors(sorted(path.glob("model-rank*.safetensors")))
         optim_files = sorted(path.glob("optim-rank*.safetensors"))
@@ -581,6 +587,23 @@ def restore_optimizer_(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
 
 def _local_device(p: torch.Tensor) -> torch.device:
     return p.to_local().device if hasattr(p, "device_mesh") else p.device
+
+
+def _ranks(n: int) -> str:
+    return "rank" if n == 1 else f"{n} ranks"
+
+
+def _missing_files(path: Path, state: Mapping[str, Any]) -> List[str]:
+    """The files of a checkpoint written by ``state["world_size"]`` ranks that are not in ``path``:
+    every rank writes its weights, its RNG and (when training) its moments, shard or no shard."""
+    world = int(state.get("world_size") or 1)
+    names = ["arch.json"]
+    for rank in range(world):
+        of = f"rank{rank:05d}-of-{world:05d}"
+        names += [f"model-{of}.safetensors", f"rng-rank{rank:05d}.json"]
+        if state.get("optimizer") is not None:
+            names.append(f"optim-{of}.safetensors")
+    return [name for name in names if not (path / name).is_file()]
 
 
 def load_latest(root: Union[str, Path]) -> Dict[str, Any]:

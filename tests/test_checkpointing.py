@@ -181,6 +181,21 @@ def test_unreadable_newest_names_the_previous_and_deletes_nothing(tmp_path):
     assert ckpt.load_latest(tmp_path)["recipe"]["value"] == 1
 
 
+@pytest.mark.parametrize("lost", ["optim-rank00000-of-00001.safetensors", "rng-rank00000.json"])
+def test_a_newest_checkpoint_missing_a_file_names_it_and_the_previous(tmp_path, lost):
+    """A copy of the run (rsync with a filter, a partial restore) that left out one rank's file: named
+    before the weights load, with the previous complete checkpoint. Before, a 2-process run missing one
+    rank's weights failed inside the model's load with "the shard files cover N of M elements"."""
+    model, arch, opt = trained(steps=1)
+    save(tmp_path, "step_0000001_prune_0000", model, arch, opt, 1)
+    newest = save(tmp_path, "step_0000002_prune_0000", model, arch, opt, 2)
+    (newest / lost).unlink()
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_latest(tmp_path)
+    assert f"step_0000002_prune_0000 lacks 1 of the files its rank wrote ({lost})" in str(e.value)
+    assert "previous complete checkpoint is" in str(e.value) and "step_0000001_prune_0000" in str(e.value)
+
+
 def test_old_checkpoints_are_dropped_after_the_new_one_lands(tmp_path):
     model, arch, opt = trained(steps=1)
     for i in range(1, 5):
