@@ -434,7 +434,7 @@ def _resolve_token(token: Optional[str]) -> str:
     if not token:
         raise PublishError(
             "No Hugging Face token found. Log in with `hf auth login` (or `huggingface-cli login`), "
-            "set the HF_TOKEN environment variable, or pass a token (--token). "
+            "or set the HF_TOKEN environment variable (publish() in Python also takes token=...). "
             "The token needs write access: https://huggingface.co/settings/tokens"
         )
     return token
