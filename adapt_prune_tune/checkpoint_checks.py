@@ -40,6 +40,19 @@ def model_type_problem(node: Any, key: str) -> Optional[str]:
             f"{', '.join(PRUNABLE_MODEL_TYPES)})")
 
 
+def output_inside_checkpoint_problem(node: Any, key: str) -> Optional[str]:
+    """torchtune's checkpointers refuse an ``output_dir`` equal to or inside ``checkpoint_dir`` (it
+    copies the checkpoint's config files into it), with a traceback from their constructor."""
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None or node.get("output_dir", None) is None:
+        return None
+    ckpt_dir = Path(str(node.checkpoint_dir)).expanduser().resolve()
+    out = Path(str(node.output_dir)).expanduser().resolve()
+    if out != ckpt_dir and ckpt_dir not in out.parents:
+        return None
+    return (f"{key}.output_dir {out} is inside its checkpoint_dir {ckpt_dir}, which torchtune's checkpointers "
+            f"refuse: choose an output_dir outside {ckpt_dir} (configs set {key}.output_dir: ${{output_dir}})")
+
+
 def checkpoint_file_problems(node: DictConfig, key: str) -> List[str]:
     """``checkpoint_dir`` and every ``checkpoint_files`` entry in it exist."""
     if node.get("checkpoint_dir", None) is None:

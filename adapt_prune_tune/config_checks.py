@@ -33,7 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, utils
 
 from adapt_prune_tune import checkpointing as ckpt
-from adapt_prune_tune.checkpoint_checks import checkpoint_arch_problems, checkpoint_file_problems, model_type_problem
+from adapt_prune_tune.checkpoint_checks import (
+    checkpoint_arch_problems,
+    checkpoint_file_problems,
+    model_type_problem,
+    output_inside_checkpoint_problem,
+)
 from adapt_prune_tune.config_schema import (
     REQUIRED,
     Range,
@@ -470,6 +475,9 @@ def file_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderA
     """Files the run reads and writes: each missing or unusable one, named with the fix."""
     problems: List[str] = []
     resume = cfg.get("resume_from_checkpoint", False) is True
+    for key in ("checkpointer", "distill.teacher_checkpointer"):
+        if problem := output_inside_checkpoint_problem(section(cfg, key), key):
+            problems.append(problem)
     if not resume and isinstance(cfg.get("checkpointer", None), DictConfig):
         problems += checkpoint_file_problems(cfg.checkpointer, "checkpointer")
     if arch is not None and isinstance(cfg.get("checkpointer", None), DictConfig):

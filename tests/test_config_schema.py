@@ -438,6 +438,17 @@ def test_a_metric_logger_without_its_package_is_named(tmp_path, monkeypatch):
     assert problem.startswith("metric_logger: torchtune.training.metric_logging.WandLogger cannot be found: ")
 
 
+def test_an_output_dir_inside_the_checkpoint_dir_is_named_before_loading(tmp_path):
+    """torchtune's checkpointer refused it from its constructor, with a ValueError traceback."""
+    cfg = demo_config(tmp_path)
+    inside = Path(cfg.checkpointer.checkpoint_dir) / "runs" / "pruned"
+    cfg = demo_config(tmp_path, f"output_dir={inside}")
+    assert problems_of(cfg) == [
+        f"checkpointer.output_dir {inside} is inside its checkpoint_dir {inside.parent.parent}, which torchtune's "
+        f"checkpointers refuse: choose an output_dir outside {inside.parent.parent} (configs set "
+        "checkpointer.output_dir: ${output_dir})"]
+
+
 def test_cut_off_and_pointer_weight_files_are_named_before_loading(tmp_path):
     """An interrupted download, or a clone without git-lfs: torchtune found out while loading the
     weights ("Unable to load checkpoint"), after the files before it."""
