@@ -357,9 +357,9 @@ def _calibration_split(v: Dict[str, Any], ctx: Context) -> Optional[str]:
     if samples % per_step == 0:
         return None
     fixes = []
-    if samples % world == 0:  # a smaller batch cuts alike: the same windows, batched differently
+    if samples % world == 0:  # a smaller batch: the same windows in all, batched differently
         fits = max(d for d in range(1, batch + 1) if (samples // world) % d == 0)
-        fixes.append(f"pruning.calibration.batch_size={fits} (the same windows, {samples // world} per rank: the same cut)")
+        fixes.append(f"pruning.calibration.batch_size={fits} (the same windows, {samples // world} per rank, in smaller batches)")
     fixes += [f"pruning.calibration.num_samples={n}" for n in (samples // per_step * per_step, -(-samples // per_step) * per_step) if n]
     return (
         f"pruning.calibration.num_samples ({samples}) must be a multiple of batch_size × world size "

@@ -251,11 +251,11 @@ def test_calibration_split_is_checked_for_the_ranks(tmp_path):
         "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 3) so every rank "
         "runs the same number of calibration batches: set pruning.calibration.num_samples=24"
     ]
-    # 16 windows over 4 ranks: 4 each, in batches of 4 (a smaller batch cuts alike), or other counts
+    # 16 windows over 4 ranks: 4 each, in batches of 4 (the same windows in all), or other counts
     assert problems_of(cfg, world_size=4) == [
         "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 4) so every rank "
         "runs the same number of calibration batches: set pruning.calibration.batch_size=4 (the same windows, 4 per "
-        "rank: the same cut) or pruning.calibration.num_samples=32"
+        "rank, in smaller batches) or pruning.calibration.num_samples=32"
     ]
     check_inputs(demo_config(tmp_path, "pruning.calibration.batch_size=4"), world_size=4)
 
