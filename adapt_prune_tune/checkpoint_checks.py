@@ -211,6 +211,44 @@ def _shard_listing(shards: Sequence[str]) -> str:
             f"max_filename: '{match[2]}'}}`)")
 
 
+def meta_output_problem(node: DictConfig, arch: DecoderArch, key: str) -> Optional[str]:
+    """A Meta-format checkpoint's ``output.weight`` against the model's tied embeddings.
+
+    torchtune's Meta checkpointer drops ``output.weight`` exactly when ``model_type`` is LLAMA3_2
+    (whose embeddings are tied), and fails inside the load when the file and the type disagree
+    (``KeyError: 'output.weight'``, or ``'NoneType' object has no attribute 'dtype'`` for a key the
+    model lacks). The file's keys are read from its pickle with ``weights_only`` and ``mmap``: no
+    tensor is read and no code from the file runs.
+    """
+    if str(node.get("_component_", "")).rsplit(".", 1)[-1] != "FullModelMetaCheckpointer":
+        return None
+    names = checkpoint_file_names(node)
+    if node.get("checkpoint_dir", None) is None or len(names) != 1:
+        return None
+    path = Path(str(node.checkpoint_dir)).expanduser() / names[0]
+    try:
+        import torch
+
+        has_output = "output.weight" in torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable file fails at load with its own message
+        return None
+    drops, tied = str(node.get("model_type", "")) == "LLAMA3_2", arch.tie_word_embeddings
+    if not has_output and not tied:
+        return (f"{key}: {path} has no output.weight, which the model (untied embeddings) needs: the checkpoint is "
+                "of a model with tied embeddings; use its builder, or decoder_from_hf_config on its config.json")
+    if not has_output and drops:
+        return (f"{key}: model_type LLAMA3_2 makes the Meta checkpointer drop output.weight, which {path} does not "
+                f"have: set {key}.model_type=LLAMA3")
+    if has_output and tied and not drops:
+        return (f"{key}: {path} holds output.weight and model_type {node.get('model_type')} keeps it, but the model "
+                f"ties its output to the embeddings: set {key}.model_type=LLAMA3_2 (the Meta checkpointer then "
+                "drops it)")
+    if has_output and drops and not tied:
+        return (f"{key}: model_type LLAMA3_2 makes the Meta checkpointer drop output.weight of {path}, which the "
+                f"model (untied embeddings) needs: set {key}.model_type=LLAMA3")
+    return None
+
+
 def checkpoint_arch_problems(node: DictConfig, arch: DecoderArch) -> List[str]:
     """The ``model:`` builder against the ``config.json`` beside the base checkpoint's weights.
 

@@ -36,6 +36,7 @@ from adapt_prune_tune import checkpointing as ckpt
 from adapt_prune_tune.checkpoint_checks import (
     checkpoint_arch_problems,
     checkpoint_file_problems,
+    meta_output_problem,
     model_type_problem,
     output_inside_checkpoint_problem,
 )
@@ -482,6 +483,8 @@ def file_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[DecoderA
         problems += checkpoint_file_problems(cfg.checkpointer, "checkpointer")
     if arch is not None and isinstance(cfg.get("checkpointer", None), DictConfig):
         problems += checkpoint_arch_problems(cfg.checkpointer, arch)
+        if not resume and (problem := meta_output_problem(cfg.checkpointer, arch, "checkpointer")):
+            problems.append(problem)
     distill = schema.config("distill")
     if distill is not None and distill["enabled"]:
         if cfg.distill.get("teacher_checkpointer") is not None:

@@ -449,6 +449,32 @@ def test_an_output_dir_inside_the_checkpoint_dir_is_named_before_loading(tmp_pat
         "checkpointer.output_dir: ${output_dir})"]
 
 
+@pytest.mark.parametrize("has_output, model_type, expected", [
+    (True, "LLAMA3", "holds output.weight and model_type LLAMA3 keeps it, but the model ties its output to the "
+                     "embeddings: set checkpointer.model_type=LLAMA3_2"),
+    (False, "LLAMA3_2", "model_type LLAMA3_2 makes the Meta checkpointer drop output.weight, which"),
+    (True, "LLAMA3_2", None),
+    (False, "LLAMA3", None),
+])
+def test_a_meta_checkpoints_output_weight_is_checked_against_tied_embeddings(tmp_path, has_output, model_type, expected):
+    """torchtune's Meta checkpointer failed inside the load (KeyError: 'output.weight', or a NoneType
+    error for a key the tied model lacks); the demo model ties its embeddings."""
+    import torch
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    weights = {"tok_embeddings.weight": torch.zeros(4, 2), **({"output.weight": torch.zeros(4, 2)} if has_output else {})}
+    torch.save(weights, meta / "consolidated.00.pth")
+    cfg = demo_config(tmp_path, "checkpointer._component_=torchtune.training.FullModelMetaCheckpointer",
+                      f"checkpointer.checkpoint_dir={meta}", "checkpointer.checkpoint_files=[consolidated.00.pth]",
+                      f"checkpointer.model_type={model_type}")
+    if expected is None:
+        check_inputs(cfg)
+    else:
+        (problem,) = problems_of(cfg)
+        assert problem.startswith("checkpointer: ") and expected in problem, problem
+
+
 def test_cut_off_and_pointer_weight_files_are_named_before_loading(tmp_path):
     """An interrupted download, or a clone without git-lfs: torchtune found out while loading the
     weights ("Unable to load checkpoint"), after the files before it."""
