@@ -187,10 +187,10 @@ def unseen_ranks(root: Path, device: torch.device) -> List[int]:
     """Collective: the ranks whose files in ``root`` global rank 0 does not see (empty on one process).
 
     Every rank writes its shards into one checkpoint directory that rank 0 then completes, so
-    ``output_dir`` must be one filesystem for all ranks. A node-local path (``/tmp``, a local NVMe
-    disk) in a multi-node run fails no write: each node fills its own copy, rank 0 marks the
-    checkpoint complete, and only the resume finds the other nodes' shards missing. Here each rank
-    leaves an empty marker, rank 0 lists them, and every rank gets its answer.
+    ``output_dir`` must be one filesystem for all ranks. With a node-local path (``/tmp``, a local
+    NVMe disk) in a multi-node run, the first checkpoint, after the first prune, failed on the other
+    nodes with "No such file or directory": the ``.tmp`` directory rank 0 made is not there. Here
+    each rank leaves an empty marker at start-up, rank 0 lists them, and every rank gets its answer.
     """
     rank, world = _rank_world()
     if world == 1:

@@ -45,12 +45,18 @@ class OutOfMemory(RuntimeError):
 _CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 
 
+def _error_and_root(error: BaseException) -> Tuple[BaseException, ...]:
+    """``error`` and, where another error wraps it (``raise ... from``), its root cause."""
+    root = root_cause(error)
+    return (error,) if root is error else (error, root)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """The device (CUDA, XPU, MPS: ``torch.OutOfMemoryError``) or the host allocator ran out,
     also where another error wraps it (a compiled region's backend failure)."""
     import torch
 
-    for e in {id(error): error, id(root_cause(error)): root_cause(error)}.values():
+    for e in _error_and_root(error):
         if isinstance(e, torch.OutOfMemoryError):
             return True
         if isinstance(e, RuntimeError) and (any(text in str(e) for text in _CPU_OUT_OF_MEMORY)
@@ -68,7 +74,7 @@ _OUT_OF_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
 def is_out_of_space(error: BaseException) -> bool:
     """A write failed because the disk (or the user's quota) is full, not for another reason
     (a directory removed under it, a lost mount, permissions): only then is "make room" the fix."""
-    for e in {id(error): error, id(root_cause(error)): root_cause(error)}.values():
+    for e in _error_and_root(error):
         if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE_ERRNOS:
             return True
         if any(text in str(e) for text in _OUT_OF_SPACE_TEXT):
