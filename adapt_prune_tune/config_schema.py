@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from adapt_prune_tune.data import rank_calibration_batch
 from adapt_prune_tune.distillation import CALIBRATION_LOSSES, DistillConfig
 from adapt_prune_tune.importance import IMPORTANCE_NORMALIZATIONS, SIMILARITY_METRICS
 from adapt_prune_tune.pruner import PruningConfig, resolve_target_sparsity
@@ -352,20 +353,11 @@ def _reachable_target(v: Dict[str, Any], ctx: Context) -> Optional[str]:
 
 
 def _calibration_split(v: Dict[str, Any], ctx: Context) -> Optional[str]:
-    samples, batch, world = v["num_samples"], v["batch_size"], ctx.world_size
-    per_step = batch * world
-    if samples % per_step == 0:
-        return None
-    fixes = []
-    if samples % world == 0:  # a smaller batch: the same windows in all, batched differently
-        fits = max(d for d in range(1, batch + 1) if (samples // world) % d == 0)
-        fixes.append(f"pruning.calibration.batch_size={fits} (the same windows, {samples // world} per rank, in smaller batches)")
-    fixes += [f"pruning.calibration.num_samples={n}" for n in (samples // per_step * per_step, -(-samples // per_step) * per_step) if n]
-    return (
-        f"pruning.calibration.num_samples ({samples}) must be a multiple of batch_size × world size "
-        f"({batch} × {world}) so every rank runs the same number of calibration batches: set "
-        + " or ".join(fixes)
-    )
+    try:
+        rank_calibration_batch(v["num_samples"], v["batch_size"], ctx.world_size)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _training_steps(v: Dict[str, Any], ctx: Context) -> Optional[str]:
@@ -518,12 +510,13 @@ PRUNING_CALIBRATION = Section(
                 Range(1)),
         Setting("seq_len", "int", REQUIRED, "tokens per window (paper code: 64)", Range(2)),
         Setting("batch_size", "int", REQUIRED,
-                "windows per forward/backward on one rank (memory only: a resume may lower it, the cut stays the same)",
+                "most windows per forward/backward on one rank (memory only: a rank's share runs in equal batches, "
+                "the largest divisor of it up to this; a resume may lower it, the cut stays the same)",
                 Range(1)),
     ),
     (
-        Relation("`num_samples` is a multiple of `batch_size` × data-parallel ranks (every rank runs the same "
-                 "number of batches)", _calibration_split,
+        Relation("`num_samples` is a multiple of the data-parallel ranks (each rank runs its share in equal "
+                 "batches: the largest divisor up to `batch_size`)", _calibration_split,
                  keys=("num_samples", "batch_size"), needs=("world_size",)),
         Relation("`seq_len` - 1 ≤ the model's `max_seq_len`", _window_fits_the_model("pruning.calibration.seq_len"),
                  keys=("seq_len",), needs=("model",)),

@@ -20,6 +20,27 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+def rank_calibration_batch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """The batch a rank's calibration pass runs: the largest divisor of its windows up to ``batch_size``.
+
+    ``batch_size`` is a memory cap, not part of the method: the Taylor scores use the gradient
+    summed over a rank's batches of mean losses, which equal batches only scale (every group
+    alike), so any divisor cuts the same groups. Every rank then runs the same number of
+    batches (FSDP's collectives need it) without the user matching the batch to the ranks:
+    512 windows on 16 ranks run as one batch of 32 each under a cap of 64. Raises if the
+    windows do not split evenly over the ranks (the one thing a batch cannot fix).
+    """
+    if num_samples % world_size:
+        lower, higher = num_samples // world_size * world_size, -(-num_samples // world_size) * world_size
+        fixes = " or ".join(f"pruning.calibration.num_samples={n}" for n in (lower, higher) if n)
+        raise ValueError(
+            f"pruning.calibration.num_samples ({num_samples}) must be a multiple of the data-parallel ranks "
+            f"({world_size}) so every rank scores the same number of windows: set {fixes}"
+        )
+    share = num_samples // world_size
+    return max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+
+
 def calibration_batches(
     dataset: Dataset,
     num_samples: int,
@@ -29,18 +50,14 @@ def calibration_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> List[Dict[str, torch.Tensor]]:
-    """``num_samples`` windows of ``seq_len`` tokens, batched, this rank's share.
+    """``num_samples`` windows of ``seq_len`` tokens, this rank's share, in batches of at most ``batch_size``.
 
     Samples are read in a seeded order and concatenated (documents are short
-    and uneven; windows over the stream use every token). Raises if the data
-    holds fewer tokens than requested.
+    and uneven; windows over the stream use every token). The batches are dealt to
+    the ranks in turn, each of ``rank_calibration_batch`` windows. Raises if the
+    data holds fewer tokens than requested or the windows do not split over the ranks.
     """
-    if num_samples % (batch_size * world_size) != 0:
-        raise ValueError(
-            f"pruning.calibration.num_samples ({num_samples}) must be a multiple of "
-            f"batch_size × world size ({batch_size} × {world_size}) so every rank runs "
-            "the same number of calibration batches"
-        )
+    batch = rank_calibration_batch(num_samples, batch_size, world_size)
     need = num_samples * seq_len
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     stream: List[int] = []
@@ -54,7 +71,7 @@ def calibration_batches(
             f"{num_samples} × {seq_len} = {need:,}; lower num_samples/seq_len or add data"
         )
     windows = torch.tensor(stream[:need], dtype=torch.long).view(num_samples, seq_len)
-    batches = windows.split(batch_size)
+    batches = windows.split(batch)
     return [{"tokens": b} for b in batches[rank::world_size]]
 
 

@@ -109,6 +109,7 @@ from adapt_prune_tune.config_checks import (
     merge_overrides,
     steps_for_tokens,
 )
+from adapt_prune_tune.data import rank_calibration_batch
 from adapt_prune_tune.data_checks import dataset_location, dataset_problems, run_datasets
 from adapt_prune_tune.models import DecoderArch
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
@@ -433,7 +434,8 @@ def plan_run(
         if data:
             raise ConfigError(data)
     calib = cfg.pruning.calibration
-    num_samples, calib_len, calib_bs = int(calib.num_samples), int(calib.seq_len), int(calib.batch_size)
+    num_samples, calib_len = int(calib.num_samples), int(calib.seq_len)
+    calib_bs = rank_calibration_batch(num_samples, int(calib.batch_size), world_size)  # the batch the ranks run
 
     # Run length, as the recipe's _resolve_total_steps computes it.
     batch_size, accumulation = int(cfg.batch_size), int(cfg.gradient_accumulation_steps)
@@ -534,7 +536,8 @@ def plan_run(
         mean_sample_len_source=source,
         total_steps=total_steps,
         total_tokens=int(total_tokens_cfg) if total_tokens_cfg is not None else None,
-        calibration={"num_samples": num_samples, "seq_len": calib_len, "batch_size": calib_bs},
+        calibration={"num_samples": num_samples, "seq_len": calib_len, "batch_size": calib_bs,
+                     "batch_size_cap": int(calib.batch_size)},
         optimizer=opt_bytes_desc,
         memory=breakdown,
         activation_checkpointing=memory.activation_checkpointing,
@@ -746,6 +749,8 @@ def format_plan(plan: RunPlan) -> str:
     c = plan.calibration
     lines.append(
         f"  calib     {c['num_samples']} samples x {c['seq_len']} tokens per prune step, batches of {c['batch_size']} per rank"
+        + (f" (the largest divisor of {c['num_samples'] // plan.world_size} up to pruning.calibration.batch_size="
+           f"{c['batch_size_cap']})" if c["batch_size"] < c["batch_size_cap"] else "")
     )
     kept = (f"keep_last_checkpoints={plan.keep_last_checkpoints} keeps up to {plan.keep_last_checkpoints + 1} at once"
             if plan.keep_last_checkpoints else "keep_last_checkpoints=0 keeps all of them")

@@ -63,6 +63,7 @@ from adapt_prune_tune.data import (
     ChunkSampler,
     calibration_batches,
     changed_data_warning,
+    rank_calibration_batch,
     plan_chunks,
     repeated_data_warning,
 )
@@ -534,6 +535,13 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         )
         calib = self._cfg.pruning.calibration
         calib_data = config.instantiate(calib.dataset, self._tokenizer)
+        self._calib_batch = rank_calibration_batch(int(calib.num_samples), int(calib.batch_size), self.dp_size)
+        if self._is_rank_zero and self._calib_batch < int(calib.batch_size):
+            share = int(calib.num_samples) // self.dp_size
+            log.info(
+                f"calibration: {share} windows per rank in batches of {self._calib_batch}, the largest divisor of "
+                f"{share} up to pruning.calibration.batch_size={int(calib.batch_size)}"
+            )
         # On the training device once: a few thousand token ids, read at every prune step.
         self._calib_batches = [
             {k: v.to(self._device) for k, v in batch.items()}
@@ -619,7 +627,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         what, changes = memory_advice(
             getattr(self, "_memory_phase", None), self._stage,
             batch_size=int(cfg.batch_size), accumulation=self._gradient_accumulation_steps,
-            calibration_batch=int(cfg.pruning.calibration.batch_size),
+            calibration_batch=getattr(self, "_calib_batch", int(cfg.pruning.calibration.batch_size)),
             calibration_per_rank=int(cfg.pruning.calibration.num_samples) // world,
             heldout_batch=getattr(self, "_heldout_batch_size", 0),
             activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),

@@ -236,28 +236,25 @@ def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
 
 def test_model_and_rank_relations_wait_for_them(tmp_path):
     # The table alone (no model, no ranks): the model's and the ranks' relations wait for them.
-    cfg = demo_config(tmp_path, "pruning.method.min_kv_heads=4", "pruning.calibration.batch_size=3")
+    cfg = demo_config(tmp_path, "pruning.method.min_kv_heads=4", "pruning.calibration.num_samples=15")
     assert config_schema.check_sections(cfg).problems == []
     arch, _, _ = config_checks.meta_model(cfg)
-    later = config_schema.check_sections(cfg, world_size=1, arch=arch)
+    later = config_schema.check_sections(cfg, world_size=2, arch=arch)
     assert len(later.problems) == 2
 
 
 def test_calibration_split_is_checked_for_the_ranks(tmp_path):
-    cfg = demo_config(tmp_path)  # 16 samples in batches of 8: 1 or 2 ranks
-    check_inputs(cfg, world_size=2)
-    found = problems_of(cfg, world_size=3)
-    assert found == [  # 16 windows cannot be split over 3 ranks: only other counts fix it
-        "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 3) so every rank "
-        "runs the same number of calibration batches: set pruning.calibration.num_samples=24"
+    cfg = demo_config(tmp_path)  # 16 samples, batches of at most 8
+    for world in (1, 2, 4, 8, 16):  # a share smaller than the batch runs as one batch
+        check_inputs(cfg, world_size=world)
+    assert problems_of(cfg, world_size=3) == [  # only another window count fixes it
+        "pruning.calibration.num_samples (16) must be a multiple of the data-parallel ranks (3) so every rank "
+        "scores the same number of windows: set pruning.calibration.num_samples=15 or pruning.calibration.num_samples=18"
     ]
-    # 16 windows over 4 ranks: 4 each, in batches of 4 (the same windows in all), or other counts
-    assert problems_of(cfg, world_size=4) == [
-        "pruning.calibration.num_samples (16) must be a multiple of batch_size × world size (8 × 4) so every rank "
-        "runs the same number of calibration batches: set pruning.calibration.batch_size=4 (the same windows, 4 per "
-        "rank, in smaller batches) or pruning.calibration.num_samples=32"
+    assert problems_of(cfg, world_size=32) == [
+        "pruning.calibration.num_samples (16) must be a multiple of the data-parallel ranks (32) so every rank "
+        "scores the same number of windows: set pruning.calibration.num_samples=32"
     ]
-    check_inputs(demo_config(tmp_path, "pruning.calibration.batch_size=4"), world_size=4)
 
 
 def test_every_problem_in_one_message(tmp_path):

@@ -9,6 +9,7 @@ from adapt_prune_tune.data import (
     changed_data_warning,
     data_passes,
     plan_chunks,
+    rank_calibration_batch,
     repeated_data_warning,
 )
 
@@ -37,9 +38,22 @@ def test_calibration_windows_are_fixed_and_sharded():
     assert torch.equal(together, torch.cat([b["tokens"] for b in full]).sort(dim=0).values)
 
 
+def test_calibration_batch_is_a_cap_that_splits_each_share_evenly():
+    assert rank_calibration_batch(512, 64, 8) == 64
+    assert rank_calibration_batch(512, 64, 16) == 32  # the share is below the cap: one batch
+    assert rank_calibration_batch(96, 64, 1) == 48  # 96 = 2 × 48, not 64 + 32
+    assert rank_calibration_batch(97, 64, 1) == 1  # a prime share: batches of one
+    ds = Docs([50] * 40)
+    shares = [calibration_batches(ds, 24, 16, 5, seed=1, rank=r, world_size=3) for r in range(3)]
+    assert [[b["tokens"].shape[0] for b in share] for share in shares] == [[4, 4]] * 3  # 8 per rank: 4 + 4
+    together = torch.cat([b["tokens"] for share in shares for b in share]).sort(dim=0).values
+    whole = torch.cat([b["tokens"] for b in calibration_batches(ds, 24, 16, 24, seed=1)]).sort(dim=0).values
+    assert torch.equal(together, whole)  # the same windows however they are batched and dealt
+
+
 def test_calibration_errors():
-    with pytest.raises(ValueError, match="multiple of"):
-        calibration_batches(Docs([50] * 4), 3, 8, 2)
+    with pytest.raises(ValueError, match=r"multiple of the data-parallel ranks \(2\).*num_samples=2 or .*num_samples=4"):
+        calibration_batches(Docs([50] * 4), 3, 8, 2, world_size=2)
     with pytest.raises(ValueError, match="Calibration data has"):
         calibration_batches(Docs([5] * 4), 4, 64, 2)
 

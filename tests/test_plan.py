@@ -166,8 +166,14 @@ def test_bad_config_fails_with_the_recipes_message(tmp_path, override, message):
 
 
 def test_calibration_split_is_checked_for_the_world_size(tmp_path):
-    plan_8b(tmp_path, world_size=8)  # 512 samples = 64 per batch × 8 ranks
-    with pytest.raises(ValueError, match="must be a multiple of batch_size × world size"):
+    on_8 = plan_8b(tmp_path, world_size=8)  # 512 windows = 64 per rank: one batch at the cap of 64
+    assert on_8.calibration["batch_size"] == 64 and "up to pruning.calibration" not in format_plan(on_8)
+    on_16 = plan_8b(tmp_path, world_size=16)  # 32 per rank: one batch of 32, and the memory of 32
+    assert on_16.calibration["batch_size"] == 32
+    assert "batches of 32 per rank (the largest divisor of 32 up to pruning.calibration.batch_size=64)" in format_plan(on_16)
+    explicit = plan_8b(tmp_path, "pruning.calibration.batch_size=32", world_size=16)
+    assert on_16.memory["prune_stage_1"] == explicit.memory["prune_stage_1"]
+    with pytest.raises(ValueError, match=r"multiple of the data-parallel ranks \(3\).*num_samples=513"):
         plan_8b(tmp_path, world_size=3)
 
 
