@@ -52,7 +52,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adapt_prune_tune import faults
-from adapt_prune_tune.errors import error_text, is_out_of_space
+from adapt_prune_tune.errors import error_text, free_space_that_matters
 from adapt_prune_tune.models import DecoderArch
 from adapt_prune_tune.optimizer_state import flatten_quantized, is_quantized, unflatten_quantized, wrap_like
 from adapt_prune_tune.resize import load_optimizer_state_, named_parameters
@@ -479,13 +479,13 @@ def _write_error(root: Path, tag: str, error: BaseException) -> CheckpointWriteE
     text = f"checkpoint {tag} could not be written to {root}: {error_text(error)}."
     last = latest_checkpoint(root)
     try:
-        free = shutil.disk_usage(root).free
         size = sum(f.stat().st_size for f in last.iterdir() if f.is_file()) if last is not None else 0
-        if is_out_of_space(error) or free < size:  # otherwise the space there is beside the point
-            text += f" {format_bytes(free)} free there"
-            text += f"; the last checkpoint took {format_bytes(size)}." if last is not None else "."
     except OSError:  # the mount itself is gone
-        pass
+        size = 0
+    free = free_space_that_matters(root, error, size)
+    if free is not None:
+        text += f" {format_bytes(free)} free there"
+        text += f"; the last checkpoint took {format_bytes(size)}." if last is not None else "."
     text += (f" The last complete checkpoint, {last.name}, is intact." if last is not None
              else " The run has no complete checkpoint yet.")
     return CheckpointWriteError(text)

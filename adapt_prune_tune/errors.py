@@ -11,6 +11,8 @@ inference error) and would mislead.
 from __future__ import annotations
 
 import errno
+import shutil
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 
@@ -80,6 +82,18 @@ def is_out_of_space(error: BaseException) -> bool:
         if any(text in str(e) for text in _OUT_OF_SPACE_TEXT):
             return True
     return False
+
+
+def free_space_that_matters(path: Path, error: BaseException, need: int = 0) -> Optional[int]:
+    """Bytes free at ``path`` when the space there explains a failed write: the write ran out of
+    it (``is_out_of_space``) or less is free than the ``need``-byte write; ``None`` otherwise, and
+    when ``path`` cannot be read (a mount that is gone). A figure beside a permission error or a
+    directory removed under the run would point the user at the wrong fix."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    return free if is_out_of_space(error) or free < need else None
 
 
 def memory_advice(

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -75,7 +74,14 @@ from adapt_prune_tune.distillation import (
     own_storage_,
 )
 from adapt_prune_tune.empty_labels import EmptyLabelsSafeLoss
-from adapt_prune_tune.errors import OutOfMemory, error_text, is_out_of_memory, is_out_of_space, memory_advice
+from adapt_prune_tune.errors import (
+    OutOfMemory,
+    error_text,
+    free_space_that_matters,
+    is_out_of_memory,
+    is_out_of_space,
+    memory_advice,
+)
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
@@ -952,8 +958,12 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 faults.point("record_write")
                 ckpt.atomic_write_text(Path(self._cfg.output_dir) / "run_record.json", json.dumps(record, indent=2))
             except OSError as e:
+                from adapt_prune_tune.report import format_bytes
+
+                free = free_space_that_matters(Path(self._cfg.output_dir), e)
                 raise ckpt.CheckpointWriteError(
-                    f"the run record could not be written to {self._cfg.output_dir}: {error_text(e)}. The pruned "
+                    f"the run record could not be written to {self._cfg.output_dir}: {error_text(e)}"
+                    + ("" if free is None else f" ({format_bytes(free)} free there)") + ". The pruned "
                     f"model is in {out}; {_once_fixed(e).lower()} continue with: {_continue_command()} "
                     "(nothing is trained again)"
                 ) from e
@@ -975,10 +985,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         from adapt_prune_tune.report import format_bytes
 
         need = sum(v.numel() * v.element_size() for v in model_state.values())
-        try:
-            free = f", {format_bytes(shutil.disk_usage(out).free)} free there"
-        except OSError:
-            free = ""
+        free = free_space_that_matters(out, error, need)
+        free = "" if free is None else f", {format_bytes(free)} free there"
         return (f"the pruned model could not be written to {out}: {error_text(error)} ({format_bytes(need)} to "
                 f"write{free}). Training is complete and its last checkpoint is intact: {_once_fixed(error).lower()} "
                 f"continue with: {_continue_command()} (nothing is trained again)")

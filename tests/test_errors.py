@@ -3,7 +3,7 @@ files that are not UTF-8."""
 
 from __future__ import annotations
 
-from adapt_prune_tune.errors import error_text, root_cause
+from adapt_prune_tune.errors import error_text, free_space_that_matters, root_cause
 
 
 class Wrapped(Exception):
@@ -104,3 +104,12 @@ def test_memory_advice_names_the_phases_setting_and_halves_it():
     assert memory_advice("heldout", 2, **sizes) == ("a held-out evaluation: lower heldout.batch_size (now 4)",
                                                     {"heldout.batch_size": 2})
     assert "run on more ranks" in memory_advice("resize", 2, **sizes)[0]
+
+
+def test_free_space_is_named_only_where_it_explains_the_failure(tmp_path):
+    full = OSError(28, "No space left on device")
+    gone = FileNotFoundError(2, "No such file or directory")
+    assert free_space_that_matters(tmp_path, full) > 0  # the disk filled up: how much is free now
+    assert free_space_that_matters(tmp_path, gone) is None  # beside the point
+    assert free_space_that_matters(tmp_path, gone, need=1 << 62) > 0  # less free than the write needs
+    assert free_space_that_matters(tmp_path / "no" / "such" / "mount", full) is None

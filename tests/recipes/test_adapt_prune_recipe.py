@@ -530,12 +530,14 @@ def test_full_disk_is_named_with_what_is_intact_and_the_run_continues(tmp_path, 
                   env={"ADAPT_PRUNE_TUNE_KILL_AT": "final_write:1:ENOSPC"})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     assert f"the pruned model could not be written to {out / 'final'}: OSError" in failed.stderr
+    assert " to write, " in failed.stderr and " free there)" in failed.stderr  # a full disk: the space is the point
     assert f"Training is complete and its last checkpoint is intact: make room there, {go_on}" in failed.stderr
     assert not (out / "final" / "model.safetensors").exists()
     failed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path,
                   env={"ADAPT_PRUNE_TUNE_KILL_AT": "record_write:1:ENOSPC"})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     assert f"the run record could not be written to {out}: OSError" in failed.stderr and go_on in failed.stderr
+    assert " free there). The pruned model is in " in failed.stderr
     assert (out / "final" / "model.safetensors").is_file() and not (out / "run_record.json").exists()
     assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
     assert (out / "final" / "model.safetensors").is_file() and (out / "run_record.json").is_file()
