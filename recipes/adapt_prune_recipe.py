@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -1328,7 +1329,12 @@ def _continue_command(changes: Optional[Dict[str, Any]] = None, resume: bool = T
     if "config_name" not in _LAUNCH:  # recipe_main called without main()
         return f"the same command with {' '.join(typed)}"
     overrides = _typed_overrides_without({*changes, "overwrite_output_dir"})  # the latter contradicts a resume
-    return reproduce_command({**_LAUNCH, "overrides": overrides + typed})
+    command = reproduce_command({**_LAUNCH, "overrides": overrides + typed})
+    nnodes = int(_LAUNCH.get("launch", {}).get("nnodes", 1))
+    if nnodes > 1:  # every node relaunches with its own launcher flags (--node_rank, its local address)
+        command += (f" (that is {socket.gethostname()}'s launch line: on each of the {nnodes} nodes run its own "
+                    f"with {' '.join(typed)})")
+    return command
 
 
 def _typed_overrides_without(keys: Set[str]) -> List[str]:
@@ -1343,9 +1349,6 @@ def _single_process_env() -> None:
     variables that fails, so a one-process rendezvous on a free local port is
     set up instead.
     """
-    import os
-    import socket
-
     if "RANK" in os.environ:
         return
     with socket.socket() as s:
