@@ -84,6 +84,7 @@ from adapt_prune_tune.errors import (
     memory_advice,
 )
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
+from adapt_prune_tune.packing import TextPacks
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
@@ -573,10 +574,24 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         recorded = (self._resume_state or {}).get("recipe", {}).get("data")
         if recorded is not None:
             total, planned_len = int(recorded["total_steps"]), float(recorded["planned_mean_sample_len"])
-            warning = changed_data_warning(recorded, len(dataset), mean_len)
         else:
             planned_len = mean_len
             total = self._planned_total_steps(samples_per_step, mean_len)
+        if isinstance(dataset, TextPacks):  # packed as far as its max_tokens: on to what the steps consume
+            dataset.grow_to(total * samples_per_step)
+            utils.log_rank_zero(
+                log, f"training text: {len(dataset):,} packs of {dataset.max_seq_len} tokens"
+                + (f", {dataset.cached:,} of them read from {dataset.cache}" if dataset.cached else ""),
+            )
+            if self._is_rank_zero:
+                try:  # for a resume (every rank packed the same; one writes)
+                    dataset.save()
+                except OSError as e:  # a cache: the run goes on without it
+                    log.warning(f"the packed training text could not be kept in {dataset.cache} ({error_text(e)}); "
+                                "a resumed run packs it again")
+        if recorded is not None:
+            warning = changed_data_warning(recorded, len(dataset), mean_len)
+        else:
             warning = repeated_data_warning(total, samples_per_step, len(dataset))
         if warning:
             utils.log_rank_zero(log, warning, level=logging.WARNING)

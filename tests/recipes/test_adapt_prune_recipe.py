@@ -301,8 +301,14 @@ def _final_weights(out: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
+# Packs of the training text made only as far as asked (4 packs), then topped up to the 24 the
+# 12 steps consume and kept in output_dir; the resumed process reads them from there.
+PACKED = {"dataset._component_": "adapt_prune_tune.packing.packed_text_dataset", "dataset.packed": True,
+          "dataset.max_tokens": 256, "dataset.seed": "${seed}", "dataset.cache_dir": "${output_dir}/packs"}
+
+
 @pytest.mark.parametrize(
-    "overrides", [{}, {"distill.enabled": True, "distill.alpha": 0.7}], ids=["ce", "distill"]
+    "overrides", [{}, {"distill.enabled": True, "distill.alpha": 0.7}, PACKED], ids=["ce", "distill", "packed"]
 )
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_docs_dir, overrides):
     (tmp_path / "a").mkdir()
@@ -331,7 +337,11 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_model, python_do
     proc.wait()
     assert not (killed / "final").exists()
 
-    assert_ok(tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path))
+    resumed = tune(["adapt_prune_recipe", "--config", str(cfg), "resume_from_checkpoint=True"], cwd=tmp_path)
+    assert_ok(resumed)
+    if overrides is PACKED:
+        cache = next((killed / "packs").glob("packs-*.pt"))
+        assert f"training text: 24 packs of 64 tokens, 24 of them read from {cache}" in resumed.stdout + resumed.stderr
     ref, res = _final_weights(reference), _final_weights(killed)
     assert ref.keys() == res.keys()
     for name in ref:

@@ -1,0 +1,132 @@
+"""Bounded, compact packing: torchtune's packs, only as many as asked, grown on demand."""
+
+import json
+import math
+
+import pytest
+import torch
+from torchtune.datasets import PackedDataset, TextCompletionDataset
+
+from adapt_prune_tune.packing import BLOCK, TextPacks, packed_text_dataset
+
+
+class Docs(torch.utils.data.Dataset):
+    """Text-completion-like samples (labels = tokens) of the given lengths."""
+
+    def __init__(self, lengths, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.samples = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return {"tokens": self.samples[i], "labels": list(self.samples[i])}
+
+
+def assert_same_packs(ours, theirs, count=None):
+    count = len(theirs) if count is None else count
+    assert len(ours) >= count
+    for i in range(count):
+        a, b = ours[i], theirs[i]
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key].dtype == b[key].dtype == torch.long, key
+            assert torch.equal(a[key], b[key]), (i, key)
+
+
+LENGTHS = [5, 40, 17, 33, 16, 100, 1, 16, 9, 70, 3, 31, 15, 2]  # some longer than a pack, some exactly one
+
+
+@pytest.mark.parametrize("max_seq_len", [16, 37])
+def test_the_same_packs_as_torchtune(max_seq_len):
+    ds = Docs(LENGTHS)
+    theirs = PackedDataset(ds, max_seq_len=max_seq_len, split_across_pack=True)
+    ours = TextPacks(ds, max_seq_len, list(range(len(ds))))
+    assert len(ours) == len(theirs) and ours.exhausted
+    assert_same_packs(ours, theirs)
+    assert_same_packs(TextPacks(ds, max_seq_len, list(range(len(ds))), max_packs=5),
+                      PackedDataset(ds, max_seq_len=max_seq_len, split_across_pack=True, max_packs=5))
+
+
+def test_growing_continues_where_packing_stopped():
+    ds = Docs(LENGTHS * 3)
+    whole = TextPacks(ds, 16, list(range(len(ds))))
+    grown = TextPacks(ds, 16, list(range(len(ds))), max_packs=3)
+    assert len(grown) == 3 and not grown.exhausted
+    grown.grow_to(11)
+    assert len(grown) == 11
+    grown.grow_to(None)
+    assert grown.exhausted and len(grown) == len(whole)
+    assert_same_packs(grown, whole)
+    assert grown[-1]["seq_lens"].sum() == 16 and grown[len(grown) - 1]["labels"][-1] == -100  # the padded tail
+    with pytest.raises(IndexError):
+        grown[len(grown)]
+
+
+def test_storage_is_six_bytes_a_token():
+    ds = Docs([300] * 1000)
+    packs = TextPacks(ds, 256, list(range(len(ds))))
+    stored = sum(t.numel() * t.element_size() for block in packs._blocks for t in block.values())
+    assert stored / (len(packs) * 256) < 6.1  # int32 tokens + int16 positions (torchtune: 4 × int64)
+    assert len(packs._blocks) == math.ceil(len(packs) / BLOCK) == 2
+
+
+class Untouchable(Docs):
+    def __getitem__(self, i):
+        raise AssertionError("a cached pack was tokenized again")
+
+
+def test_a_cache_is_read_instead_of_packing_again_and_grows_on(tmp_path):
+    ds, order = Docs(LENGTHS * 5), list(range(len(LENGTHS) * 5))
+    whole = TextPacks(ds, 16, order)
+    first = TextPacks(ds, 16, order, max_packs=9, cache=tmp_path / "packs.pt")
+    first.save()
+    again = TextPacks(Untouchable(LENGTHS * 5), 16, order, max_packs=9, cache=tmp_path / "packs.pt")
+    assert len(again) == 9
+    assert_same_packs(again, whole, count=9)
+    again.ds = ds  # on past the cached packs: from where the first run stopped, buffer and all
+    again.grow_to(None)
+    assert_same_packs(again, whole)
+    again.save()
+    assert_same_packs(TextPacks(Untouchable([]), 16, order, cache=tmp_path / "packs.pt"), whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packs.pt"]  # written whole, under its name
+
+
+class Prompted(Docs):
+    """Instruction-style samples: the prompt's labels are ignored."""
+
+    def __getitem__(self, i):
+        return {"tokens": self.samples[i], "labels": [-100] * 5 + self.samples[i][5:]}
+
+
+def test_other_labels_are_refused():
+    with pytest.raises(ValueError, match="labels = tokens"):
+        TextPacks(Prompted([20, 20]), 16, [0, 1])
+
+
+def test_builder_packs_what_it_is_asked_in_a_seeded_order(tmp_path, smollm2_dir):
+    from adapt_prune_tune.tokenizer import smollm2_tokenizer
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 50)}) + "\n" for i in range(400)))
+    tok = smollm2_tokenizer(str(smollm2_dir), max_seq_len=64)
+    kw = dict(source="json", data_files=str(path), column="text", split="train")
+    some = packed_text_dataset(tok, packed=True, max_tokens=640, seed=1, cache_dir=str(tmp_path / "packs"), **kw)
+    assert len(some) == 10 and not some.exhausted  # 640 tokens = 10 packs of 64
+    some.save()
+    again = packed_text_dataset(tok, packed=True, max_tokens=640, seed=1, cache_dir=str(tmp_path / "packs"), **kw)
+    assert again.cache == some.cache and again._saved_len == 10  # read from the cache
+    assert_same_packs(some, again)
+    fewer = packed_text_dataset(tok, packed=True, max_tokens=640, seed=1, cache_dir=str(tmp_path / "packs"),
+                                **{**kw, "split": "train[:300]"})
+    assert fewer.cache != some.cache and fewer._saved_len == -1  # another corpus: another file, packed anew
+    other = packed_text_dataset(tok, packed=True, max_tokens=640, seed=2, **kw)
+    assert not torch.equal(some[0]["tokens"], other[0]["tokens"])  # another sample of the corpus
+    docs = packed_text_dataset(tok, packed=False, **kw)
+    assert isinstance(docs, TextCompletionDataset) and len(docs) == 400
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
+    reference = PackedDataset(torch.utils.data.Subset(docs, order), max_seq_len=64, split_across_pack=True)
+    everything = packed_text_dataset(tok, packed=True, seed=1, **kw)
+    assert everything.exhausted and len(everything) == len(reference)
+    assert_same_packs(everything, reference)
