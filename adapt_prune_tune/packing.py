@@ -37,7 +37,11 @@ from torchtune.datasets import TextCompletionDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 BLOCK = 1024  # packs per storage block: few tensors for a million packs, little slack per block
-_EMPTY_BUFFER: Dict[str, list] = {"tokens": [], "input_pos": [], "seq_lens": []}
+
+
+def _empty_buffer() -> Dict[str, list]:
+    """Tokens read but not yet in a pack, their positions, and their samples' lengths."""
+    return {"tokens": [], "input_pos": [], "seq_lens": []}
 
 
 class TextPacks(Dataset):
@@ -61,7 +65,7 @@ class TextPacks(Dataset):
         self._blocks: List[Dict[str, torch.Tensor]] = []  # sealed blocks of up to BLOCK packs
         self._starts: List[int] = [0]  # index of each block's first pack, then the count
         self._open: List[Dict[str, Any]] = []  # packs of the block being filled
-        self._buffer: Dict[str, list] = dict(_EMPTY_BUFFER)  # tokens read but not yet in a pack
+        self._buffer: Dict[str, list] = _empty_buffer()  # tokens read but not yet in a pack
         self.exhausted = False  # every document is in a pack
         self.cache, self._saved_len = cache, -1
         self.cached = 0  # packs read from the cache file
@@ -89,7 +93,7 @@ class TextPacks(Dataset):
                 self.exhausted = True
                 if buf["tokens"]:
                     self._add(buf["tokens"], buf["input_pos"], buf["seq_lens"])
-                    self._buffer = dict(_EMPTY_BUFFER)
+                    self._buffer = _empty_buffer()
                 break
             i = self._order[self._next]
             self._next += 1
