@@ -293,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     # ``plan CONFIG --world-size 8 key=value``: argparse stops the overrides at the first option, so
     # overrides typed after an option come back unparsed; they are overrides all the same.
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and hasattr(args, "overrides") and all(("=" in e or e.startswith("~")) and not e.startswith("-")
+                                                    for e in extra):  # key=value, or ~key (delete it)
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -224,3 +224,24 @@ def packed_text_dataset(
 
 
 _PROBE = "Packed text, 2024: naïve café — 東京 🙂 def f(x):\n\treturn x ** 2  # ok"
+
+
+OURS = "adapt_prune_tune.packing.packed_text_dataset"
+
+
+def whole_corpus_packing(name: str, node: Any) -> Optional[str]:
+    """Why the training dataset ``node`` (config key ``name``) packs its whole corpus when the run
+    starts, and the setting that packs only what the run trains on; ``None`` if it does not."""
+    if not hasattr(node, "get") or node.get("packed", False) is not True:
+        return None
+    component = node.get("_component_")
+    if component == "torchtune.datasets.text_completion_dataset":
+        return (f"{name}: torchtune's text_completion_dataset with packed: True packs the whole corpus on every rank "
+                "before the first step and again at every resume, at 24 bytes a token (SlimPajama-6B: up to ~150 GB "
+                f"and hours a rank); _component_: {OURS} with max_tokens: ${{adapt.total_tokens}} makes the same packs "
+                "of only what the run trains on, at 6 bytes a token, and cache_dir: ${output_dir}/packs keeps them for a resume")
+    if component == OURS and node.get("max_tokens", None) is None:
+        return (f"{name}.max_tokens is null: the whole corpus is packed on every rank before the first step; set it "
+                "to ${adapt.total_tokens} or, with adapt.total_steps, to a number (the recipe packs more if its steps "
+                "need more)")
+    return None

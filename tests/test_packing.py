@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchtune.datasets import PackedDataset, TextCompletionDataset
 
-from adapt_prune_tune.packing import BLOCK, TextPacks, packed_text_dataset
+from adapt_prune_tune.packing import BLOCK, OURS, TextPacks, packed_text_dataset, whole_corpus_packing
 
 
 class Docs(torch.utils.data.Dataset):
@@ -130,3 +130,17 @@ def test_builder_packs_what_it_is_asked_in_a_seeded_order(tmp_path, smollm2_dir)
     everything = packed_text_dataset(tok, packed=True, seed=1, **kw)
     assert everything.exhausted and len(everything) == len(reference)
     assert_same_packs(everything, reference)
+
+
+def test_whole_corpus_packing_is_named_with_the_setting_that_avoids_it():
+    from omegaconf import OmegaConf
+
+    stock = OmegaConf.create({"_component_": "torchtune.datasets.text_completion_dataset", "packed": True})
+    assert "packs the whole corpus on every rank" in whole_corpus_packing("dataset", stock)
+    assert OURS in whole_corpus_packing("dataset", stock)
+    stock.packed = False
+    assert whole_corpus_packing("dataset", stock) is None
+    ours = OmegaConf.create({"_component_": OURS, "packed": True, "max_tokens": None})
+    assert whole_corpus_packing("dataset[1]", ours).startswith("dataset[1].max_tokens is null")
+    ours.max_tokens = 1000
+    assert whole_corpus_packing("dataset", ours) is None

@@ -72,6 +72,12 @@ def test_8b_plans_in_seconds_without_any_files(tmp_path):
     assert json.loads(plan.to_json())["stages"][0]["train_steps"] == plan.stages[0].train_steps
 
 
+def test_the_gpu_configs_pack_only_what_they_train_on(tmp_path):
+    assert not any("whole corpus" in note for note in plan_8b(tmp_path, world_size=8).notes)
+    by_steps = plan_8b(tmp_path, "adapt.total_tokens=null", "adapt.total_steps=1000", world_size=8)
+    assert any(note.startswith("dataset.max_tokens is null: the whole corpus is packed") for note in by_steps.notes)
+
+
 def test_the_papers_1b_recipe_plans_from_its_own_builder(tmp_path):
     """DeepSeek-R1-Distill-Qwen-1.5B -> 1B: the official script's counts, from a builder (no download)."""
     missing = tmp_path / "no-model"
@@ -195,6 +201,10 @@ def test_cli_prints_table_and_json(tmp_path, capsys):
     assert data["world_size"] == 8 and len(data["stages"]) == 10
     main(["plan", "llama3_1/8B_adapt", "--world-size", "8", "adapt.stages=4", "--json"])  # overrides after options
     assert len(json.loads(capsys.readouterr().out)["stages"]) == 4
+    # ~key deletes a key, as for tune run: torchtune's packer instead of ours is named with the fix
+    main(["plan", "llama3_1/8B_adapt", "--world-size", "8", "dataset._component_=torchtune.datasets.text_completion_dataset",
+          "~dataset.max_tokens", "~dataset.seed", "~dataset.cache_dir"])
+    assert "torchtune's text_completion_dataset with packed: True packs the whole corpus" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["plan", "llama3_1/8B_adapt", "--world-sise", "8"])
     assert "unrecognized arguments: --world-sise 8" in capsys.readouterr().err
