@@ -28,7 +28,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -57,7 +57,7 @@ class TextPacks(Dataset):
 
     packed = True  # the stock recipe's collate reads the config's `packed`; this says it for lists
 
-    def __init__(self, ds: Dataset, max_seq_len: int, order: List[int], max_packs: Optional[int] = None,
+    def __init__(self, ds: Dataset, max_seq_len: int, order: Sequence[int], max_packs: Optional[int] = None,
                  padding_idx: int = 0, cache: Optional[Path] = None) -> None:
         self.ds, self.max_seq_len, self.padding_idx = ds, max_seq_len, padding_idx
         self._order, self._next = order, 0  # documents in packing order, and the next one to read
@@ -95,7 +95,7 @@ class TextPacks(Dataset):
                     self._add(buf["tokens"], buf["input_pos"], buf["seq_lens"])
                     self._buffer = _empty_buffer()
                 break
-            i = self._order[self._next]
+            i = int(self._order[self._next])
             self._next += 1
             sample = self.ds[i]
             tokens = list(sample["tokens"])
@@ -206,7 +206,8 @@ def packed_text_dataset(
         return ds
     if tokenizer.max_seq_len is None:
         raise ValueError("packed_text_dataset needs tokenizer.max_seq_len: the length of a pack")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    # A tensor, not a list: 5.5 M documents as Python ints would take ~200 MB a rank.
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).to(torch.int32)
     # At least one pack: the recipe measures a sample before it knows how many its steps need.
     packs = None if max_tokens is None else max(1, math.ceil(int(max_tokens) / tokenizer.max_seq_len))
     cache = None
