@@ -63,8 +63,8 @@ from adapt_prune_tune.data import (
     ChunkSampler,
     calibration_batches,
     changed_data_warning,
-    rank_calibration_batch,
     plan_chunks,
+    rank_calibration_batch,
     repeated_data_warning,
 )
 from adapt_prune_tune.data_checks import dataset_problems as _dataset_problems, run_tokenizer as _run_tokenizer
@@ -573,6 +573,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         from data that changed since (rows added, another ``max_seq_len``), a token budget
         would give another step count, and with it other stage lengths, checkpoint chunks and
         LR schedule than the ones the checkpoint's position and scheduler state belong to.
+        Packed text (``packing.TextPacks``) is topped up here to the packs the steps consume.
         """
         mean_len = mean_sample_length(dataset, self.seed)
         recorded = (self._resume_state or {}).get("recipe", {}).get("data")
