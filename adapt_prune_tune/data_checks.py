@@ -60,6 +60,14 @@ def run_datasets(cfg: DictConfig) -> Iterator[Tuple[str, Any]]:
         yield "pruning.calibration.dataset", calibration.dataset
 
 
+def whole_corpus_packings(cfg: DictConfig) -> List[str]:
+    """The training datasets that pack their whole corpus at start, each with the fix (``packing``)."""
+    from adapt_prune_tune.packing import whole_corpus_packing
+
+    found = (whole_corpus_packing(name, node) for name, node in run_datasets(cfg) if name != "pruning.calibration.dataset")
+    return [f for f in found if f]
+
+
 def data_problems(cfg: DictConfig) -> List[str]:
     """Local training / calibration data files and held-out texts exist."""
     problems = []

@@ -110,9 +110,8 @@ from adapt_prune_tune.config_checks import (
     steps_for_tokens,
 )
 from adapt_prune_tune.data import rank_calibration_batch
-from adapt_prune_tune.data_checks import dataset_location, dataset_problems, run_datasets
+from adapt_prune_tune.data_checks import dataset_location, dataset_problems, run_datasets, whole_corpus_packings
 from adapt_prune_tune.models import DecoderArch
-from adapt_prune_tune.packing import whole_corpus_packing
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 
 GIB = float(1 << 30)
@@ -659,9 +658,7 @@ def _note_hub_sources(cfg: DictConfig, notes: List[str]) -> None:
             f"{' and '.join(names)}: {source} from the Hugging Face Hub: needs network or the HF cache where "
             "the run starts (not checked here)"
         )
-    for name, node in run_datasets(cfg):
-        if name != "pruning.calibration.dataset" and (packing := whole_corpus_packing(name, node)):
-            notes.append(packing)
+    notes += whole_corpus_packings(cfg)
 
 
 def _mean_sample_len(cfg: DictConfig, tokenizer, seed: int, given: Optional[float]) -> Tuple[Optional[float], str]:

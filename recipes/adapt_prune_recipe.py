@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 import torch
 import torch.distributed as dist
 import torchtune
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtune import config, training, utils
 
@@ -67,7 +67,11 @@ from adapt_prune_tune.data import (
     rank_calibration_batch,
     repeated_data_warning,
 )
-from adapt_prune_tune.data_checks import dataset_problems as _dataset_problems, run_tokenizer as _run_tokenizer
+from adapt_prune_tune.data_checks import (
+    dataset_problems as _dataset_problems,
+    run_tokenizer as _run_tokenizer,
+    whole_corpus_packings,
+)
 from adapt_prune_tune.distillation import (
     DistillationLoss,
     Teacher,
@@ -84,7 +88,7 @@ from adapt_prune_tune.errors import (
     memory_advice,
 )
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
-from adapt_prune_tune.packing import TextPacks, whole_corpus_packing
+from adapt_prune_tune.packing import TextPacks
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
@@ -530,10 +534,8 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
 
     def _setup_data(self, cfg_dataset, shuffle, batch_size, collate_fn, dataloader_state_dict=None):
         """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
-        for i, node in enumerate(cfg_dataset if isinstance(cfg_dataset, ListConfig) else [cfg_dataset]):
-            name = f"dataset[{i}]" if isinstance(cfg_dataset, ListConfig) else "dataset"
-            if packing := whole_corpus_packing(name, node):  # said before the wait, not after
-                utils.log_rank_zero(log, packing, level=logging.WARNING)
+        for packing in whole_corpus_packings(self._cfg):  # said before the wait, not after
+            utils.log_rank_zero(log, packing, level=logging.WARNING)
         stock = super()._setup_data(cfg_dataset, shuffle, batch_size, collate_fn)
         dataset = stock.dataset
         samples_per_step = batch_size * self._gradient_accumulation_steps * self.dp_size
