@@ -17,7 +17,9 @@ for a run that trains on 1 B tokens.
 * stores tokens as int32 and positions as int16 in blocks of packs (6 bytes per token), and
   rebuilds torchtune's int64 pack (labels = tokens, padding ignored) when a sample is read;
 * with ``cache_dir``, keeps the packs in a file there that a resumed run (and every rank on a
-  filesystem they share) maps instead of tokenizing again.
+  filesystem they share) maps instead of tokenizing again;
+* tokenizes in worker processes when there is much to pack (``tokenize_workers``), and cuts the
+  tokens into packs with tensor operations rather than per-token Python.
 """
 
 from __future__ import annotations
@@ -26,22 +28,177 @@ import bisect
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import time
+from array import array
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
+from torchtune import utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import TextCompletionDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+log = utils.get_logger("INFO")
+
 BLOCK = 1024  # packs per storage block: few tensors for a million packs, little slack per block
+CHUNK = 64  # samples a tokenizing worker reads per task: ~64 k tokens, far above the task overhead
+POOL_MIN_TOKENS = 16_000_000  # below this, tokenizing here beats starting worker processes (~20 s on 2 cores)
+PROGRESS_EVERY_S = 60.0
 
 
-def _empty_buffer() -> Dict[str, list]:
-    """Tokens read but not yet in a pack, their positions, and their samples' lengths."""
-    return {"tokens": [], "input_pos": [], "seq_lens": []}
+def _empty_buffer(pos_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Tokens read but not yet in a pack, their positions, and the lengths of their samples' pieces."""
+    return {"tokens": torch.zeros(0, dtype=torch.int32), "input_pos": torch.zeros(0, dtype=pos_dtype),
+            "seq_lens": torch.zeros(0, dtype=torch.int64)}
+
+
+def cut_packs(tokens: torch.Tensor, input_pos: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+              packs: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The first ``packs`` packs of a token stream, and the rest of the stream.
+
+    With ``split_across_pack`` a pack is simply the next ``max_seq_len`` tokens of the samples
+    laid end to end: what is left to work out is which pieces of samples each pack holds (a
+    sample cut by a pack boundary counts as one sequence on each side). ``seq_lens``: the
+    lengths of the stream's pieces of samples, in order (they sum to ``len(tokens)``).
+    """
+    cut = packs * max_seq_len
+    ends = seq_lens.cumsum(0)
+    bounds = torch.unique(torch.cat([ends[(ends > 0) & (ends < cut)], torch.arange(max_seq_len, cut + 1, max_seq_len)]))
+    starts = torch.cat([bounds.new_zeros(1), bounds[:-1]])
+    per_pack = torch.bincount(torch.div(starts, max_seq_len, rounding_mode="floor"), minlength=packs)
+    left_ends = ends[ends > cut] - cut
+    block = {
+        "tokens": tokens[:cut].view(packs, max_seq_len).clone(),
+        "input_pos": input_pos[:cut].view(packs, max_seq_len).clone(),
+        "seq_lens": (bounds - starts).to(torch.int32),
+        "seq_offsets": torch.cat([per_pack.new_zeros(1), per_pack.cumsum(0)]).to(torch.int32),
+        "pad": torch.zeros(packs, dtype=torch.int32),
+    }
+    rest = {"tokens": tokens[cut:].clone(), "input_pos": input_pos[cut:].clone(),
+            "seq_lens": torch.diff(left_ends, prepend=left_ends.new_zeros(1))}
+    return block, rest
+
+
+def sample_positions(lengths: torch.Tensor, max_seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's position in its sample, as torchtune packs them (modulo ``max_seq_len``)."""
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return ((torch.arange(int(lengths.sum())) - starts) % max_seq_len).to(dtype)
+
+
+def read_samples(ds: Dataset, indices: Sequence[int]) -> Tuple[bytes, List[int]]:
+    """The tokens of ``ds``'s samples ``indices``, end to end as int32 bytes, and their lengths.
+
+    Bytes because this is what a tokenizing worker process sends back: 4 bytes a token,
+    where a pickled list of ints takes about twice that and far longer to build.
+    """
+    flat, lengths = array("i"), []
+    for i in indices:
+        sample = ds[int(i)]
+        tokens = sample["tokens"]
+        if list(sample["labels"]) != list(tokens):
+            raise ValueError("packed_text_dataset packs text completion samples (labels = tokens); "
+                             f"sample {int(i)} has other labels: use torchtune's packed=True for this dataset")
+        flat.extend(tokens)
+        lengths.append(len(tokens))
+    return flat.tobytes(), lengths
+
+
+_WORKER_DS: Optional[Dataset] = None  # a tokenizing worker's copy of the dataset
+
+
+def _start_worker(ds: Dataset) -> None:
+    global _WORKER_DS
+    torch.set_num_threads(1)  # it tokenizes; the node's cores are shared among many workers
+    _WORKER_DS = ds
+
+
+def _worker_read(indices: List[int]) -> Tuple[bytes, List[int]]:
+    return read_samples(_WORKER_DS, indices)
+
+
+class _Samples:
+    """The samples from ``order[start]`` on, a chunk at a time, tokenized here or, with
+    ``workers`` > 1, by that many worker processes a few chunks ahead, delivered in order.
+
+    Workers are spawned (not forked: the training process may hold CUDA and NCCL threads),
+    each with its own copy of the dataset (a memory-mapped Arrow table pickles as its path).
+    Chunks read ahead and not taken are dropped when the reader closes.
+    """
+
+    def __init__(self, ds: Dataset, order: Sequence[int], start: int, workers: int) -> None:
+        self.ds, self.order, self.start = ds, order, start
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._ahead: Deque[Future] = deque()
+        self._submitted = start
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(ds,))
+            self._depth = 4 * workers
+
+    def _chunk(self, first: int) -> List[int]:
+        return [int(i) for i in self.order[first : first + CHUNK]]
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """The next chunk's tokens (int32), sample lengths, and how many samples it holds."""
+        if self._pool is None:
+            data, lengths = read_samples(self.ds, self._chunk(self.start))
+        else:
+            while len(self._ahead) < self._depth and self._submitted < len(self.order):
+                self._ahead.append(self._pool.submit(_worker_read, self._chunk(self._submitted)))
+                self._submitted += CHUNK
+            try:
+                data, lengths = self._ahead.popleft().result()
+            except BrokenProcessPool as e:
+                raise RuntimeError(
+                    "a process tokenizing the training text died. Spawned processes import the main script again: "
+                    "a script that packs text must keep its top level under `if __name__ == \"__main__\":`; "
+                    "or set the dataset's tokenize_workers: 0 to tokenize in the training process"
+                ) from e
+        self.start += len(lengths)
+        tokens = torch.frombuffer(bytearray(data), dtype=torch.int32) if data else torch.zeros(0, dtype=torch.int32)
+        return tokens, torch.tensor(lengths, dtype=torch.int64), len(lengths)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tokenize_workers(tokens_to_go: float, workers: Optional[int]) -> int:
+    """How many processes tokenize: ``workers`` if set, else none for less than
+    ``POOL_MIN_TOKENS`` (starting them costs seconds) and otherwise the CPUs this process may
+    use, shared with the other ranks on its node (``LOCAL_WORLD_SIZE``, which torchrun sets)."""
+    if workers is not None:
+        return int(workers)
+    if tokens_to_go < POOL_MIN_TOKENS:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+class _Progress:
+    """Says, on the first rank and at most once a minute, how far a long packing has come."""
+
+    def __init__(self, done: int, packs: Optional[int], max_seq_len: int, workers: int) -> None:
+        self.first, self.packs, self.max_seq_len, self.workers = done, packs, max_seq_len, workers
+        self.t0 = self.last = time.monotonic()
+        self.quiet = int(os.environ.get("RANK", "0")) != 0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.quiet or now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = (done - self.first) * self.max_seq_len / (now - self.t0)
+        of = "" if self.packs is None else f" of {self.packs:,} ({100 * done / self.packs:.0f} %)"
+        by = f"{self.workers} tokenizing processes" if self.workers > 1 else "tokenizing in this process"
+        log.info(f"packing training text: {done:,} packs{of}, {rate / 1e6:.2f} M tokens/s, {by}")
 
 
 class TextPacks(Dataset):
@@ -52,20 +209,20 @@ class TextPacks(Dataset):
     ``max_packs`` and resumes where it stopped on :meth:`grow_to`. ``ds``'s samples must have
     labels equal to their tokens (text completion), which lets a pack store its tokens once.
     ``cache``: a file holding packs of this corpus, order and length (a previous run's), read
-    instead of packing them again; :meth:`save` writes it.
+    instead of packing them again; :meth:`save` writes it. ``workers``: processes that tokenize
+    (:func:`tokenize_workers`; ``None`` decides by the amount to pack).
     """
 
     packed = True  # the stock recipe's collate reads the config's `packed`; this says it for lists
 
     def __init__(self, ds: Dataset, max_seq_len: int, order: Sequence[int], max_packs: Optional[int] = None,
-                 padding_idx: int = 0, cache: Optional[Path] = None) -> None:
-        self.ds, self.max_seq_len, self.padding_idx = ds, max_seq_len, padding_idx
+                 padding_idx: int = 0, cache: Optional[Path] = None, workers: Optional[int] = None) -> None:
+        self.ds, self.max_seq_len, self.padding_idx, self.workers = ds, max_seq_len, padding_idx, workers
         self._order, self._next = order, 0  # documents in packing order, and the next one to read
         self._pos_dtype = torch.int16 if max_seq_len <= torch.iinfo(torch.int16).max + 1 else torch.int32
-        self._blocks: List[Dict[str, torch.Tensor]] = []  # sealed blocks of up to BLOCK packs
+        self._blocks: List[Dict[str, torch.Tensor]] = []  # blocks of up to BLOCK packs
         self._starts: List[int] = [0]  # index of each block's first pack, then the count
-        self._open: List[Dict[str, Any]] = []  # packs of the block being filled
-        self._buffer: Dict[str, list] = _empty_buffer()  # tokens read but not yet in a pack
+        self._buffer = _empty_buffer(self._pos_dtype)  # tokens read but not yet in a pack
         self.exhausted = False  # every document is in a pack
         self.cache, self._saved_len = cache, -1
         self.cached = 0  # packs read from the cache file
@@ -78,64 +235,53 @@ class TextPacks(Dataset):
 
     def grow_to(self, packs: Optional[int]) -> None:
         """Pack further until there are ``packs`` packs (``None``: the whole corpus) or the
-        corpus is used up."""
-        while not self.exhausted and (packs is None or len(self) + len(self._open) < packs):
-            buf = self._buffer
-            if len(buf["tokens"]) > self.max_seq_len:  # a full pack, and the overflow carried on
-                head = self.max_seq_len - sum(buf["seq_lens"][:-1])  # the overflowing sample's part here
-                self._add(buf["tokens"][: self.max_seq_len], buf["input_pos"][: self.max_seq_len],
-                          buf["seq_lens"][:-1] + ([head] if head > 0 else []))
-                rest = buf["tokens"][self.max_seq_len :]
-                self._buffer = {"tokens": rest, "input_pos": buf["input_pos"][self.max_seq_len :],
-                                "seq_lens": [len(rest)]}
-                continue
-            if self._next == len(self._order):  # the corpus is used up: its last, partial pack
-                self.exhausted = True
-                if buf["tokens"]:
-                    self._add(buf["tokens"], buf["input_pos"], buf["seq_lens"])
-                    self._buffer = _empty_buffer()
-                break
-            i = int(self._order[self._next])
-            self._next += 1
-            sample = self.ds[i]
-            tokens = list(sample["tokens"])
-            if list(sample["labels"]) != tokens:
-                raise ValueError("packed_text_dataset packs text completion samples (labels = tokens); "
-                                 f"sample {i} has other labels: use torchtune's packed=True for this dataset")
-            self._buffer = {"tokens": buf["tokens"] + tokens,
-                            "input_pos": buf["input_pos"] + [x % self.max_seq_len for x in range(len(tokens))],
-                            "seq_lens": buf["seq_lens"] + [len(tokens)]}
-        self._seal()
-
-    def _add(self, tokens: List[int], input_pos: List[int], seq_lens: List[int]) -> None:
-        """One pack, padded as torchtune pads it: padding as a last sequence, positions going on."""
-        pad = self.max_seq_len - len(tokens)
-        if pad:
-            last = input_pos[-1]
-            input_pos = input_pos + [min(last + 1 + k, self.max_seq_len - 1) for k in range(pad)]
-            tokens = tokens + [self.padding_idx] * pad
-            seq_lens = seq_lens + [pad]
-        # As tensors at once: a block's packs as Python lists would hold ~70 bytes per token.
-        self._open.append({"tokens": torch.tensor(tokens, dtype=torch.int32),
-                           "input_pos": torch.tensor(input_pos, dtype=self._pos_dtype),
-                           "seq_lens": torch.tensor(seq_lens, dtype=torch.int32), "pad": pad})
-        if len(self._open) == BLOCK:
-            self._seal()
-
-    def _seal(self) -> None:
-        """Turn the open packs into one storage block."""
-        if not self._open:
+        corpus is used up, a block of packs at a time."""
+        if self.exhausted or (packs is not None and len(self) >= packs):
             return
-        counts = torch.tensor([0] + [len(p["seq_lens"]) for p in self._open])
-        self._blocks.append({
-            "tokens": torch.stack([p["tokens"] for p in self._open]),
-            "input_pos": torch.stack([p["input_pos"] for p in self._open]),
-            "seq_lens": torch.cat([p["seq_lens"] for p in self._open]),
-            "seq_offsets": counts.cumsum(0).to(torch.int32),
-            "pad": torch.tensor([p["pad"] for p in self._open], dtype=torch.int32),
-        })
-        self._starts.append(self._starts[-1] + len(self._open))
-        self._open = []
+        to_go = (len(self._order) - self._next if packs is None else packs - len(self)) * self.max_seq_len
+        workers = tokenize_workers(to_go, self.workers)
+        reader = _Samples(self.ds, self._order, self._next, workers)
+        report = _Progress(len(self), packs, self.max_seq_len, workers)
+        if workers > 1 and not report.quiet:
+            log.info(f"packing training text: {to_go / 1e6:,.0f} M tokens at most, tokenized by {workers} processes")
+        try:
+            while not self.exhausted and (packs is None or len(self) < packs):
+                want = BLOCK if packs is None else min(BLOCK, packs - len(self))
+                pieces, have = [self._buffer], len(self._buffer["tokens"])
+                while have < want * self.max_seq_len and reader.start < len(self._order):
+                    tokens, lengths, _ = reader.next()
+                    pieces.append({"tokens": tokens, "input_pos": sample_positions(lengths, self.max_seq_len, self._pos_dtype),
+                                   "seq_lens": lengths})
+                    have += len(tokens)
+                stream = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+                self._next = reader.start
+                pad = 0
+                if have < want * self.max_seq_len:  # the corpus is used up: its last pack is padded
+                    self.exhausted = True
+                    want = math.ceil(have / self.max_seq_len)
+                    pad = want * self.max_seq_len - have
+                    if pad:
+                        stream = self._padded(stream, pad)
+                if want:
+                    block, self._buffer = cut_packs(stream["tokens"], stream["input_pos"], stream["seq_lens"],
+                                                    self.max_seq_len, want)
+                    block["pad"][-1] = pad
+                    self._blocks.append(block)
+                    self._starts.append(self._starts[-1] + want)
+                    report(len(self))
+        finally:
+            reader.close()
+
+    def _padded(self, stream: Dict[str, torch.Tensor], pad: int) -> Dict[str, torch.Tensor]:
+        """The stream's last, partial pack padded as torchtune pads it: padding as one more
+        sequence, its positions going on from the last token's (up to ``max_seq_len - 1``)."""
+        last = int(stream["input_pos"][-1])
+        return {
+            "tokens": torch.cat([stream["tokens"], torch.full((pad,), self.padding_idx, dtype=torch.int32)]),
+            "input_pos": torch.cat([stream["input_pos"],
+                                    (last + 1 + torch.arange(pad)).clamp(max=self.max_seq_len - 1).to(self._pos_dtype)]),
+            "seq_lens": torch.cat([stream["seq_lens"], torch.tensor([pad])]),
+        }
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         if idx < 0:
@@ -159,7 +305,7 @@ class TextPacks(Dataset):
         if self.cache is None or self._saved_len == len(self):
             return
         state = {"blocks": self._blocks, "next": self._next, "exhausted": self.exhausted,
-                 "buffer": json.dumps(self._buffer)}
+                 "buffer": json.dumps({k: v.tolist() for k, v in self._buffer.items()})}
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache.with_name(f"{self.cache.name}.tmp{os.getpid()}")
         torch.save(state, tmp)
@@ -172,7 +318,8 @@ class TextPacks(Dataset):
         for block in self._blocks:
             self._starts.append(self._starts[-1] + block["tokens"].size(0))
         self._next, self.exhausted = int(state["next"]), bool(state["exhausted"])
-        self._buffer = json.loads(state["buffer"])
+        dtypes = {"tokens": torch.int32, "input_pos": self._pos_dtype, "seq_lens": torch.int64}
+        self._buffer = {k: torch.tensor(v, dtype=dtypes[k]) for k, v in json.loads(state["buffer"]).items()}
         self._saved_len = self.cached = len(self)
 
 
@@ -188,6 +335,7 @@ def packed_text_dataset(
     cache_dir: Optional[str] = None,
     add_eos: bool = True,
     filter_fn: Optional[Callable] = None,
+    tokenize_workers: Optional[int] = None,
     **load_dataset_kwargs: Any,
 ) -> Union[TextPacks, TextCompletionDataset]:
     """Pre-training text packed into ``tokenizer.max_seq_len`` tokens, ``max_tokens`` worth.
@@ -195,7 +343,9 @@ def packed_text_dataset(
     ``text_completion_dataset``'s arguments (each document is cut at ``max_seq_len`` as there),
     plus ``max_tokens`` (``None``: the whole corpus, as torchtune packs; the recipe packs more
     when its steps need more), ``seed`` (the documents' order) and ``cache_dir`` (where the
-    packs are kept for a resumed run; the packaged configs use ``${output_dir}/packs``).
+    packs are kept for a resumed run; the packaged configs use ``${output_dir}/packs``) and
+    ``tokenize_workers`` (processes that tokenize; ``None``: this rank's share of the node's
+    CPUs once there are millions of tokens to pack, see :func:`tokenize_workers`).
     ``packed`` has no default because the stock recipe reads it from the config to pick the
     collate (document masks for packs): ``False`` gives the documents unpacked, as
     ``text_completion_dataset`` does.
@@ -221,7 +371,7 @@ def packed_text_dataset(
         }
         key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         cache = Path(cache_dir).expanduser() / f"packs-{key}.pt"
-    return TextPacks(ds, tokenizer.max_seq_len, order, max_packs=packs, cache=cache)
+    return TextPacks(ds, tokenizer.max_seq_len, order, max_packs=packs, cache=cache, workers=tokenize_workers)
 
 
 _PROBE = "Packed text, 2024: naïve café — 東京 🙂 def f(x):\n\treturn x ** 2  # ok"

@@ -144,3 +144,40 @@ def test_whole_corpus_packing_is_named_with_the_setting_that_avoids_it():
     assert whole_corpus_packing("dataset[1]", ours).startswith("dataset[1].max_tokens is null")
     ours.max_tokens = 1000
     assert whole_corpus_packing("dataset", ours) is None
+
+
+def test_worker_processes_make_the_same_packs():
+    ds = Docs(LENGTHS * 40)  # 560 samples: several chunks a worker, read ahead and dropped at the end
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3)).tolist()
+    here = TextPacks(ds, 37, order)
+    pooled = TextPacks(ds, 37, order, max_packs=30, workers=2)
+    assert len(pooled) == 30 and not pooled.exhausted
+    pooled.grow_to(None)  # on from where the pool stopped, though it had read further ahead
+    assert pooled.exhausted
+    assert_same_packs(pooled, here)
+
+
+def test_tokenizing_processes_share_the_node(monkeypatch):
+    from adapt_prune_tune.packing import POOL_MIN_TOKENS, tokenize_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert tokenize_workers(POOL_MIN_TOKENS, None) == 4  # 32 CPUs among 8 ranks
+    assert tokenize_workers(POOL_MIN_TOKENS - 1, None) == 0  # too little to be worth starting processes
+    assert tokenize_workers(10, 3) == 3  # as set
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert tokenize_workers(POOL_MIN_TOKENS, None) == 0
+
+
+class Dies(Docs):
+    """A sample whose reading kills the process reading it, as a crash or the OOM killer would."""
+
+    def __getitem__(self, i):
+        import os
+
+        os._exit(3)
+
+
+def test_a_dying_worker_is_named_with_the_fix():
+    with pytest.raises(RuntimeError, match="tokenize_workers: 0"):
+        TextPacks(Dies([5, 5]), 16, [0, 1], workers=2)
