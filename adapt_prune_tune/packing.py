@@ -51,6 +51,8 @@ BLOCK = 1024  # packs per storage block: few tensors for a million packs, little
 CHUNK = 64  # samples a tokenizing worker reads per task: ~64 k tokens, far above the task overhead
 POOL_MIN_TOKENS = 16_000_000  # below this, tokenizing here beats starting worker processes (~20 s on 2 cores)
 PROGRESS_EVERY_S = 60.0
+WAIT_POLL_S = 2.0  # how often a rank waiting for its node's packs looks at the cache file
+WAIT_WARN_S = 600.0  # a rank that has not seen the file by then says what may be wrong
 
 
 def _empty_buffer(pos_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -170,16 +172,21 @@ class _Samples:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def tokenize_workers(tokens_to_go: float, workers: Optional[int]) -> int:
+def tokenize_workers(tokens_to_go: float, workers: Optional[int], share: bool = True) -> int:
     """How many processes tokenize: ``workers`` if set, else none for less than
     ``POOL_MIN_TOKENS`` (starting them costs seconds) and otherwise the CPUs this process may
-    use, shared with the other ranks on its node (``LOCAL_WORLD_SIZE``, which torchrun sets)."""
+    use: all of them if the launcher pinned it to its own, or if it packs for the whole node
+    (``share`` false), else its part of the node's, shared with the node's other ranks
+    (``LOCAL_WORLD_SIZE``, which torchrun sets)."""
     if workers is not None:
         return int(workers)
     if tokens_to_go < POOL_MIN_TOKENS:
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    node = os.cpu_count() or 1
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    if not share or mine < node:
+        return mine
+    return mine // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class _Progress:
@@ -210,14 +217,21 @@ class TextPacks(Dataset):
     labels equal to their tokens (text completion), which lets a pack store its tokens once.
     ``cache``: a file holding packs of this corpus, order and length (a previous run's), read
     instead of packing them again; :meth:`save` writes it. ``workers``: processes that tokenize
-    (:func:`tokenize_workers`; ``None`` decides by the amount to pack).
+    (:func:`tokenize_workers`; ``None`` decides by the amount to pack). ``node_rank``: this
+    process's (rank, ranks) on its node: with a ``cache``, the node's rank 0 packs, with all the
+    node's CPUs, and writes the file, and the others wait for it and read it.
     """
 
     packed = True  # the stock recipe's collate reads the config's `packed`; this says it for lists
 
     def __init__(self, ds: Dataset, max_seq_len: int, order: Sequence[int], max_packs: Optional[int] = None,
-                 padding_idx: int = 0, cache: Optional[Path] = None, workers: Optional[int] = None) -> None:
+                 padding_idx: int = 0, cache: Optional[Path] = None, workers: Optional[int] = None,
+                 node_rank: Optional[Tuple[int, int]] = None) -> None:
         self.ds, self.max_seq_len, self.padding_idx, self.workers = ds, max_seq_len, padding_idx, workers
+        # With ranks beside it on the node and a cache file, one rank packs and writes, the others read.
+        local_rank, local_world = node_rank or (0, 1)
+        self.shares = cache is not None and local_world > 1
+        self.packs_here = not self.shares or local_rank == 0
         self._order, self._next = order, 0  # documents in packing order, and the next one to read
         self._pos_dtype = torch.int16 if max_seq_len <= torch.iinfo(torch.int16).max + 1 else torch.int32
         self._blocks: List[Dict[str, torch.Tensor]] = []  # blocks of up to BLOCK packs
@@ -235,11 +249,26 @@ class TextPacks(Dataset):
 
     def grow_to(self, packs: Optional[int]) -> None:
         """Pack further until there are ``packs`` packs (``None``: the whole corpus) or the
-        corpus is used up, a block of packs at a time."""
+        corpus is used up, a block of packs at a time; or, on a rank that does not pack, wait
+        for the rank that does to have written them."""
         if self.exhausted or (packs is not None and len(self) >= packs):
             return
+        if not self.packs_here:
+            self._wait_for(packs)
+            return
+        self._pack(packs)
+        if self.shares:
+            try:
+                self.save()
+            except OSError as e:
+                raise OSError(e.errno, f"the packed training text could not be written to {self.cache}, where the "
+                              f"node's other ranks wait for it ({e.strerror}): give the dataset's cache_dir room "
+                              f"(6 bytes a token) or set it to null for every rank to pack its own") from e
+
+    def _pack(self, packs: Optional[int]) -> None:
+        """Tokenize and cut packs here until there are ``packs`` (``None``: all) or the corpus ends."""
         to_go = (len(self._order) - self._next if packs is None else packs - len(self)) * self.max_seq_len
-        workers = tokenize_workers(to_go, self.workers)
+        workers = tokenize_workers(to_go, self.workers, share=not self.shares)
         reader = _Samples(self.ds, self._order, self._next, workers)
         report = _Progress(len(self), packs, self.max_seq_len, workers)
         if workers > 1 and not report.quiet:
@@ -308,19 +337,54 @@ class TextPacks(Dataset):
                  "buffer": json.dumps({k: v.tolist() for k, v in self._buffer.items()})}
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache.with_name(f"{self.cache.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.cache)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.cache)
+        finally:
+            tmp.unlink(missing_ok=True)  # a partial file, when writing failed
         self._saved_len = len(self)
 
     def _load(self, path: Path) -> None:
-        state = torch.load(path, mmap=True, weights_only=True)  # pages are read as packs are
+        self._adopt(torch.load(path, mmap=True, weights_only=True))  # pages are read as packs are
+
+    def _adopt(self, state: Dict[str, Any]) -> None:
+        """Take the packs and packing position of a cache file's ``state``."""
         self._blocks = state["blocks"]
+        self._starts = [0]
         for block in self._blocks:
             self._starts.append(self._starts[-1] + block["tokens"].size(0))
         self._next, self.exhausted = int(state["next"]), bool(state["exhausted"])
         dtypes = {"tokens": torch.int32, "input_pos": self._pos_dtype, "seq_lens": torch.int64}
         self._buffer = {k: torch.tensor(v, dtype=dtypes[k]) for k, v in json.loads(state["buffer"]).items()}
         self._saved_len = self.cached = len(self)
+
+    def _wait_for(self, packs: Optional[int]) -> None:
+        """Take the packs from the cache file once the node's packing rank has written enough.
+
+        Polls the file rather than waiting in a collective: packing can take longer than a
+        collective's timeout. The packing rank writes each file whole (a rename), and a rank that
+        fails takes the others down with it (torchrun stops a failed run's processes).
+        """
+        seen, since = None, time.monotonic()
+        while True:
+            try:
+                stat = self.cache.stat()
+                mark = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            except FileNotFoundError:
+                mark = None
+            if mark is None and since is not None and time.monotonic() - since > WAIT_WARN_S:
+                since = None
+                log.warning(f"still waiting for {self.cache}, which the node's rank 0 writes once it has packed the "
+                            "training text; if this rank does not see the files that one writes, give the dataset a "
+                            "cache_dir the node's ranks share, or null for every rank to pack its own")
+            if mark is not None and mark != seen:
+                seen = mark
+                state = torch.load(self.cache, mmap=True, weights_only=True)
+                have = sum(block["tokens"].size(0) for block in state["blocks"])
+                if bool(state["exhausted"]) or (packs is not None and have >= packs):
+                    self._adopt(state)
+                    return
+            time.sleep(WAIT_POLL_S)
 
 
 def packed_text_dataset(
@@ -342,10 +406,11 @@ def packed_text_dataset(
 
     ``text_completion_dataset``'s arguments (each document is cut at ``max_seq_len`` as there),
     plus ``max_tokens`` (``None``: the whole corpus, as torchtune packs; the recipe packs more
-    when its steps need more), ``seed`` (the documents' order) and ``cache_dir`` (where the
-    packs are kept for a resumed run; the packaged configs use ``${output_dir}/packs``) and
-    ``tokenize_workers`` (processes that tokenize; ``None``: this rank's share of the node's
-    CPUs once there are millions of tokens to pack, see :func:`tokenize_workers`).
+    when its steps need more), ``seed`` (the documents' order), ``cache_dir`` (where the
+    packs are kept for a resumed run and, under torchrun, written by the node's first rank for
+    the others to read; the packaged configs use ``${output_dir}/packs``) and
+    ``tokenize_workers`` (processes that tokenize; ``None``: the packing rank's CPUs once there
+    are millions of tokens to pack, see :func:`tokenize_workers`).
     ``packed`` has no default because the stock recipe reads it from the config to pick the
     collate (document masks for packs): ``False`` gives the documents unpacked, as
     ``text_completion_dataset`` does.
@@ -371,7 +436,9 @@ def packed_text_dataset(
         }
         key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         cache = Path(cache_dir).expanduser() / f"packs-{key}.pt"
-    return TextPacks(ds, tokenizer.max_seq_len, order, max_packs=packs, cache=cache, workers=tokenize_workers)
+    node_rank = (int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return TextPacks(ds, tokenizer.max_seq_len, order, max_packs=packs, cache=cache, workers=tokenize_workers,
+                     node_rank=node_rank)
 
 
 _PROBE = "Packed text, 2024: naïve café — 東京 🙂 def f(x):\n\treturn x ** 2  # ok"

@@ -161,12 +161,16 @@ def test_tokenizing_processes_share_the_node(monkeypatch):
     from adapt_prune_tune.packing import POOL_MIN_TOKENS, tokenize_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert tokenize_workers(POOL_MIN_TOKENS, None) == 4  # 32 CPUs among 8 ranks
     assert tokenize_workers(POOL_MIN_TOKENS - 1, None) == 0  # too little to be worth starting processes
     assert tokenize_workers(10, 3) == 3  # as set
+    assert tokenize_workers(POOL_MIN_TOKENS, None, share=False) == 32  # it packs for the whole node
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert tokenize_workers(POOL_MIN_TOKENS, None) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 256)  # the launcher pinned this rank to 32 of the node's CPUs
+    assert tokenize_workers(POOL_MIN_TOKENS, None) == 32
 
 
 class Dies(Docs):
@@ -181,3 +185,34 @@ class Dies(Docs):
 def test_a_dying_worker_is_named_with_the_fix():
     with pytest.raises(RuntimeError, match="tokenize_workers: 0"):
         TextPacks(Dies([5, 5]), 16, [0, 1], workers=2)
+
+
+def test_one_rank_of_a_node_packs_and_the_others_read_its_file(tmp_path):
+    import threading
+
+    ds, order, cache = Docs(LENGTHS * 5), list(range(len(LENGTHS) * 5)), tmp_path / "packs.pt"
+    whole = TextPacks(ds, 16, order)
+    waiting = {}
+
+    def other_rank():
+        waiting["packs"] = packs = TextPacks(Untouchable(LENGTHS * 5), 16, order, max_packs=9, cache=cache,
+                                             node_rank=(1, 2))
+        packs.grow_to(None)
+
+    reader = threading.Thread(target=other_rank)
+    reader.start()  # before anything is written: it waits for the file
+    packing = TextPacks(ds, 16, order, max_packs=9, cache=cache, node_rank=(0, 2))
+    assert cache.is_file()  # written for the node at once, not only when the recipe saves
+    packing.grow_to(None)
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    assert_same_packs(waiting["packs"], whole)
+    assert waiting["packs"].exhausted and not waiting["packs"].packs_here
+
+
+def test_a_packing_rank_that_cannot_write_says_so(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory should be
+    with pytest.raises(OSError, match="node's other ranks wait"):
+        TextPacks(Docs(LENGTHS), 16, list(range(len(LENGTHS))), cache=blocked / "packs.pt", node_rank=(0, 4))
+    assert TextPacks(Docs(LENGTHS), 16, list(range(len(LENGTHS))), cache=blocked / "packs.pt").exhausted  # alone: no need

@@ -171,11 +171,13 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
     out = tmp_path / "run"
     # 12 calibration windows under a batch cap of 4: 6 per rank, run as two batches of 3.
     calibration = {"pruning.calibration.num_samples": 12, "pruning.calibration.batch_size": 4}
-    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **calibration)
+    # Packed text: the node's first rank packs and writes it, the other waits for the file and reads it.
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **calibration, **PACKED)
     proc = tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
     assert_ok(proc)
     logs = proc.stdout + proc.stderr
     assert "calibration: 6 windows per rank in batches of 3, the largest divisor of 6 up to" in logs
+    assert "training text: 48 packs of 64 tokens" in logs and len(list((out / "packs").glob("packs-*.pt"))) == 1
     # Every resize checks that both ranks cut identically.
     assert logs.count("architecture identical on all 2 ranks") == 4
     record = json.loads((out / "run_record.json").read_text())
