@@ -51,7 +51,7 @@ from adapt_prune_tune.config_schema import (
     section,
     stage_steps_problem,
 )
-from adapt_prune_tune.data_checks import data_problems
+from adapt_prune_tune.data_checks import data_problems, packed_text_caches
 from adapt_prune_tune.distillation import DistillConfig
 from adapt_prune_tune.errors import error_text
 from adapt_prune_tune.fp8 import fp8_problems
@@ -613,19 +613,47 @@ def output_dir_problems(cfg: DictConfig, schema: SchemaResult, arch: Optional[De
         free = shutil.disk_usage(existing).free
         if overwrite and not resume and out.is_dir():
             free += sum(_size(p) for p in run_outputs(out))  # deleted before the run starts
-        if free < need:
+        packs, elsewhere = packs_on_disk(cfg, existing)
+        problems += elsewhere
+        if free < need + packs:
             keep = (adapt or {}).get("keep_last_checkpoints", 2)
             what = (
                 f"× ({dtype_bytes} + 2 × {moment_bytes}) bytes: weights + 2 AdamW moments" if trains
                 else f"× {dtype_bytes} bytes: weights only, prune only"
             )
             kept = f"up to {keep + 1} of them at once" if keep else "all of them (keep_last_checkpoints=0)"
+            also = f", and the packed training text another ~{packs / GIB:.2f} GiB (6 bytes a token)" if packs else ""
             problems.append(
                 f"output_dir {out}: {free / GIB:.2f} GiB free, but one run checkpoint needs ~{need / GIB:.2f} GiB "
-                f"({arch.num_params():,} parameters {what}); the run keeps {kept}, plus final/: free disk "
+                f"({arch.num_params():,} parameters {what}){also}; the run keeps {kept}, plus final/: free disk "
                 "space or choose another output_dir"
             )
     return problems
+
+
+def packs_on_disk(cfg: DictConfig, output_disk: Path) -> Tuple[int, List[str]]:
+    """Bytes of packed training text to be written on ``output_disk``'s filesystem (counted with
+    the checkpoint), and problems of those that go to another disk without room for them.
+
+    A cache directory that already holds packs (a resumed run's) is taken to have what it needs.
+    """
+    same_disk, problems = 0, []
+    for name, cache_dir, size in packed_text_caches(cfg):
+        if cache_dir.is_dir() and any(cache_dir.glob("packs-*.pt")):
+            continue
+        existing = cache_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{name}.cache_dir {cache_dir} cannot be written ({existing} is not a writable "
+                            "directory): choose another cache_dir, or null for no file (every rank then packs its own)")
+        elif os.stat(existing).st_dev == os.stat(output_disk).st_dev:
+            same_disk += size
+        elif shutil.disk_usage(existing).free < size:
+            problems.append(f"{name}.cache_dir {cache_dir}: {shutil.disk_usage(existing).free / GIB:.2f} GiB free, "
+                            f"but the packed training text needs ~{size / GIB:.2f} GiB (6 bytes a token of "
+                            f"{name}.max_tokens): free disk space or choose another cache_dir")
+    return same_disk, problems
 
 
 def clear_previous_run(cfg: DictConfig) -> List[Path]:

@@ -854,7 +854,9 @@ def render_markdown() -> str:
         "- **Files.** The base checkpoint (`checkpointer.checkpoint_dir` and its `checkpoint_files`), the "
         "tokenizer's files, local data files (`source: json` and the like, with `data_files`) and held-out "
         "texts exist; `output_dir` is writable and its disk has room for one run checkpoint (the weights and "
-        "two AdamW moments, in the training dtype; fp32 moments for torchao's low-bit optimizers).",
+        "two AdamW moments, in the training dtype; fp32 moments for torchao's low-bit optimizers) and for "
+        "packed training text a `cache_dir` will keep (6 bytes a token of `max_tokens`; on another disk, that "
+        "disk has room for it).",
         "- **Earlier runs.** A fresh run does not start in an `output_dir` that holds a run (`checkpoints/` with "
         "a complete checkpoint, `final/` or `run_record.json`): `resume_from_checkpoint=True` continues it, "
         "`overwrite_output_dir=True` replaces it.",

@@ -68,6 +68,19 @@ def whole_corpus_packings(cfg: DictConfig) -> List[str]:
     return [f for f in found if f]
 
 
+def packed_text_caches(cfg: DictConfig) -> List[Tuple[str, Path, int]]:
+    """(name, cache_dir, bytes) of the training datasets that will write packed text to disk."""
+    from adapt_prune_tune.packing import packs_file_bytes
+
+    max_seq_len = section(cfg, "tokenizer").get("max_seq_len", None)
+    caches = []
+    for name, node in run_datasets(cfg):
+        size = None if name == "pruning.calibration.dataset" else packs_file_bytes(node, max_seq_len)
+        if size is not None:
+            caches.append((name, Path(str(node.cache_dir)).expanduser(), size))
+    return caches
+
+
 def data_problems(cfg: DictConfig) -> List[str]:
     """Local training / calibration data files and held-out texts exist."""
     problems = []

@@ -447,6 +447,19 @@ _PROBE = "Packed text, 2024: naïve café — 東京 🙂 def f(x):\n\treturn x 
 OURS = "adapt_prune_tune.packing.packed_text_dataset"
 
 
+def packs_file_bytes(node: Any, max_seq_len: Optional[int]) -> Optional[int]:
+    """What the cache file of the packed training text ``node`` will take on disk, about (its
+    tokens and positions; the per-pack counts add well under 1 %); ``None`` if it keeps none or
+    its size is not known up front (the whole corpus)."""
+    if not hasattr(node, "get") or node.get("_component_") != OURS or node.get("packed", False) is not True:
+        return None
+    max_tokens = node.get("max_tokens", None)
+    if node.get("cache_dir", None) is None or max_tokens is None:
+        return None
+    long = max_seq_len is not None and int(max_seq_len) > torch.iinfo(torch.int16).max + 1
+    return int(max_tokens) * (4 + (4 if long else 2))
+
+
 def whole_corpus_packing(name: str, node: Any) -> Optional[str]:
     """Why the training dataset ``node`` (config key ``name``) packs its whole corpus when the run
     starts, and the setting that packs only what the run trains on; ``None`` if it does not."""

@@ -557,6 +557,24 @@ def test_one_checkpoint_must_fit_on_the_disk(tmp_path, monkeypatch):
     check_inputs(demo_config(tmp_path, "adapt.total_tokens=null", "adapt.total_steps=0"), world_size=1)
 
 
+PACKED_TEXT = ("dataset._component_=adapt_prune_tune.packing.packed_text_dataset", "dataset.packed=True",
+               "dataset.max_tokens=100000000", "dataset.cache_dir=${output_dir}/packs")
+
+
+def test_the_packed_text_must_fit_on_the_disk_too(tmp_path, monkeypatch):
+    class Usage:
+        free = 1.8 * (1 << 30)  # the checkpoint's 1.5 GiB fit; with 100 M tokens of packs (0.56 GiB) they do not
+
+    monkeypatch.setattr(config_checks.shutil, "disk_usage", lambda path: Usage)
+    found = problems_of(demo_config(tmp_path, *PACKED_TEXT))
+    assert len(found) == 1 and "one run checkpoint needs ~1.50 GiB" in found[0]
+    assert "and the packed training text another ~0.56 GiB (6 bytes a token)" in found[0]
+    (tmp_path / "a-file").write_text("")
+    found = problems_of(demo_config(tmp_path, *PACKED_TEXT, f"dataset.cache_dir={tmp_path}/a-file/packs"))
+    assert found == [f"dataset.cache_dir {tmp_path}/a-file/packs cannot be written ({tmp_path}/a-file is not a "
+                     "writable directory): choose another cache_dir, or null for no file (every rank then packs its own)"]
+
+
 # --------------------------------------------------------------------------- earlier runs in output_dir
 
 
