@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from adapt_prune_tune.data import rank_calibration_batch
+
 
 def root_cause(error: BaseException) -> BaseException:
     """The innermost exception of ``error``'s ``__cause__`` chain (``error`` itself without one)."""
@@ -114,7 +116,7 @@ def memory_advice(
     checkpointing = "" if activation_checkpointing else ", or enable_activation_checkpointing=True"
     changes: Dict[str, int] = {}
     if phase == "calibration":
-        smaller = max(d for d in range(1, max(1, calibration_batch // 2) + 1) if calibration_per_rank % d == 0)
+        smaller = rank_calibration_batch(calibration_per_rank, max(1, calibration_batch // 2))  # half, or below
         if smaller < calibration_batch:
             changes["pruning.calibration.batch_size"] = smaller
         return (f"stage {stage}'s calibration pass: lower pruning.calibration.batch_size (now {calibration_batch}; "
