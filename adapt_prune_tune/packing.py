@@ -50,6 +50,7 @@ log = utils.get_logger("INFO")
 BLOCK = 1024  # packs per storage block: few tensors for a million packs, little slack per block
 CHUNK = 64  # samples a tokenizing worker reads per task: ~64 k tokens, far above the task overhead
 POOL_MIN_TOKENS = 16_000_000  # below this, tokenizing here beats starting worker processes (~20 s on 2 cores)
+MAX_AUTO_WORKERS = 64  # a bound on their memory: each holds an interpreter with torch (~0.5 GB)
 PROGRESS_EVERY_S = 60.0
 WAIT_POLL_S = 2.0  # how often a rank waiting for its node's packs looks at the cache file
 WAIT_WARN_S = 600.0  # a rank that has not seen the file by then says what may be wrong
@@ -177,16 +178,16 @@ def tokenize_workers(tokens_to_go: float, workers: Optional[int], share: bool = 
     ``POOL_MIN_TOKENS`` (starting them costs seconds) and otherwise the CPUs this process may
     use: all of them if the launcher pinned it to its own, or if it packs for the whole node
     (``share`` false), else its part of the node's, shared with the node's other ranks
-    (``LOCAL_WORLD_SIZE``, which torchrun sets)."""
+    (``LOCAL_WORLD_SIZE``, which torchrun sets); at most ``MAX_AUTO_WORKERS``."""
     if workers is not None:
         return int(workers)
     if tokens_to_go < POOL_MIN_TOKENS:
         return 0
     node = os.cpu_count() or 1
     mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
-    if not share or mine < node:
-        return mine
-    return mine // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if share and mine == node:
+        mine //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(mine, MAX_AUTO_WORKERS)
 
 
 class _Progress:

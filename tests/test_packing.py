@@ -171,6 +171,8 @@ def test_tokenizing_processes_share_the_node(monkeypatch):
     assert tokenize_workers(POOL_MIN_TOKENS, None) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 256)  # the launcher pinned this rank to 32 of the node's CPUs
     assert tokenize_workers(POOL_MIN_TOKENS, None) == 32
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(256)), raising=False)
+    assert tokenize_workers(POOL_MIN_TOKENS, None, share=False) == 64  # a bound on the processes' memory
 
 
 class Dies(Docs):
