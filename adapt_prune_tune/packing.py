@@ -406,8 +406,9 @@ def packed_text_dataset(
     """Pre-training text packed into ``tokenizer.max_seq_len`` tokens, ``max_tokens`` worth.
 
     ``text_completion_dataset``'s arguments (each document is cut at ``max_seq_len`` as there),
-    plus ``max_tokens`` (``None``: the whole corpus, as torchtune packs; the recipe packs more
-    when its steps need more), ``seed`` (the documents' order), ``cache_dir`` (where the
+    plus ``max_tokens`` (``None``: the whole corpus, as torchtune packs, but the adapt-prune
+    recipe then packs just what its steps consume, and more than ``max_tokens`` when they need
+    more), ``seed`` (the documents' order), ``cache_dir`` (where the
     packs are kept for a resumed run and, under torchrun, written by the node's first rank for
     the others to read; the packaged configs use ``${output_dir}/packs``) and
     ``tokenize_workers`` (processes that tokenize; ``None``: the packing rank's CPUs once there
@@ -472,8 +473,21 @@ def whole_corpus_packing(name: str, node: Any) -> Optional[str]:
                 "before the first step and again at every resume, at 24 bytes a token (SlimPajama-6B: up to ~150 GB "
                 f"and hours a rank); _component_: {OURS} with max_tokens: ${{adapt.total_tokens}} makes the same packs "
                 "of only what the run trains on, at 6 bytes a token, and cache_dir: ${output_dir}/packs keeps them for a resume")
-    if component == OURS and node.get("max_tokens", None) is None:
-        return (f"{name}.max_tokens is null: the whole corpus is packed on every rank before the first step; set it "
-                "to ${adapt.total_tokens} or, with adapt.total_steps, to a number (the recipe packs more if its steps "
-                "need more)")
+    if component == OURS and node.get("max_tokens", None) is None and name != "dataset":
+        return (f"{name}.max_tokens is null: in a list of datasets the recipe cannot size each one, and the whole "
+                "corpus is packed before the first step; set max_tokens to what the run should read from it")
     return None
+
+
+def sized_by_the_run(node: Any) -> Any:
+    """The training dataset ``node``, with ``max_tokens: null`` (the whole corpus) for our packer
+    turned into one pack: the recipe tops it up to exactly what its steps consume once it knows
+    their number, so that ``adapt.total_steps`` packs no more than ``adapt.total_tokens`` does.
+    Other nodes are returned as they are."""
+    if not hasattr(node, "get") or node.get("_component_") != OURS or node.get("packed", False) is not True:
+        return node
+    if node.get("max_tokens", None) is not None:
+        return node
+    sized = node.copy()
+    sized.max_tokens = 0  # one pack, for the recipe's first look at a sample
+    return sized

@@ -88,7 +88,7 @@ from adapt_prune_tune.errors import (
     memory_advice,
 )
 from adapt_prune_tune.models import DecoderArch, arch_differences, arch_from_model
-from adapt_prune_tune.packing import TextPacks
+from adapt_prune_tune.packing import TextPacks, sized_by_the_run
 from adapt_prune_tune.perplexity import heldout_windows, perplexity
 from adapt_prune_tune.fp8 import wrap_component
 from adapt_prune_tune.progress import RunProgress, attach_to_logger
@@ -536,7 +536,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         """Stock dataset/collate, then our stage-chunk sampler and calibration batches."""
         for packing in whole_corpus_packings(self._cfg):  # said before the wait, not after
             utils.log_rank_zero(log, packing, level=logging.WARNING)
-        stock = super()._setup_data(cfg_dataset, shuffle, batch_size, collate_fn)
+        stock = super()._setup_data(sized_by_the_run(cfg_dataset), shuffle, batch_size, collate_fn)
         dataset = stock.dataset
         samples_per_step = batch_size * self._gradient_accumulation_steps * self.dp_size
         self._samples_per_step = samples_per_step

@@ -141,9 +141,24 @@ def test_whole_corpus_packing_is_named_with_the_setting_that_avoids_it():
     stock.packed = False
     assert whole_corpus_packing("dataset", stock) is None
     ours = OmegaConf.create({"_component_": OURS, "packed": True, "max_tokens": None})
-    assert whole_corpus_packing("dataset[1]", ours).startswith("dataset[1].max_tokens is null")
+    assert whole_corpus_packing("dataset[1]", ours).startswith("dataset[1].max_tokens is null: in a list")
+    assert whole_corpus_packing("dataset", ours) is None  # the recipe sizes it (below)
     ours.max_tokens = 1000
-    assert whole_corpus_packing("dataset", ours) is None
+    assert whole_corpus_packing("dataset[1]", ours) is None
+
+
+def test_the_recipe_sizes_a_packed_text_left_unsized():
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune.packing import sized_by_the_run
+
+    ours = OmegaConf.create({"_component_": OURS, "packed": True, "max_tokens": None, "source": "json"})
+    sized = sized_by_the_run(ours)
+    assert sized.max_tokens == 0 and ours.max_tokens is None  # one pack to start from; the config untouched
+    ours.max_tokens = 1000
+    assert sized_by_the_run(ours) is ours
+    stock = OmegaConf.create({"_component_": "torchtune.datasets.text_completion_dataset", "packed": True})
+    assert sized_by_the_run(stock) is stock
 
 
 def test_worker_processes_make_the_same_packs():

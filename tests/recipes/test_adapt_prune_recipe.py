@@ -171,8 +171,9 @@ def test_two_process_fsdp_run(tmp_path, tiny_model, python_docs_dir):
     out = tmp_path / "run"
     # 12 calibration windows under a batch cap of 4: 6 per rank, run as two batches of 3.
     calibration = {"pruning.calibration.num_samples": 12, "pruning.calibration.batch_size": 4}
-    # Packed text: the node's first rank packs and writes it, the other waits for the file and reads it.
-    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **calibration, **PACKED)
+    # Packed text: the node's first rank packs and writes it, the other waits for the file and reads it;
+    # max_tokens null: as many packs as the steps consume, not the whole corpus.
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, **calibration, **{**PACKED, "dataset.max_tokens": None})
     proc = tune(["--nproc_per_node", "2", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path)
     assert_ok(proc)
     logs = proc.stdout + proc.stderr
