@@ -148,8 +148,8 @@ class _Samples:
     def _chunk(self, first: int) -> List[int]:
         return [int(i) for i in self.order[first : first + CHUNK]]
 
-    def next(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """The next chunk's tokens (int32), sample lengths, and how many samples it holds."""
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next chunk's tokens (int32) and the lengths of its samples."""
         if self._pool is None:
             data, lengths = read_samples(self.ds, self._chunk(self.start))
         else:
@@ -166,7 +166,7 @@ class _Samples:
                 ) from e
         self.start += len(lengths)
         tokens = torch.frombuffer(bytearray(data), dtype=torch.int32) if data else torch.zeros(0, dtype=torch.int32)
-        return tokens, torch.tensor(lengths, dtype=torch.int64), len(lengths)
+        return tokens, torch.tensor(lengths, dtype=torch.int64)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -279,7 +279,7 @@ class TextPacks(Dataset):
                 want = BLOCK if packs is None else min(BLOCK, packs - len(self))
                 pieces, have = [self._buffer], len(self._buffer["tokens"])
                 while have < want * self.max_seq_len and reader.start < len(self._order):
-                    tokens, lengths, _ = reader.next()
+                    tokens, lengths = reader.next()
                     pieces.append({"tokens": tokens, "input_pos": sample_positions(lengths, self.max_seq_len, self._pos_dtype),
                                    "seq_lens": lengths})
                     have += len(tokens)
