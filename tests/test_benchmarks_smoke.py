@@ -31,7 +31,7 @@ def bench():
     try:
         names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
                  "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "gpu_recipe_fp8",
-                 "lowbit_optimizer",
+                 "lowbit_optimizer", "lowbit_compile",
                  "checkpoint_save", "calibration_loss")
         yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
     finally:
@@ -274,3 +274,15 @@ def test_calibration_loss_compares_finished_runs(bench, tmp_path):
     assert json.loads(out.read_text())["table"] == result["table"] and "kl ÷ ce" in result["table"]
     with pytest.raises(SystemExit):
         bench.calibration_loss.main(["--targets", "1.5", "--work", str(tmp_path), "--out", str(out)])
+
+
+def test_lowbit_compile_rounds_are_all_new_widths_and_the_candidate_compiles_dynamic(bench):
+    m = bench.lowbit_compile
+    rounds = [m.widths(r, 6) for r in range(3)]
+    flat = [w for ws in rounds for w in ws]
+    assert len(set(flat)) == len(flat) and min(flat) > 0  # every round's shapes are new, as after a cut
+    seen = {}
+    fake = SimpleNamespace(compile=lambda fn, **kw: seen.update(kw) or fn, float32="f32")
+    proxy = m._DynamicCompile(fake)
+    assert proxy.compile(len, fullgraph=True, dynamic=False) is len
+    assert seen == {"fullgraph": True, "dynamic": True} and proxy.float32 == "f32"
