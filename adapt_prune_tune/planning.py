@@ -179,6 +179,25 @@ def optimizer_state_bytes(optimizer: Any, dtype_bytes: int) -> Tuple[float, str]
     return 2.0 * dtype_bytes, f"{name}: unknown to the planner, assumed 2 moments in the parameter dtype"
 
 
+def lowbit_recompile_notes(optimizer: Any, num_stages: int, total_steps: Optional[int]) -> List[str]:
+    """What a torchao low-bit optimizer's first step of each stage costs (a note, or none).
+
+    torchao compiles its per-parameter update with static shapes, one graph per distinct
+    parameter shape, and a resize gives every layer's MLP weights shapes no earlier step saw:
+    each training stage's first step compiles again (``benchmarks/lowbit_compile.py``).
+    """
+    if not (type(optimizer).__module__.startswith("torchao") and hasattr(optimizer, "_new_buffer")):
+        return []
+    if total_steps == 0:
+        return []
+    return [
+        f"{type(optimizer).__name__} compiles its update once per parameter shape: the first optimizer step "
+        f"of each of the {num_stages} stages compiles again for the new widths (about two shapes a layer; "
+        f"~8 s a shape on a 2-core CPU, benchmarks/lowbit_compile.py); pruning.method.round_to lets layers "
+        f"share shapes"
+    ]
+
+
 @dataclass
 class MemoryModel:
     """Per-rank memory of one training or prune step (formulas in the module doc)."""
@@ -470,6 +489,7 @@ def plan_run(
     if len(set(per_layer.tolist())) > 1:
         notes.append("layers of unequal size: the adaptive range is approximate (the bound assumes equal layers)")
 
+    notes += lowbit_recompile_notes(optimizer, num_stages, total_steps)
     memory = _memory_model(cfg, arch, distill, optimizer, dtype_bytes, world_size, max_seq_len, calib_bs, calib_len, notes)
     opt_bytes_desc = optimizer_state_bytes(optimizer, dtype_bytes)[1]
 

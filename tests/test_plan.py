@@ -19,6 +19,7 @@ from adapt_prune_tune.planning import (
     importance_bound,
     layer_activation_bytes,
     load_config,
+    lowbit_recompile_notes,
     optimizer_state_bytes,
     plan_run,
 )
@@ -301,3 +302,14 @@ def test_optimizer_state_bytes():
     assert optimizer_state_bytes(torchao_optim.AdamW8bit(p), 2)[0] == pytest.approx(2 * (1 + 4 / 256))
     assert optimizer_state_bytes(torchao_optim.AdamW4bit(p), 2)[0] == pytest.approx(2 * (0.5 + 4 / 128))
     assert math.isclose(optimizer_state_bytes(torchao_optim.AdamW8bit(p, block_size=128), 2)[0], 2 * (1 + 4 / 128))
+
+
+def test_lowbit_optimizer_recompiles_are_noted_once_per_run_with_training():
+    from torchao import optim as torchao_optim
+
+    p = [torch.nn.Parameter(torch.zeros(8))]
+    assert lowbit_recompile_notes(torch.optim.AdamW(p), 4, 100) == []
+    (note,) = lowbit_recompile_notes(torchao_optim.AdamW8bit(p), 4, 100)
+    assert "AdamW8bit" in note and "4 stages" in note and "round_to" in note
+    assert lowbit_recompile_notes(torchao_optim.AdamW8bit(p), 4, 0) == []  # prune only: no optimizer step
+    assert len(lowbit_recompile_notes(torchao_optim.AdamW4bit(p), 2, None)) == 1  # length unknown: still trains
