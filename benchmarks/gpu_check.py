@@ -9,6 +9,7 @@ out is recorded as such and the next one runs):
 recipe      gpu_recipe_run.py  ``tune run adapt_prune_recipe --config smollm2/135M_adapt device=cuda
                                dtype=bf16 compile=True`` through two stages, export, transformers load.
 recipe_fp8  gpu_recipe_fp8.py  the same with enable_fp8_training=True and torchao's AdamWFp8 (sm89+).
+recipe_distill gpu_recipe_distill.py  the same with distill.enabled=True and torchao's AdamW8bit.
 prune_loop  gpu_prune_loop.py  50 adaptive iterations on the Llama-3.1-8B shape (target ≤ 60 s),
                                recovery tokens/s ours ÷ stock (target ≥ 0.97), peak memory.
 compile     gpu_compile.py     first-step compile after a resize vs the uniform model's.
@@ -44,6 +45,7 @@ from _harness import ROOT, machine_info  # noqa: E402
 SECTIONS = {
     "recipe": ("gpu_recipe_run", 200, 900),  # H200, 2026-11-30: 92 s
     "recipe_fp8": ("gpu_recipe_fp8", 200, 60),  # not run on a GPU yet
+    "recipe_distill": ("gpu_recipe_distill", 200, 900),  # not run on a GPU yet
     "prune_loop": ("gpu_prune_loop", 150, 600),  # 80 s
     "compile": ("gpu_compile", 160, 600),  # 103 s
     "fp8": ("gpu_fp8", 180, 60),  # > 120 s (its compiled FP8 step alone: 73 s)

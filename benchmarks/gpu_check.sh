@@ -15,6 +15,8 @@
 #               each resize; adapt-prune-tune export loads in transformers with finite logits (200 s)
 #   recipe_fp8  the same run with enable_fp8_training=True and torchao's AdamWFp8; skipped below
 #               compute capability 8.9 (200 s)
+#   recipe_distill  the same run with distill.enabled=True (the random-init base as teacher) and
+#               torchao's AdamW8bit, neither run on a GPU yet (200 s)
 #   prune_loop  50 adaptive iterations on the Llama-3.1-8B shape, random bf16 weights (≤ 60 s);
 #               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (150 s)
 #   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (160 s)

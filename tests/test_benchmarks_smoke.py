@@ -31,7 +31,7 @@ def bench():
     try:
         names = ("_harness", "_runs", "perf", "perf_overhead", "perf_profile", "perf_scaling", "gpu_check",
                  "gpu_assets", "gpu_prune_loop", "gpu_compile", "gpu_fp8", "gpu_recipe_run", "gpu_recipe_fp8",
-                 "lowbit_optimizer", "lowbit_compile",
+                 "gpu_recipe_distill", "lowbit_optimizer", "lowbit_compile",
                  "checkpoint_save", "calibration_loss")
         yield SimpleNamespace(**{n: importlib.import_module(n) for n in names})
     finally:
@@ -172,6 +172,10 @@ def test_gpu_recipe_overrides_and_checks(bench, tmp_path, monkeypatch):
     assert cfg.heldout.texts.austen_novels.data_dir == str(tmp_path / "data" / "austen-novels")
     fp8 = m.recipe_overrides(s, dry_run=False, extra=bench.gpu_recipe_fp8.OVERRIDES)
     assert fp8[-3:] == list(bench.gpu_recipe_fp8.OVERRIDES)  # last: they win over the section's own
+    kd = m.recipe_overrides(s, dry_run=False, extra=bench.gpu_recipe_distill.OVERRIDES)
+    kd_cfg = OmegaConf.merge(packaged, OmegaConf.from_dotlist([o for o in kd if not o.startswith("~")]))
+    assert kd_cfg.distill.enabled and kd_cfg.optimizer._component_ == "torchao.optim.AdamW8bit"
+    assert "~optimizer.fused" in kd  # AdamW8bit takes no `fused`
     dry = OmegaConf.merge(packaged, OmegaConf.from_dotlist(m.recipe_overrides(m.SETTINGS["dry_run"], True)))
     assert (dry.device, dry.model.path) == ("cpu", dry.model_dir)
     stage = {"params": 10, "seconds_prune": 1.0, "calib_loss_before_prune": 9.0, "calib_loss_after_prune": 9.5}
