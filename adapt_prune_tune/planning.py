@@ -112,6 +112,7 @@ from adapt_prune_tune.config_checks import (
 from adapt_prune_tune.data import rank_calibration_batch
 from adapt_prune_tune.data_checks import dataset_location, dataset_problems, run_datasets, whole_corpus_packings
 from adapt_prune_tune.models import DecoderArch
+from adapt_prune_tune.optimizer_state import uses_quantized_state
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 
 GIB = float(1 << 30)
@@ -186,9 +187,7 @@ def lowbit_recompile_notes(optimizer: Any, num_stages: int, total_steps: Optiona
     parameter shape, and a resize gives every layer's MLP weights shapes no earlier step saw:
     each training stage's first step compiles again (``benchmarks/lowbit_compile.py``).
     """
-    if not (type(optimizer).__module__.startswith("torchao") and hasattr(optimizer, "_new_buffer")):
-        return []
-    if total_steps == 0:
+    if not uses_quantized_state(optimizer) or total_steps == 0:
         return []
     return [
         f"{type(optimizer).__name__} compiles its update once per parameter shape: the first optimizer step "
