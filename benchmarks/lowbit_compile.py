@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import ROOT, machine_info, median  # noqa: E402
+from _harness import ROOT, last_json_line, machine_info, median, run_cmd, script_cmd  # noqa: E402
 
 HIDDEN = 576  # SmolLM2-135M
 BASE_WIDTH = 1536
@@ -107,12 +105,11 @@ def main() -> None:
                                                                     for r in range(args.resizes)]}}
     for side in ("static", "dynamic"):
         with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, __file__, "--side", side, "--layers", str(args.layers),
-                   "--resizes", str(args.resizes), "--steady", str(args.steady)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            cmd = script_cmd(Path(__file__), "--side", side, "--layers", str(args.layers),
+                             "--resizes", str(args.resizes), "--steady", str(args.steady))
+            out = run_cmd(cmd, ROOT, env={"TORCHINDUCTOR_CACHE_DIR": cache})[0].stdout
         sys.stdout.write("".join(l + "\n" for l in out.splitlines() if not l.startswith("RESULT ")))
-        res[side] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+        res[side] = last_json_line(out, "RESULT")
         args.out.write_text(json.dumps(res, indent=1))  # partial results survive a stop
     s, d = res["static"]["rounds"], res["dynamic"]["rounds"]
     res["summary"] = {
