@@ -47,7 +47,7 @@ SECTIONS = {
     "recipe_fp8": ("gpu_recipe_fp8", 200, 60),  # not run on a GPU yet
     "recipe_distill": ("gpu_recipe_distill", 200, 900),  # not run on a GPU yet
     "prune_loop": ("gpu_prune_loop", 150, 600),  # 80 s
-    "compile": ("gpu_compile", 160, 600),  # 103 s
+    "compile": ("gpu_compile", 200, 600),  # 103 s for dynamic + static; its dynamic repeat adds about 40 s
     "fp8": ("gpu_fp8", 180, 60),  # > 120 s (its compiled FP8 step alone: 73 s)
 }
 BUDGET_S = 530  # all sections together on the GPU (gpu_check.sh passes GPU_CHECK_BUDGET less its install)
