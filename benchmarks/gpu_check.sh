@@ -19,7 +19,8 @@
 #               torchao's AdamW8bit, neither run on a GPU yet (200 s)
 #   prune_loop  50 adaptive iterations on the Llama-3.1-8B shape, random bf16 weights (≤ 60 s);
 #               recovery tokens/s ours ÷ stock on the pruned widths (≥ 0.97); peak memory (150 s)
-#   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape (160 s)
+#   compile     first-step compile after a resize vs the uniform model, Llama-3.2-1B shape; the default
+#               compile_widths twice, the figure their median (200 s)
 #   fp8         tokens/s with and without torchao float8 training on pruned widths (round_to=64);
 #               skipped below compute capability 8.9 (180 s, or what the budget has left)
 # Extra arguments go to gpu_check.py (e.g. --only compile,fp8 to finish in a second call).

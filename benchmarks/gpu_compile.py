@@ -145,7 +145,7 @@ def run_trajectory(widths: str, device: str, dtype: str, dry_run: bool, out: Pat
 def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:
     size = SIZES["dry_run" if dry_run else "gpu"]
     res: Dict[str, Any] = {"shape": size["shape"], "device": device, "dtype": dtype, "settings": size,
-                           "isolation": "one process per compile_widths, fresh inductor and Triton caches"}
+                           "isolation": "one process per trajectory, fresh inductor and Triton caches"}
     # The recipe's default first: a timeout loses the others; its repeat last, the first to go.
     # GPU_COMPILE_VARIANTS picks others (``dynamic_heads``: see _heads_dynamic).
     variants = [v for v in os.environ.get("GPU_COMPILE_VARIANTS", "dynamic,static,dynamic").split(",") if v]

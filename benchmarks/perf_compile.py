@@ -67,25 +67,24 @@ def section_compile(shape: str, work: Path, steps: int, log=print, env_extra=Non
 
     stages = 2
     over = {"adapt.stages": stages, "adapt.steps_per_stage": 2, "adapt.checkpoint_every_n_steps": 10_000}
-    model_dir = model_dir_for(shape, work)
+    # Uniform model, stock recipe: the HF base checkpoint through the stock HF checkpointer.
     uni_ckpt = work / f"uniform_ckpt_{shape}"
+    if not (uni_ckpt / "model.pt").is_file():
+        uni_ckpt.mkdir(parents=True, exist_ok=True)
+        m, _ = load_hf_model(model_dir_for(shape, work))
+        torch.save({k: v for k, v in m.state_dict().items()}, uni_ckpt / "model.pt")
     dynamic_runs: List[Dict[str, Any]] = []
     uniform_runs: List[Dict[str, Any]] = []
     for r in range(repeats):
         tag = f"cc_{shape}_dynamic_{r}"
         dynamic_runs.append(our_run(shape, work, tag, 3 * steps, True, env=env(tag), compile_widths="dynamic", **over))
-        run0 = dynamic_runs[0]
-        base = DecoderArch.from_dict(run0["record"]["arch_before"])
-        if not (uni_ckpt / "model.pt").is_file():
-            # Uniform model, stock recipe: the HF base checkpoint through the stock HF checkpointer.
-            uni_ckpt.mkdir(parents=True, exist_ok=True)
-            m, _ = load_hf_model(model_dir)
-            torch.save({k: v for k, v in m.state_dict().items()}, uni_ckpt / "model.pt")
+        if r == 0:  # the stock runs take their settings from the first
+            run0 = dynamic_runs[0]
+            base = DecoderArch.from_dict(run0["record"]["arch_before"])
         uniform_runs.append(stock_run(run0, work, f"cc_uniform_{shape}_{r}", steps, True, arch_dict=base.to_dict(),
                                       ckpt_dir=uni_ckpt, env=env(f"uniform_{r}")))
     tag = f"cc_{shape}_static"
     static = our_run(shape, work, tag, 3 * steps, True, env=env(tag), compile_widths="static", **over)
-    run0 = dynamic_runs[0]
     pruned = stock_run(run0, work, f"cc_pruned_{shape}", steps, True, env=env("stock_pruned"))
     tokens = int(run0["cfg"].batch_size) * int(run0["cfg"].tokenizer.max_seq_len)
     final = DecoderArch.from_dict(run0["record"]["arch_after"])
