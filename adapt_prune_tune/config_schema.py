@@ -744,6 +744,13 @@ def check_sections(cfg: DictConfig, world_size: Optional[int] = None, arch: Any 
     problems: List[str] = []
     known, referenced = known_top_level_keys(), interpolated_keys(cfg)
     for key in cfg.keys():
+        if isinstance(key, str) and key.startswith("+") and key[1:] in cfg:
+            # Hydra's `+key=value`: torchtune's parser keeps the '+' as part of a new top-level key.
+            node = cfg.get(key)
+            leaves = sorted(OmegaConf.to_container(node, resolve=False).keys()) if isinstance(node, DictConfig) else []
+            written = ", ".join(f"{key[1:]}.{leaf}=..." for leaf in leaves) or f"{key[1:]}=..."
+            problems.append(f"{key}: tune run adds a key with a plain `key=value`, without Hydra's '+': write {written}")
+            continue
         if key not in known and key not in referenced:
             close = closest(key, known + sorted(referenced))
             problems.append(

@@ -10,7 +10,7 @@ first sample read and, for training data, a sample of labels checked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -142,7 +142,8 @@ def tokenizer_lfs_pointers(node: DictConfig) -> List[Path]:
 
 
 def dataset_problems(
-    cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None, tokenizer: Any = None
+    cfg: DictConfig, hub: bool = True, vocab_size: Optional[int] = None, tokenizer: Any = None,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> List[str]:
     """Every dataset the run reads, built with the run's tokenizer and its first sample read, and
     the calibration windows counted, before the model loads.
@@ -153,7 +154,8 @@ def dataset_problems(
     ``hub=False`` skips datasets that would be downloaded (the planner's offline view). With
     the model's ``vocab_size``, token ids the embedding does not have (another model's
     tokenizer) are found in what was read, and in the padding id. ``tokenizer``: the run's,
-    when the caller has built it already (else built here).
+    when the caller has built it already (else built here). ``warn`` receives what does not
+    stop a run but likely is not what its author meant (:func:`line_rows_warning`).
     """
     from adapt_prune_tune.data import calibration_batches
 
@@ -202,6 +204,8 @@ def dataset_problems(
         if problem:
             problems.append(problem)
         elif name != "pruning.calibration.dataset":
+            if warn is not None and (warning := line_rows_warning(name, node, dataset)):
+                warn(warning)
             if not _has_label_tokens(dataset, seed):
                 problems.append(
                     f"{name}: none of the sampled examples has a label token to train on"
@@ -267,6 +271,39 @@ def null_rows_problem(name: str, dataset: Any, show: int = 3) -> Optional[str]:
                     f"the run would stop at the first of them; drop those rows from the data (e.g. "
                     f"`datasets.load_dataset(...).filter(lambda row: row[{column!r}] is not None)`, saved locally)")
     return None
+
+
+def line_rows_warning(name: str, node: DictConfig, dataset: Any, probe: int = 200_000) -> Optional[str]:
+    """Training text read line by line from files that hold paragraphs or documents, or ``None``.
+
+    ``datasets``' ``text`` builder makes one row of every line by default (``sample_by: line``),
+    and every row is a document of its own to the model: unpacked, a sample; packed, a segment
+    the others are masked from. Text files of prose, code or documentation then train on one
+    line of context at a time, and every blank line becomes a BOS-EOS sample: nothing fails,
+    the model just learns less. Blank rows are the tell (a file of one document per line has
+    few): past 1 % of the first ``probe`` rows, the warning says so with the fix.
+    """
+    if str(node.get("source", "")) != "text" or str(node.get("sample_by", "line")) != "line":
+        return None
+    data, column = getattr(dataset, "_data", None), getattr(dataset, "_column", None)
+    table = getattr(data, "data", None)
+    if table is None or not isinstance(column, str) or column not in getattr(data, "column_names", ()):
+        return None
+    import pyarrow.compute as pc
+
+    values = table.column(column).slice(0, probe)
+    if len(values) == 0:
+        return None
+    blank = int(pc.sum(pc.equal(pc.utf8_trim_whitespace(values), "")).as_py() or 0)
+    if blank < 0.01 * len(values):
+        return None
+    chars = int(pc.sum(pc.utf8_length(values)).as_py() or 0)
+    return (f"{name}: datasets' `text` builder reads one row per line, and each row is a separate document "
+            f"to the model: {blank:,} of the first {len(values):,} rows ({blank / len(values):.0%}) are blank "
+            f"lines and a row averages {chars / len(values):.0f} characters, so these files hold paragraphs or "
+            f"documents the model would only ever see one line of at a time. Add {name}.sample_by=paragraph "
+            f"(rows split at blank lines) or {name}.sample_by=document (one row per file); for one document "
+            f"per line on purpose, drop the blank lines with a filter_fn")
 
 
 def _has_label_tokens(dataset: Any, seed: int, probe: int = 64) -> bool:

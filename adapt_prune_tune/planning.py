@@ -448,7 +448,7 @@ def plan_run(
         # The data as the recipe reads it before the weights load (local data only here): columns,
         # label tokens, token ids, and the calibration windows counted (their split over the ranks
         # is check_inputs').
-        data = dataset_problems(cfg, hub=False, vocab_size=arch.vocab_size, tokenizer=tokenizer)
+        data = dataset_problems(cfg, hub=False, vocab_size=arch.vocab_size, tokenizer=tokenizer, warn=notes.append)
         if data:
             raise ConfigError(data)
     calib = cfg.pruning.calibration

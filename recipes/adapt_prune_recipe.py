@@ -281,7 +281,10 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
         tokenizer, tokenizer_problems = _run_tokenizer(cfg)
         data_problems = _device_problems(cfg) + tokenizer_problems
         if tokenizer is not None:
-            data_problems += _dataset_problems(cfg, vocab_size=checked.arch.vocab_size, tokenizer=tokenizer)
+            data_problems += _dataset_problems(
+                cfg, vocab_size=checked.arch.vocab_size, tokenizer=tokenizer,
+                warn=lambda warning: utils.log_rank_zero(log, warning, level=logging.WARNING),
+            )
             try:  # and the held-out texts, tokenized once, here
                 self._heldout_windows = heldout_windows(cfg.get("heldout", None), tokenizer)
             except Exception as e:  # noqa: BLE001 - the component's or the text's own words, under the key

@@ -177,6 +177,9 @@ def test_packaged_configs_have_no_config_problems(tmp_path, name):
         # a section given as a value is named, not a crash of a check that reads one of its keys
         ("adapt=abc", "adapt must be a section (a mapping of keys), got 'abc'"),
         ("pruning.method=abc", "pruning.method must be a section (a mapping of keys), got 'abc'"),
+        # Hydra's '+' for a new key: torchtune keeps it in the key's name
+        ("+dataset.sample_by=paragraph", "+dataset: tune run adds a key with a plain `key=value`, without "
+                                         "Hydra's '+': write dataset.sample_by=..."),
     ],
 )
 def test_bad_key_is_refused_by_name(tmp_path, override, message):
@@ -774,6 +777,32 @@ def test_rows_without_text_are_refused_unless_filtered(tmp_path, smollm2_dir, py
         tmp_path, smollm2_dir, python_docs_dir, "dataset._component_=torchtune.datasets.instruct_dataset",
         "~dataset.column", f"dataset.data_files={pairs}", "dataset.column_map={input: q, output: a}"))
     assert len(found) == 1 and found[0].startswith("dataset: column 'a' is empty (null) in 1 of 40 rows (row 5)")
+
+
+def test_text_files_read_line_by_line_are_warned_about_with_the_fix(tmp_path, smollm2_dir, python_docs_dir):
+    """Documents in .txt files: datasets' text builder makes every line a document of its own, which
+    trains on one line of context; a warning (the run goes on) names sample_by. One document per line
+    (few blank rows) and the calibration text (windows cross rows) are left alone."""
+    docs = [json.loads(line)["text"] for line in (python_docs_dir / "train.jsonl").read_text().splitlines()[:60]]
+    prose = tmp_path / "docs.txt"
+    prose.write_text("\n\n".join(docs))
+    per_line = tmp_path / "lines.txt"
+    per_line.write_text("\n".join(" ".join(doc.split()) for doc in docs))
+    text = ("dataset.source=text", "dataset.column=text")
+
+    def warnings(*overrides: str) -> List[str]:
+        found: List[str] = []
+        cfg = data_config(tmp_path, smollm2_dir, python_docs_dir, *text, *overrides)
+        assert data_checks.dataset_problems(cfg, warn=found.append) == []
+        return found
+
+    (found,) = warnings(f"dataset.data_files={prose}")
+    assert found.startswith("dataset: datasets' `text` builder reads one row per line")
+    assert "are blank lines" in found and "dataset.sample_by=paragraph" in found and "sample_by=document" in found
+    assert warnings(f"dataset.data_files={prose}", "dataset.sample_by=paragraph") == []
+    assert warnings(f"dataset.data_files={per_line}") == []
+    calibration = ("pruning.calibration.dataset.source=text", f"pruning.calibration.dataset.data_files={prose}")
+    assert warnings(f"dataset.data_files={per_line}", *calibration) == []
 
 
 def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, python_docs_dir):
