@@ -52,7 +52,20 @@ def config_differences(records: Mapping[str, Mapping[str, Any]]) -> Dict[str, Li
         if not any(part in key for part in _RUN_LOCAL)
         and len({repr(config.get(key, "<unset>")) for config in flat.values()}) > 1
     ]
-    return {label: [f"{key}={config.get(key, '<unset>')}" for key in differing] for label, config in flat.items()}
+    return {label: [f"{key}={config.get(key, '<unset>')}" for key in differing if _said(key, config)]
+            for label, config in flat.items()}
+
+
+def _said(key: str, config: Mapping[str, Any]) -> bool:
+    """Whether ``key`` belongs in a run's list: set there, or unset where neither its section's
+    keys (``heldout.window`` for ``heldout``) nor a value in its section's place (``heldout: null``
+    for ``heldout.window``) already say what the run has."""
+    if key in config:
+        return True
+    if any(other.startswith(key + ".") for other in config):
+        return False
+    parts = key.split(".")
+    return not any(".".join(parts[:i]) in config for i in range(1, len(parts)))
 
 
 def _params(record: Mapping[str, Any]) -> str:

@@ -97,6 +97,12 @@ def test_comparison_table_and_differences_are_data():
         "b": {"config": {"output_dir": "/b", "lr": 1e-4}},
     })
     assert differences == {"a": ["x.y=1"], "b": ["x.y=<unset>"]}
+    # A section in one run, null in another: each run says it once, in its own terms.
+    differences = config_differences({
+        "a": {"config": {"heldout": {"window": 256, "texts": {"t": "f"}}}},
+        "b": {"config": {"heldout": None}},
+    })
+    assert differences == {"a": ["heldout.texts.t=f", "heldout.window=256"], "b": ["heldout=None"]}
 
 
 def test_run_labels_disambiguate_equal_names(tmp_path):
