@@ -300,8 +300,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"adapt-prune-tune {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:  # the file system's and our errors: no traceback
+        # An OSError of our own wording (no file name) is said without its "[Errno N]".
+        said = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else e
+        print(f"adapt-prune-tune {args.command}: error: {said}", file=sys.stderr)
         raise SystemExit(2) from e
 
 

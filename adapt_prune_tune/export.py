@@ -34,6 +34,7 @@ decoder projections as torchao int8 tensors, still in safetensors; see
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adapt_prune_tune import checkpointing as ckpt
+from adapt_prune_tune.errors import is_out_of_space
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_differences, arch_from_hf_config, arch_from_model
 
 log = logging.getLogger(__name__)
@@ -554,6 +556,35 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def export_bytes(hf_state: Mapping[str, torch.Tensor], tokenizer_dir: Optional[Path]) -> int:
+    """Bytes an export writes: its tensors, the tokenizer files it copies, and 1 MiB for the
+    config, the shipped modeling code and the safetensors headers."""
+    tensors = sum(t.numel() * t.element_size() for t in hf_state.values())
+    tokenizer = sum((tokenizer_dir / name).stat().st_size for name in TOKENIZER_FILES
+                    if tokenizer_dir is not None and (tokenizer_dir / name).is_file())
+    return tensors + tokenizer + 2**20
+
+
+def _no_room(out_dir: Path, need: int, why: str) -> str:
+    try:
+        free = f"{shutil.disk_usage(out_dir.parent).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"no room for the export in {out_dir}: it needs {need / 2**20:,.1f} MiB and {out_dir.parent} has "
+            f"{free} ({why}); nothing was written there. Free space or choose another directory")
+
+
+def _check_room(out_dir: Path, need: int) -> None:
+    """Refuse before writing when the export cannot fit: an earlier export being replaced is
+    removed only after the new one is complete, so the whole export must fit beside it."""
+    try:
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if free < need:
+        raise OSError(errno.ENOSPC, _no_room(out_dir, need, "checked before writing"))
+
+
 def export_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     arch: DecoderArch,
@@ -632,6 +663,8 @@ def export_state_dict(
         shipped_files.append(SHIPPED_FILE)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    need = export_bytes(hf_state, tokenizer_dir)
+    _check_room(out_dir, need)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         save_torch_state_dict(hf_state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
@@ -651,8 +684,10 @@ def export_state_dict(
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _move_into_place(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_out_of_space(e):
+            raise OSError(e.errno or errno.ENOSPC, _no_room(out_dir, need, "the disk filled while writing it")) from e
         raise
     log.info(f"Exported {mode} Hugging Face model{f' ({scheme})' if scheme else ''} to {out_dir}")
     return out_dir

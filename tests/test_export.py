@@ -9,6 +9,7 @@ greedy generation.
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -303,6 +304,48 @@ def test_existing_output_is_never_clobbered(tiny, tmp_path: Path, monkeypatch) -
     export_hf(model.state_dict(), tmp_path / "export", arch=arch, overwrite=True)
     assert not (tmp_path / "export" / "mine.txt").exists() and (tmp_path / "export" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]
+
+
+def test_a_disk_without_room_is_named_before_writing_and_when_it_fills(
+    tiny, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Too little space: refused before anything is written, with what the export needs and what is
+    free; a disk that fills during the write (another process) is said the same way, and nothing
+    is left behind either way; the CLI says it without a traceback."""
+    import errno
+    from collections import namedtuple
+
+    import adapt_prune_tune.export as export_module
+    from adapt_prune_tune import cli
+
+    model, arch, _ = tiny["smollm2"]
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(OSError, match=r"no room for the export in .*/out: it needs [\d.,]+ MiB and .* has 1\.0 "
+                                      r"MiB free \(checked before writing\); nothing was written") as err:
+        export_hf(model.state_dict(), tmp_path / "out", arch=arch)
+    assert err.value.errno == errno.ENOSPC
+    assert float(re.search(r"needs ([\d.,]+) MiB", str(err.value)).group(1).replace(",", "")) >= weights / 2**20
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+
+    def fill(*args, **kwargs):  # safetensors' own wording of a full disk
+        raise OSError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export_module, "_write_config", fill)
+    with pytest.raises(OSError, match="the disk filled while writing it"):
+        export_hf(model.state_dict(), tmp_path / "out", arch=arch)
+    assert list(tmp_path.iterdir()) == []
+
+    checkpoint = _write_pruned_checkpoint(tmp_path / "ckpt", model.state_dict(), arch, shard=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(checkpoint), str(tmp_path / "out")])
+    said = capsys.readouterr().err
+    assert said.startswith("adapt-prune-tune export: error: no room for the export") and "[Errno" not in said
+    assert "the disk filled while writing it" in said and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- checkpointer
