@@ -269,6 +269,8 @@ def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, 
     front.update(tags=tags, library_name="transformers", pipeline_tag="text-generation")
     if quantization:
         front["quantization"] = {"method": "torchao", "scheme": quantization["scheme"]}
+    if context.get("datasets"):
+        front["datasets"] = list(context["datasets"])
 
     title = context.get("repo_id") or (f"{base_model.split('/')[-1]}, pruned" if base_model else "Pruned model")
     perplexities = context.get("perplexity_by_text") or {}
@@ -308,10 +310,16 @@ def render_model_card(record: Mapping[str, Any], context: Optional[Mapping[str, 
         rows.append(["base (every layer)", base_layer.num_heads, base_layer.num_kv_heads, base_layer.intermediate_dim])
     parts += ["## Per-layer widths", f"Head size {arch.head_dim}, hidden size {arch.embed_dim}.", _table(header, rows)]
 
+    training = []
     if context.get("training_tokens") is not None:
         tokens = context["training_tokens"]
-        text = f"Trained on {tokens:,} tokens during pruning." if isinstance(tokens, int) else str(tokens)
-        parts += ["## Training", text]
+        training.append(f"Trained on {tokens:,} tokens during pruning." if isinstance(tokens, int) else str(tokens))
+    if context.get("training_data"):
+        training.append("Data: " + "; ".join(context["training_data"]) + ".")
+    if context.get("training_setup"):
+        training.append(context["training_setup"])
+    if training:
+        parts += ["## Training", " ".join(training)]
     evaluation = []
     if perplexities:
         evaluation += ["### Held-out perplexity", _heldout_text(perplexities, context.get("heldout") or {})]
@@ -397,6 +405,9 @@ def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     tokens = rr.training_tokens(record)
     if tokens is not None:
         context["training_tokens"] = f"About {tokens:,} tokens, interleaved with pruning."
+    config = record.get("config") or {}
+    context["datasets"], context["training_data"] = training_data(config)
+    context["training_setup"] = training_setup(config)
     perplexities = rr.perplexity_by_text(record)
     if perplexities:
         context["perplexity_by_text"] = perplexities
@@ -404,6 +415,58 @@ def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     if record.get("speed"):
         context["speed"] = record["speed"]
     return context
+
+
+_LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders of local files
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def training_data(config: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
+    """(Hub dataset ids, one description per training dataset) of a run's config, for its card.
+
+    A Hub dataset is linked (and listed in the card's ``datasets:``); local files are named by
+    file name only, since a card is public and the machine's paths are not. Datasets given in
+    Python (no ``source``) are named by their builder.
+    """
+    nodes = config.get("dataset")
+    nodes = nodes if isinstance(nodes, list) else [nodes] if isinstance(nodes, Mapping) else []
+    ids: List[str] = []
+    said: List[str] = []
+    for node in nodes:
+        source = str(node.get("source") or "")
+        builder = str(node.get("_component_") or "").rsplit(".", 1)[-1]
+        split = f", split {node['split']}" if node.get("split") else ""
+        if source in _LOCAL_BUILDERS:
+            files = node.get("data_files")
+            files = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping) else list(files or [])
+            names = ", ".join(Path(str(f)).name for f in files) or "local files"
+            said.append(f"local {source} files ({names}){split}")
+        elif _HUB_ID.match(source):
+            ids.append(source)
+            name = f" ({node['name']})" if node.get("name") else ""
+            said.append(f"[{source}](https://huggingface.co/datasets/{source}){name}{split}")
+        elif source:
+            said.append(f"local data ({Path(source).name}){split}")
+        elif builder:
+            said.append(f"`{builder}`")
+    return ids, said
+
+
+def training_setup(config: Mapping[str, Any]) -> Optional[str]:
+    """The optimizer, its peak learning rate and schedule, and distillation, in one sentence each."""
+    out = []
+    optimizer = config.get("optimizer") or {}
+    if optimizer.get("_component_"):
+        lr = f", peak learning rate {float(optimizer['lr']):.0e}" if optimizer.get("lr") is not None else ""
+        schedule = (config.get("lr_scheduler") or {}).get("_component_")
+        name = "warmup-stable-decay" if str(schedule).endswith("get_wsd_schedule") else f"`{schedule}`"
+        across = f", one {name} schedule across all stages" if schedule else ""
+        out.append(f"Optimizer: `{optimizer['_component_']}`{lr}{across}.")
+    distill = config.get("distill") or {}
+    if distill.get("enabled"):
+        out.append(f"Knowledge distillation from the unpruned base model (KL weight {distill.get('alpha')}, "
+                   f"temperature {distill.get('temperature')}) alongside next-token cross-entropy.")
+    return " ".join(out) or None
 
 
 # --------------------------------------------------------------------------- upload

@@ -18,6 +18,8 @@ from adapt_prune_tune.hub import (
     PublishError,
     model_card_context_from_run,
     publish,
+    training_data,
+    training_setup,
     validate_repo_id,
     write_model_card,
 )
@@ -109,18 +111,45 @@ def test_model_card_padded_needs_no_remote_code(exports, tmp_path: Path) -> None
     assert "## Evaluation" not in card and "## Reproduce" not in card  # nothing given, nothing made up
 
 
-def test_context_from_run_record(tmp_path: Path) -> None:
+def test_context_from_run_record(tmp_path: Path, export_dir: Path) -> None:
     record = {
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "command": "tune run adapt_prune_recipe --config smollm2/135M_adapt",
         "params_before": 134_515_008,
         "params_after": 67_000_000,
         "stages": [{"stage": 1, "tokens": 1000}, {"stage": 2, "tokens": 2500}],
+        "config": {"dataset": {"source": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"},
+                   "optimizer": {"_component_": "torch.optim.AdamW", "lr": 2e-5}},
     }
     (tmp_path / "run_record.json").write_text(json.dumps(record))
     context = model_card_context_from_run(tmp_path)
     assert context["command"] == record["command"] and context["params_after"] == 67_000_000
     assert "3,500" in context["training_tokens"]
+    card = write_model_card(export_dir, context).read_text()
+    assert _front_matter(card)["datasets"] == ["HuggingFaceFW/fineweb-edu"]
+    assert ("Data: [HuggingFaceFW/fineweb-edu](https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu) "
+            "(sample-10BT), split train. Optimizer: `torch.optim.AdamW`, peak learning rate 2e-05.") in card
+
+
+def test_card_names_the_training_data_and_setup_without_local_paths() -> None:
+    """Hub datasets are linked and listed in the front matter; local files by name only."""
+    from omegaconf import OmegaConf
+
+    from adapt_prune_tune.configs import resolve
+
+    qwen = OmegaConf.to_container(OmegaConf.load(resolve("qwen2_5/0.5B_adapt")), resolve=False)
+    qwen["distill"] = {"enabled": True, "alpha": 0.5, "temperature": 2.0}
+    ids, said = training_data(qwen)
+    assert ids == ["DKYoon/SlimPajama-6B"]
+    assert said == ["[DKYoon/SlimPajama-6B](https://huggingface.co/datasets/DKYoon/SlimPajama-6B), split train"]
+    setup = training_setup(qwen)
+    assert setup.startswith("Optimizer: `torch.optim.AdamW`, peak learning rate ") and "warmup-stable-decay" in setup
+    assert "(KL weight 0.5, temperature 2.0)" in setup
+    local = {"dataset": [{"_component_": "torchtune.datasets.text_completion_dataset", "source": "text",
+                          "data_files": ["/home/me/secret/a.txt", "/home/me/secret/b.txt"]},
+                         {"_component_": "my_pkg.data.build"}]}
+    assert training_data(local) == ([], ["local text files (a.txt, b.txt)", "`build`"])
+    assert training_setup(local) is None
 
 
 def test_dry_run_uploads_nothing(export_dir: Path, no_login, monkeypatch, capsys) -> None:
