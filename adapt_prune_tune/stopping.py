@@ -17,13 +17,16 @@ process ended by that signal; ``resume_from_checkpoint=True`` continues from tha
 
 SIGINT is left alone: Ctrl-C is a person asking to stop now, and in a terminal every process of
 the job gets it at once (torchrun then sends another), so a "second signal forces" rule could not
-tell the two apart.
+tell the two apart. The run stops where it is and says what survives instead
+(:func:`interrupted_message`): the last checkpoint, the steps since it, and the command that
+continues from it.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Dict, Optional, Tuple
 
@@ -81,3 +84,19 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
+
+
+def interrupted_message(
+    latest: Optional[Path], step: int, total_steps: int, stage: int, stages: int, continue_command: str
+) -> str:
+    """What a Ctrl-C'd run has kept: its last checkpoint (``latest``; ``None``: none yet) against
+    the training step it reached, and how to go on, or how to stop without losing steps next time."""
+    where = f"Interrupted (Ctrl-C) at training step {step:,} of {total_steps:,} (stage {stage} of {stages})"
+    if latest is None:
+        return f"{where}, before the run's first checkpoint: nothing to resume, start it again with the same command."
+    saved = int(latest.name.split("_")[1])  # step_<training step>_prune_<prune step>
+    lost = f"the {step - saved:,} steps since are not saved" if step > saved else "nothing since is lost"
+    return (f"{where}. The last checkpoint is {latest.name} (training step {saved:,}); {lost}. "
+            f"Continue from it with: {continue_command}. To stop without losing steps, send SIGTERM or SIGUSR1 "
+            "instead (kill -TERM on the process, as Slurm and Kubernetes do): the run finishes its step and "
+            "checkpoints it.")

@@ -104,7 +104,7 @@ from adapt_prune_tune.run_lock import OutputDirInUse, hold_output_dir
 from adapt_prune_tune.run_record import launcher_prefix, reproduce_command
 from adapt_prune_tune.schedule import stage_targets, stage_train_steps
 from adapt_prune_tune.sparsity import sparsity_schedule
-from adapt_prune_tune.stopping import StopSignals, signal_name
+from adapt_prune_tune.stopping import StopSignals, interrupted_message, signal_name
 from adapt_prune_tune.surgery import LayerKeep, full_slice_map
 
 log = utils.get_logger("INFO")
@@ -640,6 +640,9 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 self._train_stages()
             except _Stopped as stop:
                 self._stopped(stop)
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
             except Exception as e:  # noqa: BLE001 - only running out of memory is turned into advice
                 if not is_out_of_memory(e):
                     raise
@@ -755,6 +758,15 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
             )
             log.warning(message)
             _tell_the_launcher(message)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C stops at once (see ``stopping``): say what survives and how to go on from it."""
+        if self._progress is not None:
+            self._progress.pause()
+        if not self._is_rank_zero:
+            return
+        log.warning(interrupted_message(ckpt.latest_checkpoint(self._ckpt_root), self.global_step,
+                                        sum(self._stage_steps), self._stage, self._num_stages, _continue_command()))
 
     def _stage_entry(self, stage: int) -> Dict[str, Any]:
         """The stage log's entry of ``stage`` (written by its prune)."""
@@ -1421,6 +1433,8 @@ def main() -> None:
     try:
         sys.exit(recipe_main())
     # The problems and their fixes, not a traceback (every rank: none is cut off).
+    except KeyboardInterrupt:
+        sys.exit(130)  # the shell's code for SIGINT; the run said what survives (``_interrupted``)
     except (ConfigError, ckpt.CheckpointError, OutOfMemory) as e:
         # Config problems are found alike on every rank: the summary shows them once, from rank 0.
         if not isinstance(e, ConfigError) or os.environ.get("RANK", "0") == "0":

@@ -487,6 +487,35 @@ def test_scheduler_sigterm_stops_after_a_step_with_its_checkpoint(tmp_path, tiny
     assert all(torch.equal(weights[k], ref[k]) for k in ref)
 
 
+def test_ctrl_c_stops_at_once_and_names_what_survives(tmp_path, tiny_model, python_docs_dir):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while stage 2 trains: exit
+    code 130 at once, no traceback, and the message names the last checkpoint and the steps lost
+    since, with the command that continues."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path, tiny_model, python_docs_dir, out, heldout=None, **{"adapt.checkpoint_every_n_steps": 8})
+    proc = subprocess.Popen(
+        ["tune", "run", "adapt_prune_recipe", "--config", str(cfg)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest's children may inherit SIG_IGN
+    )
+    stage_two = out / "checkpoints" / "step_0000004_prune_0004"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not stage_two.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before the signal"
+    time.sleep(1.0)  # into stage 2's training steps
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and not (out / "final").exists()
+    latest = ckpt_latest(out)
+    found = re.search(r"Interrupted \(Ctrl-C\) at training step (\d+) of 12 \(stage 2 of 2\)\. The last checkpoint "
+                      rf"is {latest.name} \(training step (\d+)\)", stderr)
+    assert found, stderr[-3000:]
+    assert int(found.group(2)) == int(latest.name.split("_")[1]) <= int(found.group(1))
+    assert f"Continue from it with: tune run adapt_prune_recipe --config {cfg} resume_from_checkpoint=True" in stderr
+
+
 def test_a_second_run_into_a_live_runs_output_dir_is_refused_and_changes_nothing(tmp_path, tiny_model, python_docs_dir):
     """A run paused mid-stage (SIGSTOP: alive, holding its output_dir) and a second run into the
     same output_dir, resuming it or overwriting it: refused before any work, naming the first run;
