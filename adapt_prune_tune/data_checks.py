@@ -179,9 +179,10 @@ def dataset_problems(
     for name, node in run_datasets(cfg):
         if not hub and dataset_location(node)[0] != "local":
             continue
-        node = node.copy()
+        configured, node = node, node.copy()
         if node.get("packed", False):
             node.packed = False
+            node.pop("split_long_documents", None)  # a packs-only option
         try:
             dataset = config.instantiate(node, tokenizer)
         except Exception as e:  # noqa: BLE001
@@ -204,8 +205,11 @@ def dataset_problems(
         if problem:
             problems.append(problem)
         elif name != "pruning.calibration.dataset":
-            if warn is not None and (warning := line_rows_warning(name, node, dataset)):
-                warn(warning)
+            if warn is not None:
+                for warning in (line_rows_warning(name, node, dataset),
+                                long_documents_warning(name, configured, dataset, tokenizer, seed)):
+                    if warning:
+                        warn(warning)
             if not _has_label_tokens(dataset, seed):
                 problems.append(
                     f"{name}: none of the sampled examples has a label token to train on"
@@ -304,6 +308,41 @@ def line_rows_warning(name: str, node: DictConfig, dataset: Any, probe: int = 20
             f"documents the model would only ever see one line of at a time. Add {name}.sample_by=paragraph "
             f"(rows split at blank lines) or {name}.sample_by=document (one row per file); for one document "
             f"per line on purpose, drop the blank lines with a filter_fn")
+
+
+def long_documents_warning(name: str, node: DictConfig, dataset: Any, tokenizer: Any, seed: int,
+                           probe: int = 256) -> Optional[str]:
+    """Packed training documents that ``tokenizer.max_seq_len`` cuts off, and how much of their
+    text that drops, or ``None`` below 10 % of the sampled text's tokens.
+
+    torchtune's text-completion dataset keeps a document's first ``max_seq_len - 1`` tokens and
+    drops the rest, also when it packs. Packs read as pre-training on a corpus, but on a web
+    corpus the long documents (books, papers, code) hold much of the text, so the run trains on
+    a mix skewed towards short pages without saying so. Unpacked samples are cut by design (one
+    sample, one sequence) and are not warned about. ``node``: the dataset as configured
+    (``split_long_documents`` already keeps them whole).
+    """
+    cut = getattr(tokenizer, "max_seq_len", None)
+    data, column = getattr(dataset, "_data", None), getattr(dataset, "_column", None)
+    if (cut is None or data is None or not isinstance(column, str) or node.get("packed", False) is not True
+            or node.get("split_long_documents", False)):
+        return None
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:probe].tolist()
+    lengths = [len(tokenizer.encode(str(data[i][column]), add_bos=True, add_eos=True)) for i in order
+               if data[i][column] is not None]
+    total = sum(lengths)
+    lost = sum(max(0, n - (cut - 1)) for n in lengths)
+    if not total or lost < 0.1 * total:
+        return None
+    longer = sum(n > cut - 1 for n in lengths)
+    if node.get("_component_") == "adapt_prune_tune.packing.packed_text_dataset":
+        fix = f"set {name}.split_long_documents=True to pack them whole, in pieces of {cut:,} tokens"
+    else:
+        fix = (f"to keep them, pack with {name}._component_=adapt_prune_tune.packing.packed_text_dataset and "
+               f"{name}.split_long_documents=True")
+    return (f"{name}: {longer} of {len(lengths)} sampled documents are longer than tokenizer.max_seq_len = {cut:,} "
+            f"tokens and are cut there, dropping {lost / total:.0%} of the sampled text's tokens (the longest "
+            f"documents, often books, papers and code, lose the most); {fix}")
 
 
 def _has_label_tokens(dataset: Any, seed: int, probe: int = 64) -> bool:

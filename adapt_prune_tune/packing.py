@@ -19,12 +19,17 @@ for a run that trains on 1 B tokens.
 * with ``cache_dir``, keeps the packs in a file there that a resumed run (and every rank on a
   filesystem they share) maps instead of tokenizing again;
 * tokenizes in worker processes when there is much to pack (``tokenize_workers``), and cuts the
-  tokens into packs with tensor operations rather than per-token Python.
+  tokens into packs with tensor operations rather than per-token Python;
+* with ``split_long_documents``, keeps every token of a document longer than a pack, as pieces of
+  ``max_seq_len`` tokens that pack like documents of their own, where torchtune cuts it at
+  ``max_seq_len`` and drops the rest (on a web corpus the long documents, books, papers and code,
+  hold a large share of the tokens: dropped, they skew the mix towards short pages).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import json
 import math
@@ -93,6 +98,19 @@ def sample_positions(lengths: torch.Tensor, max_seq_len: int, dtype: torch.dtype
     """Each token's position in its sample, as torchtune packs them (modulo ``max_seq_len``)."""
     starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
     return ((torch.arange(int(lengths.sum())) - starts) % max_seq_len).to(dtype)
+
+
+def piece_lengths(lengths: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """Documents of ``lengths`` tokens as consecutive pieces of at most ``max_seq_len`` (every
+    one full but each document's last), in order: the lengths that pack a long document whole,
+    each piece a sequence of its own (positions from 0, masked from the others)."""
+    full = torch.div(lengths, max_seq_len, rounding_mode="floor")
+    rest = lengths - full * max_seq_len
+    counts = full + (rest > 0).long()
+    out = torch.full((int(counts.sum()),), max_seq_len, dtype=lengths.dtype)
+    last = counts.cumsum(0) - 1
+    out[last[rest > 0]] = rest[rest > 0]
+    return out
 
 
 def read_samples(ds: Dataset, indices: Sequence[int]) -> Tuple[bytes, List[int]]:
@@ -221,14 +239,17 @@ class TextPacks(Dataset):
     (:func:`tokenize_workers`; ``None`` decides by the amount to pack). ``node_rank``: this
     process's (rank, ranks) on its node: with a ``cache``, the node's rank 0 packs, with all the
     node's CPUs, and writes the file, and the others wait for it and read it.
+    ``split_long_documents``: ``ds``'s samples may be longer than ``max_seq_len`` (its tokenizer
+    does not cut them) and are packed as pieces of ``max_seq_len`` (:func:`piece_lengths`).
     """
 
     packed = True  # the stock recipe's collate reads the config's `packed`; this says it for lists
 
     def __init__(self, ds: Dataset, max_seq_len: int, order: Sequence[int], max_packs: Optional[int] = None,
                  padding_idx: int = 0, cache: Optional[Path] = None, workers: Optional[int] = None,
-                 node_rank: Optional[Tuple[int, int]] = None) -> None:
+                 node_rank: Optional[Tuple[int, int]] = None, split_long_documents: bool = False) -> None:
         self.ds, self.max_seq_len, self.padding_idx, self.workers = ds, max_seq_len, padding_idx, workers
+        self.split_long_documents = split_long_documents
         # With ranks beside it on the node and a cache file, one rank packs and writes, the others read.
         local_rank, local_world = node_rank or (0, 1)
         self.shares = cache is not None and local_world > 1
@@ -280,6 +301,8 @@ class TextPacks(Dataset):
                 pieces, have = [self._buffer], len(self._buffer["tokens"])
                 while have < want * self.max_seq_len and reader.start < len(self._order):
                     tokens, lengths = reader.next()
+                    if self.split_long_documents:
+                        lengths = piece_lengths(lengths, self.max_seq_len)
                     pieces.append({"tokens": tokens, "input_pos": sample_positions(lengths, self.max_seq_len, self._pos_dtype),
                                    "seq_lens": lengths})
                     have += len(tokens)
@@ -401,6 +424,7 @@ def packed_text_dataset(
     add_eos: bool = True,
     filter_fn: Optional[Callable] = None,
     tokenize_workers: Optional[int] = None,
+    split_long_documents: bool = False,
     **load_dataset_kwargs: Any,
 ) -> Union[TextPacks, TextCompletionDataset]:
     """Pre-training text packed into ``tokenizer.max_seq_len`` tokens, ``max_tokens`` worth.
@@ -412,17 +436,26 @@ def packed_text_dataset(
     packs are kept for a resumed run and, under torchrun, written by the node's first rank for
     the others to read; the packaged configs use ``${output_dir}/packs``) and
     ``tokenize_workers`` (processes that tokenize; ``None``: the packing rank's CPUs once there
-    are millions of tokens to pack, see :func:`tokenize_workers`).
+    are millions of tokens to pack, see :func:`tokenize_workers`) and ``split_long_documents``
+    (``True``: a document longer than a pack is packed whole, in pieces of ``max_seq_len``
+    tokens, instead of cut at ``max_seq_len``; packs only).
     ``packed`` has no default because the stock recipe reads it from the config to pick the
     collate (document masks for packs): ``False`` gives the documents unpacked, as
     ``text_completion_dataset`` does.
     """
-    ds = TextCompletionDataset(tokenizer=tokenizer, source=source, column=column, add_eos=add_eos, split=split,
+    if split_long_documents and not packed:
+        raise ValueError("packed_text_dataset: split_long_documents packs long documents in pieces; it needs "
+                         "packed: True (unpacked, every document is one sample, cut at tokenizer.max_seq_len)")
+    if packed and tokenizer.max_seq_len is None:
+        raise ValueError("packed_text_dataset needs tokenizer.max_seq_len: the length of a pack")
+    reader = tokenizer
+    if split_long_documents:  # the documents whole: TextCompletionDataset cuts at its tokenizer's max_seq_len
+        reader = copy.copy(tokenizer)
+        reader.max_seq_len = None
+    ds = TextCompletionDataset(tokenizer=reader, source=source, column=column, add_eos=add_eos, split=split,
                                filter_fn=filter_fn, **load_dataset_kwargs)
     if not packed:
         return ds
-    if tokenizer.max_seq_len is None:
-        raise ValueError("packed_text_dataset needs tokenizer.max_seq_len: the length of a pack")
     # A tensor, not a list: 5.5 M documents as Python ints would take ~200 MB a rank.
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).to(torch.int32)
     # At least one pack: the recipe measures a sample before it knows how many its steps need.
@@ -433,6 +466,7 @@ def packed_text_dataset(
             "source": source, "column": column, "split": split, "load": repr(sorted(load_dataset_kwargs.items())),
             "filter": getattr(filter_fn, "__qualname__", repr(filter_fn)), "add_eos": add_eos, "documents": len(ds),
             "max_seq_len": tokenizer.max_seq_len, "seed": seed,
+            **({"split_long_documents": True} if split_long_documents else {}),  # older caches stay valid
             # The tokenizer by what it does: another vocabulary or normalization gives other ids.
             "tokenizer": tokenizer.encode(_PROBE, add_bos=True, add_eos=True),
         }
@@ -440,7 +474,7 @@ def packed_text_dataset(
         cache = Path(cache_dir).expanduser() / f"packs-{key}.pt"
     node_rank = (int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return TextPacks(ds, tokenizer.max_seq_len, order, max_packs=packs, cache=cache, workers=tokenize_workers,
-                     node_rank=node_rank)
+                     node_rank=node_rank, split_long_documents=split_long_documents)
 
 
 _PROBE = "Packed text, 2024: naïve café — 東京 🙂 def f(x):\n\treturn x ** 2  # ok"

@@ -805,6 +805,28 @@ def test_text_files_read_line_by_line_are_warned_about_with_the_fix(tmp_path, sm
     assert warnings(f"dataset.data_files={per_line}", *calibration) == []
 
 
+def test_packed_documents_cut_at_max_seq_len_are_warned_about_with_the_fix(tmp_path, smollm2_dir, python_docs_dir):
+    """Packed at max_seq_len 32, most of the corpus's documents lose most of their tokens: said,
+    with packed_text_dataset's split_long_documents, which, set, keeps them and says nothing.
+    Unpacked samples are cut by design (the demo config's) and not warned about."""
+    def warnings(*overrides: str) -> List[str]:
+        found: List[str] = []
+        cfg = data_config(tmp_path, smollm2_dir, python_docs_dir, "tokenizer.max_seq_len=32", *overrides)
+        assert data_checks.dataset_problems(cfg, warn=found.append) == []
+        return found
+
+    assert warnings() == []
+    (found,) = warnings("dataset.packed=True")
+    assert re.match(r"dataset: \d+ of \d+ sampled documents are longer than tokenizer.max_seq_len = 32 tokens and are "
+                    r"cut there, dropping \d+% of the sampled text's tokens", found)
+    assert found.endswith("pack with dataset._component_=adapt_prune_tune.packing.packed_text_dataset and "
+                          "dataset.split_long_documents=True")
+    ours = ("dataset._component_=adapt_prune_tune.packing.packed_text_dataset", "dataset.packed=True")
+    (found,) = warnings(*ours)
+    assert found.endswith("set dataset.split_long_documents=True to pack them whole, in pieces of 32 tokens")
+    assert warnings(*ours, "dataset.split_long_documents=True") == []
+
+
 def test_training_data_without_a_label_token_is_refused(tmp_path, smollm2_dir, python_docs_dir):
     """Instruction pairs whose prompts fill max_seq_len leave no response token to train on."""
     instruct = ("dataset._component_=torchtune.datasets.instruct_dataset", "~dataset.column")

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torchtune.datasets import PackedDataset, TextCompletionDataset
 
-from adapt_prune_tune.packing import BLOCK, OURS, TextPacks, packed_text_dataset, whole_corpus_packing
+from adapt_prune_tune.packing import (
+    BLOCK,
+    OURS,
+    TextPacks,
+    packed_text_dataset,
+    piece_lengths,
+    whole_corpus_packing,
+)
 
 
 class Docs(torch.utils.data.Dataset):
@@ -130,6 +137,39 @@ def test_builder_packs_what_it_is_asked_in_a_seeded_order(tmp_path, smollm2_dir)
     everything = packed_text_dataset(tok, packed=True, seed=1, **kw)
     assert everything.exhausted and len(everything) == len(reference)
     assert_same_packs(everything, reference)
+
+
+def test_long_documents_are_packed_whole_in_pieces(tmp_path, smollm2_dir):
+    """split_long_documents: every token of every document is in a pack, a long one as pieces of
+    max_seq_len that each start at position 0; torchtune's way (the default) keeps max_seq_len - 1."""
+    from adapt_prune_tune.tokenizer import smollm2_tokenizer
+
+    assert piece_lengths(torch.tensor([5, 64, 130, 1]), 64).tolist() == [5, 64, 64, 64, 2, 1]
+    path = tmp_path / "docs.jsonl"
+    texts = [f"document {i}: " + " ".join(f"w{j}" for j in range(7 * i + 3)) for i in range(40)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = smollm2_tokenizer(str(smollm2_dir), max_seq_len=64)
+    kw = dict(source="json", data_files=str(path), column="text", split="train", packed=True, seed=3)
+    lengths = [len(tok.encode(t, add_bos=True, add_eos=True)) for t in texts]
+    assert max(lengths) > 3 * 64
+    whole = packed_text_dataset(tok, split_long_documents=True, **kw)
+    cut = packed_text_dataset(tok, **kw)
+    real = lambda packs: sum(int((packs[i]["labels"] != -100).sum()) for i in range(len(packs)))  # noqa: E731
+    assert real(whole) == sum(lengths) and real(cut) == sum(min(n, 63) for n in lengths)
+    for i in range(len(whole)):
+        pack = whole[i]
+        assert int(pack["seq_lens"].max()) <= 64 and int(pack["seq_lens"].sum()) == 64
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), pack["seq_lens"].cumsum(0)[:-1]])
+        firsts = pack["input_pos"][starts]  # each piece's first position: 0, or where its last pack left it
+        if int((pack["labels"] == -100).sum()):
+            firsts = firsts[:-1]  # the corpus's last pack: padding, a sequence of its own, goes on counting
+        assert all(int(p) == 0 for p in firsts[1:]) and int(pack["input_pos"].max()) < 64
+    # Another corpus to the cache: the option is part of the file's name.
+    a = packed_text_dataset(tok, split_long_documents=True, cache_dir=str(tmp_path / "c"), max_tokens=256, **kw)
+    b = packed_text_dataset(tok, cache_dir=str(tmp_path / "c"), max_tokens=256, **kw)
+    assert a.cache != b.cache
+    with pytest.raises(ValueError, match="split_long_documents .* needs packed: True"):
+        packed_text_dataset(tok, **{**kw, "packed": False}, split_long_documents=True)
 
 
 def test_whole_corpus_packing_is_named_with_the_setting_that_avoids_it():
