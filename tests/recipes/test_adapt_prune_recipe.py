@@ -305,9 +305,11 @@ def _final_weights(out: Path) -> Dict[str, torch.Tensor]:
 
 
 # Packs of the training text made only as far as asked (4 packs), then topped up to the 24 the
-# 12 steps consume and kept in output_dir; the resumed process reads them from there.
+# 12 steps consume and kept in output_dir; the resumed process reads them from there. Long
+# documents packed whole, as the GPU configs pack them.
 PACKED = {"dataset._component_": "adapt_prune_tune.packing.packed_text_dataset", "dataset.packed": True,
-          "dataset.max_tokens": 256, "dataset.seed": "${seed}", "dataset.cache_dir": "${output_dir}/packs"}
+          "dataset.max_tokens": 256, "dataset.seed": "${seed}", "dataset.cache_dir": "${output_dir}/packs",
+          "dataset.split_long_documents": True}
 
 
 @pytest.mark.parametrize(
