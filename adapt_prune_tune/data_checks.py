@@ -328,8 +328,8 @@ def long_documents_warning(name: str, node: DictConfig, dataset: Any, tokenizer:
             or node.get("split_long_documents", False)):
         return None
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:probe].tolist()
-    lengths = [len(tokenizer.encode(str(data[i][column]), add_bos=True, add_eos=True)) for i in order
-               if data[i][column] is not None]
+    texts = (data[i][column] for i in order)  # one row read each
+    lengths = [len(tokenizer.encode(str(text), add_bos=True, add_eos=True)) for text in texts if text is not None]
     total = sum(lengths)
     lost = sum(max(0, n - (cut - 1)) for n in lengths)
     if not total or lost < 0.1 * total:

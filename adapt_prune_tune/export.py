@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adapt_prune_tune import checkpointing as ckpt
-from adapt_prune_tune.errors import is_out_of_space
+from adapt_prune_tune.errors import free_space_that_matters, is_out_of_space
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_differences, arch_from_hf_config, arch_from_model
 
 log = logging.getLogger(__name__)
@@ -565,13 +565,10 @@ def export_bytes(hf_state: Mapping[str, torch.Tensor], tokenizer_dir: Optional[P
     return tensors + tokenizer + 2**20
 
 
-def _no_room(out_dir: Path, need: int, why: str) -> str:
-    try:
-        free = f"{shutil.disk_usage(out_dir.parent).free / 2**20:,.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
+def _no_room(out_dir: Path, need: int, free: Optional[int], why: str) -> str:
+    has = "free space unknown" if free is None else f"{free / 2**20:,.1f} MiB free"
     return (f"no room for the export in {out_dir}: it needs {need / 2**20:,.1f} MiB and {out_dir.parent} has "
-            f"{free} ({why}); nothing was written there. Free space or choose another directory")
+            f"{has} ({why}); nothing was written there. Free space or choose another directory")
 
 
 def _check_room(out_dir: Path, need: int) -> None:
@@ -582,7 +579,7 @@ def _check_room(out_dir: Path, need: int) -> None:
     except OSError:
         return  # the write itself will say what is wrong
     if free < need:
-        raise OSError(errno.ENOSPC, _no_room(out_dir, need, "checked before writing"))
+        raise OSError(errno.ENOSPC, _no_room(out_dir, need, free, "checked before writing"))
 
 
 def export_state_dict(
@@ -687,7 +684,8 @@ def export_state_dict(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and is_out_of_space(e):
-            raise OSError(e.errno or errno.ENOSPC, _no_room(out_dir, need, "the disk filled while writing it")) from e
+            free = free_space_that_matters(out_dir.parent, e, need)
+            raise OSError(e.errno or errno.ENOSPC, _no_room(out_dir, need, free, "the disk filled while writing it")) from e
         raise
     log.info(f"Exported {mode} Hugging Face model{f' ({scheme})' if scheme else ''} to {out_dir}")
     return out_dir

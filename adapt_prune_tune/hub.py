@@ -22,6 +22,7 @@ import yaml
 
 from adapt_prune_tune import run_record as rr
 from adapt_prune_tune.base_model import License, license_for, parse_license, resolve_base_model
+from adapt_prune_tune.data_checks import LOCAL_BUILDERS
 from adapt_prune_tune.export import EXPORT_RECORD
 from adapt_prune_tune.models import DecoderArch
 
@@ -417,7 +418,6 @@ def model_card_context_from_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
     return context
 
 
-_LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' builders of local files
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -436,7 +436,7 @@ def training_data(config: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
         source = str(node.get("source") or "")
         builder = str(node.get("_component_") or "").rsplit(".", 1)[-1]
         split = f", split {node['split']}" if node.get("split") else ""
-        if source in _LOCAL_BUILDERS:
+        if source in LOCAL_BUILDERS:
             files = node.get("data_files")
             files = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping) else list(files or [])
             names = ", ".join(Path(str(f)).name for f in files) or "local files"
