@@ -60,9 +60,29 @@ from adapt_prune_tune.resize import load_optimizer_state_, named_parameters
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 2
-_TAG = re.compile(r"^step_\d{7}_prune_\d{4}$")
+_TAG = re.compile(r"^step_(\d{7,})_prune_(\d{4,})$")
 _SHARDS_KEY = "adapt_prune_tune.shards"
 _LEGACY_PICKLES = ("optimizer.pt", "recipe_state.pt")
+
+
+def checkpoint_tag(step: int, prunes: int) -> str:
+    """The directory name of the checkpoint taken at training ``step`` after ``prunes`` prune steps:
+    zero-padded so that names read in run order (``_checkpoint_dirs`` sorts by the numbers, so a
+    run past 9,999,999 steps still finds its newest)."""
+    return f"step_{step:07d}_prune_{prunes:04d}"
+
+
+def tag_step(tag: str) -> int:
+    """The training step a checkpoint directory name records (the inverse of ``checkpoint_tag``)."""
+    match = _TAG.match(tag)
+    if match is None:
+        raise ValueError(f"{tag!r} is not a checkpoint name (step_<7+ digits>_prune_<4+ digits>)")
+    return int(match.group(1))
+
+
+def _run_order(path: Path) -> Tuple[int, int]:
+    step, prunes = _TAG.match(path.name).groups()
+    return int(step), int(prunes)
 
 
 class CheckpointError(RuntimeError):
@@ -400,7 +420,7 @@ def _optimizer_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def _checkpoint_dirs(root: Path) -> List[Path]:
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and _TAG.match(p.name))
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and _TAG.match(p.name)), key=_run_order)
 
 
 def save_run_checkpoint(
@@ -415,11 +435,11 @@ def save_run_checkpoint(
 ) -> Optional[Path]:
     """Write one checkpoint; a collective: every rank calls it (see module doc).
 
-    ``tag`` must sort in run order (``step_<7 digits>_prune_<4 digits>``); ``recipe_state``
+    ``tag`` is ``checkpoint_tag(step, prunes)``; ``recipe_state``
     is rank 0's, ``rng_state`` each rank's own. Returns the checkpoint's path on rank 0.
     """
     if not _TAG.match(tag):
-        raise ValueError(f"checkpoint tag {tag!r} is not step_<7 digits>_prune_<4 digits>")
+        raise ValueError(f"checkpoint tag {tag!r} is not step_<7+ digits>_prune_<4+ digits>")
     root = Path(root)
     rank, world = _rank_world()
     final, tmp = root / tag, root / f"{tag}.tmp"
@@ -517,7 +537,7 @@ def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
         if _TAG.match(candidate.name) and (candidate / COMPLETE).is_file():
             complete = complete_checkpoints(root)
             # ``latest`` moves after the rename: a newer complete directory wins.
-            return complete[-1] if complete and complete[-1].name > candidate.name else candidate
+            return complete[-1] if complete and _run_order(complete[-1]) > _run_order(candidate) else candidate
     complete = complete_checkpoints(root)
     return complete[-1] if complete else None
 
@@ -623,7 +643,7 @@ def load_latest(root: Union[str, Path]) -> Dict[str, Any]:
     try:
         return load_run_checkpoint(latest)
     except CheckpointError as e:
-        earlier = [p for p in complete_checkpoints(root) if p.name < latest.name]
+        earlier = [p for p in complete_checkpoints(root) if _run_order(p) < _run_order(latest)]
         hint = (
             f"The previous complete checkpoint is {earlier[-1]}: move {latest.name} aside (e.g. "
             f"`mv {latest} {latest}.unreadable`) and rerun with resume_from_checkpoint=True to continue from it."

@@ -33,6 +33,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from adapt_prune_tune.checkpointing import tag_step
+
 STOP_SIGNALS: Tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -94,7 +96,7 @@ def interrupted_message(
     where = f"Interrupted (Ctrl-C) at training step {step:,} of {total_steps:,} (stage {stage} of {stages})"
     if latest is None:
         return f"{where}, before the run's first checkpoint: nothing to resume, start it again with the same command."
-    saved = int(latest.name.split("_")[1])  # step_<training step>_prune_<prune step>
+    saved = tag_step(latest.name)
     lost = f"the {step - saved:,} steps since are not saved" if step > saved else "nothing since is lost"
     return (f"{where}. The last checkpoint is {latest.name} (training step {saved:,}); {lost}. "
             f"Continue from it with: {continue_command}. To stop without losing steps, send SIGTERM or SIGUSR1 "

@@ -924,7 +924,7 @@ class AdaptPruneRecipe(FullFinetuneRecipeDistributed):
                 "heldout_log": self._heldout_log,
             }
         # Named by training step, then prune step: sorts in run order.
-        tag = f"step_{self.global_step:07d}_prune_{len(self._pruner.records):04d}"
+        tag = ckpt.checkpoint_tag(self.global_step, len(self._pruner.records))
         t0 = time.perf_counter()
         try:
             path = ckpt.save_run_checkpoint(

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,16 @@ def test_unseen_ranks_tells_a_shared_output_dir_from_node_local_ones(tmp_path):
     on_ranks(_unseen_on_rank, 3, tmp_path, str(tmp_path / "shared"), str(tmp_path / "local"))
     assert ckpt.unseen_ranks(tmp_path / "one", torch.device("cpu")) == []  # one process: nothing to see
 
+
+
+def test_checkpoint_tag_reads_back_its_step_and_the_newest_is_found_past_seven_digits(tmp_path: Path) -> None:
+    steps = [9, 100, 9_999_999, 10_000_000]
+    tags = [ckpt.checkpoint_tag(step, prunes) for prunes, step in enumerate(steps)]
+    assert [ckpt.tag_step(tag) for tag in tags] == steps
+    for tag in reversed(tags):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / ckpt.COMPLETE).write_text("")
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == tags
+    assert ckpt.latest_checkpoint(tmp_path).name == tags[-1]
+    with pytest.raises(ValueError, match=re.escape("step_<7+ digits>_prune_<4+ digits>")):
+        ckpt.tag_step("step_12_prune_1")
