@@ -56,7 +56,8 @@ What each figure is:
     state appears at the first optimizer step, so stage 1's prune has none;
   - FSDP working set: the root unit's unsharded weights and gradients (alive
     through the step), the largest other unit and the largest layer unsharded
-    (computing one while prefetching the next) and one unit's unsharded gradients;
+    (computing one while prefetching the next) and one unit's unsharded gradients
+    (in a calibration pass a layer's: the root unit, embeddings and output get none);
     with ``fsdp_reshard_after_forward: False`` every unit's unsharded weights instead
     of the two (all of them are alive between the end of forward and backward);
   - activations per token and layer, counted from the tensors autograd saves in
@@ -75,8 +76,9 @@ What each figure is:
     its final hidden state.
 
   Training peak = all of the above at the stage's widths. Prune peak = the
-  larger of the calibration pass (weights, *accumulated* gradients — below fp32 an
-  fp32 sum ``P·4 / W`` beside the batch's own ``P·d / W`` —, the optimizer state
+  larger of the calibration pass (weights, *accumulated* gradients of the scored
+  projections only, ``S`` of them — below fp32 an fp32 sum ``S·4 / W`` beside the
+  batch's own ``S·d / W`` —, no root-unit gradient, the optimizer state
   of earlier training, activations and logits of one calibration batch) and the
   resize (old + new weights, the optimizer state, and what is in flight: one sliced
   parameter in one process, under FSDP2 one layer's row-cut moments exchanged).
@@ -236,14 +238,18 @@ class MemoryModel:
                 root += v * h
         return root, others
 
-    def working_set(self, arch: DecoderArch) -> float:
+    def working_set(self, arch: DecoderArch, calibration: bool = False) -> float:
+        """Unsharded units at a step's peak; a ``calibration`` pass has unsharded gradients of
+        the layers only (the embeddings, norms and output get none)."""
         root, others = self._units(arch)
         d = self.dtype_bytes
+        largest_layer = max(others[: arch.num_layers])
+        root_alive = root if calibration else 2 * root
+        gradients = largest_layer if calibration else max(others)
         if not self.reshard_after_forward and self.world_size > 1:
             # Every unit stays unsharded from its forward to its backward: all of them at the turn.
-            return d * (2 * root + sum(others) + max(others))
-        largest_layer = max(others[: arch.num_layers])
-        return d * (2 * root + max(others) + largest_layer + max(others))
+            return d * (root_alive + sum(others) + gradients)
+        return d * (root_alive + max(others) + largest_layer + gradients)
 
     def activations(self, arch: DecoderArch, tokens: int, checkpointing: bool) -> float:
         d, h = self.dtype_bytes, arch.embed_dim
@@ -284,14 +290,18 @@ class MemoryModel:
 
     # ----- steps
     def _step(self, arch: DecoderArch, params: Optional[int], tokens: int, optimizer_state: bool,
-              teacher_logits: bool, chunked: bool) -> Dict[str, float]:
-        """What is alive at a step's peak at ``arch``'s widths (bytes), before the peak is summed."""
-        weights, grads, optim = self.sharded(arch.num_params() if params is None else params)
+              teacher_logits: bool, chunked: bool, calibration: bool = False) -> Dict[str, float]:
+        """What is alive at a step's peak at ``arch``'s widths (bytes), before the peak is summed.
+        A ``calibration`` pass has gradients of the scored projections only (``pruner.calibrate``)."""
+        params = arch.num_params() if params is None else params
+        weights, grads, optim = self.sharded(params)
+        if calibration:
+            grads = self.sharded(params - (arch.num_params() - arch.prunable_params()))[1]
         return {
             "weights": weights,
             "gradients": grads,
             "optimizer_state": optim if optimizer_state else 0.0,
-            "fsdp_working_set": self.working_set(arch),
+            "fsdp_working_set": self.working_set(arch, calibration),
             "activations": self.activations(arch, tokens, self.activation_checkpointing),
             "activations_checkpointing_on": self.activations(arch, tokens, True),
             "activations_checkpointing_off": self.activations(arch, tokens, False),
@@ -308,12 +318,12 @@ class MemoryModel:
         """Breakdown of a prune step's peak, ``arch`` being the model before the cut (bytes)."""
         tokens = self.calib_batch_size * self.calib_seq_len
         kl = self.distill and self.distill_calibration_kl
-        parts = self._step(arch, params, tokens, optimizer_state, kl, True)
+        parts = self._step(arch, params, tokens, optimizer_state, kl, True, calibration=True)
         if self.dtype_bytes < 4:
             # Below fp32 the pass sums gradients in fp32 buffers (``pruner.calibrate``), alive
             # beside each batch's own gradients: an H200 run measured the 8B prune peak 15 GiB
             # above the estimate that left them out.
-            parts["gradients"] += parts["weights"] * 4.0 / self.dtype_bytes
+            parts["gradients"] += parts["gradients"] * 4.0 / self.dtype_bytes
         weights, optim = parts["weights"], parts["optimizer_state"]
         out = self._with_peak(parts)
         if self.world_size > 1:

@@ -113,16 +113,20 @@ def test_memory_per_rank_falls_with_the_world_size(tmp_path):
     assert plan.stages[1].memory_prune_peak > plan.stages[0].memory_prune_peak
 
 
-def test_calibration_gradients_are_summed_in_fp32_below_fp32(tmp_path):
-    """calibrate keeps an fp32 sum beside each batch's bf16 gradients (pruner.calibrate)."""
+def test_calibration_gradients_are_the_scored_ones_summed_in_fp32_below_fp32(tmp_path):
+    """calibrate computes the scored projections' gradients only, and keeps an fp32 sum beside
+    each batch's bf16 ones (pruner.calibrate)."""
     bf16 = plan_8b(tmp_path, world_size=2)
-    params = bf16.params_before  # stage 1 prunes the unpruned model
+    scored = bf16.prunable_params  # stage 1 prunes the unpruned model: no embedding, norm or output
     prune, train = bf16.memory["prune_stage_1"], bf16.memory["train_stage_1"]
-    assert prune["gradients"] == pytest.approx((2 + 4) * params / 2)
-    assert prune["gradients"] == pytest.approx(3 * prune["weights"])
+    assert prune["gradients"] == pytest.approx((2 + 4) * scored / 2)
     assert train["gradients"] == pytest.approx(train["weights"])  # training: the bf16 .grad only
     fp32 = plan_8b(tmp_path, "dtype=fp32", world_size=2).memory["prune_stage_1"]
-    assert fp32["gradients"] == pytest.approx(fp32["weights"])  # fp32: sums in .grad itself
+    assert fp32["gradients"] == pytest.approx(4 * scored / 2)  # fp32: sums in .grad itself
+    # The largest unit's unsharded gradient is a layer's (218 M), not the output projection's (525 M).
+    no_cut = plan_8b(tmp_path, "pruning.method.target_sparsity=0.0001", world_size=2).memory
+    assert no_cut["prune_stage_1"]["fsdp_working_set"] == pytest.approx(
+        no_cut["train_stage_1"]["fsdp_working_set"] - 2 * (525_336_576 - 218_112_000), rel=1e-3)
 
 
 def test_activation_checkpointing_and_distillation_change_the_estimate(tmp_path):

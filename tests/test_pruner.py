@@ -16,6 +16,8 @@ from adapt_prune_tune.pruner import (
     next_token_loss,
     prunable_per_layer,
     prune,
+    score_layers,
+    scored_parameters,
 )
 
 
@@ -185,6 +187,34 @@ def test_calibrate_matches_a_manual_loss() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)
 
 
+def test_calibration_computes_only_the_scored_gradients_and_scores_alike() -> None:
+    """Freezing the embeddings, norms and output for the calibration backward changes no score:
+    the scored projections' gradients do not depend on theirs."""
+    whole, only = tiny(10), tiny(10)
+    data = batches(2)
+    scored = scored_parameters(ARCH)
+    c_whole = calibrate(whole, data)
+    c_only = calibrate(only, data, gradients_of=scored)
+    assert c_only.loss == c_whole.loss
+    grads = {n for n, p in only.named_parameters() if p.grad is not None}
+    assert grads == scored and "tok_embeddings.weight" not in grads
+    assert all(p.requires_grad for p in only.parameters())  # training goes on as before
+    for expected, got in zip(score_layers(whole, ARCH, "taylor"), score_layers(only, ARCH, "taylor")):
+        for kind in expected:
+            torch.testing.assert_close(got[kind], expected[kind], rtol=0, atol=0)
+
+
+def test_frozen_parameters_are_released_when_the_calibration_pass_fails() -> None:
+    model = tiny(11)
+
+    def failing(model: nn.Module, batch: Dict[str, torch.Tensor]):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        calibrate(model, batches(1), loss_fn=failing, gradients_of=scored_parameters(ARCH))
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_loss_over_chunked_output_equals_the_plain_loss() -> None:
     model, batch = tiny(9), batches(1)[0]
     with torch.no_grad():
@@ -346,8 +376,6 @@ def test_state_saved_before_planned_sparsity_resumes_from_the_achieved() -> None
 def test_bf16_calibration_sums_gradients_in_fp32_and_picks_like_fp32():
     """bf16 training: gradients are summed over calibration batches in fp32, and the Taylor
     scores pick (nearly) the same channels as an fp32 copy of the same model."""
-    from adapt_prune_tune.pruner import calibrate, score_layers
-
     torch.manual_seed(0)
     arch = DecoderArch.uniform(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_dim=96, max_seq_len=32, rope=RopeSpec("default", 1e4))
@@ -383,7 +411,6 @@ def _rank_scores(rank: int, world: int) -> None:
     from torchtune import training
     from torchtune.modules import TransformerSelfAttentionLayer
 
-    from adapt_prune_tune.pruner import score_layers
 
     # Uneven shards: 97 MLP rows and 16-row KV biases over 2 ranks; biases (Qwen2) are 1-D.
     arch = DecoderArch.uniform(vocab_size=131, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=1,
@@ -421,3 +448,35 @@ def _rank_scores(rank: int, world: int) -> None:
 
 def test_two_rank_scores_match_one_process_without_gathering_weights(tmp_path):
     on_ranks(_rank_scores, 2, tmp_path)
+
+
+def _rank_calibration_gradients(rank: int, world: int) -> None:
+    """Under FSDP2, a calibration pass with only the scored gradients scores as one process
+    does, leaves the sharded parameters registered, and the next training backward has every
+    gradient again (FSDP2 reads the restored flags at its next all-gather)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torchtune import training
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    plain = tiny(12)
+    sharded = copy.deepcopy(plain)
+    training.shard_model(sharded, [lambda n, m: isinstance(m, TransformerSelfAttentionLayer)],
+                         cpu_offload=False, dp_mesh=init_device_mesh("cpu", (world,)))
+    registered = dict(sharded.named_parameters())
+    data = batches(2)  # the same batches on both ranks: the averaged gradient is one process's
+    calibrate(plain, data)
+    calibrate(sharded, data, gradients_of=scored_parameters(ARCH))
+    for expected, got in zip(score_layers(plain, ARCH, "taylor"), score_layers(sharded, ARCH, "taylor")):
+        for kind in expected:
+            torch.testing.assert_close(got[kind], expected[kind], rtol=1e-5, atol=1e-9)
+    assert {n: p for n, p in sharded.named_parameters()} == registered
+    assert all(isinstance(p, DTensor) and p.requires_grad for p in registered.values())
+    assert registered["tok_embeddings.weight"].grad is None
+    sharded.zero_grad(set_to_none=True)
+    next_token_loss(sharded, data[0])[0].backward()
+    assert all(p.grad is not None for p in sharded.parameters())
+
+
+def test_two_rank_calibration_computes_only_the_scored_gradients(tmp_path):
+    on_ranks(_rank_calibration_gradients, 2, tmp_path)
