@@ -885,7 +885,8 @@ _MEMORY_NOTE = (
     "weights, gradients and optimizer state sharded over the ranks; the FSDP units being computed and "
     "prefetched unsharded; activations counted from what autograd saves per layer (checkpointing: each "
     "layer's input plus one recomputed layer); fp32 log-probabilities of the chunked loss; prune = the "
-    "calibration pass (gradients accumulated over its batches, in fp32 beside each batch's own below fp32) or "
+    "calibration pass (the scored projections' gradients accumulated over its batches, in fp32 beside each "
+    "batch's own below fp32) or "
     "the resize, whichever is larger. Held-out evaluation and allocator fragmentation are not counted; "
     "autograd frees activations as gradients appear, so the sum errs high (one H200 check: ~20 %)"
 )
