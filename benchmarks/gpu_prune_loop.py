@@ -7,7 +7,9 @@
 * Recovery tokens/s on the pruned widths: ours is the model as the recipe's resize leaves
   it (meta build, sliced load, AdamW moments carried), stock a freshly built model of the
   same widths with a fresh AdamW; same step function, same tokens. Target ≥ 0.97.
-* Peak GPU memory of the prune iterations vs the training steps.
+* Peak GPU memory of the prune iterations vs the training steps, each beside what the
+  planner (``adapt-prune-tune plan``'s memory model) says for the same shapes, so every GPU
+  run checks the estimates users size their jobs by.
 """
 
 from __future__ import annotations
@@ -30,6 +32,25 @@ SIZES = {
 TARGET_SPARSITY = 0.2
 TARGET_LOOP_SECONDS = 60.0
 TARGET_RATIO = 0.97
+
+
+def planned_peaks_gib(arch, pruned_arch, size: Dict[str, Any], dtype: str, num_output_chunks: int) -> Dict[str, float]:
+    """The planner's per-rank peaks for this check's setting: one process (no FSDP), no
+    activation checkpointing, AdamW moments in the parameter dtype; the prune step at the
+    unpruned widths before any optimizer step, training at the pruned widths."""
+    from adapt_prune_tune.planning import MemoryModel
+
+    d = {"fp32": 4, "bf16": 2}[dtype]
+    seq, (batch, train_seq) = size["calib"][1], size["train"]
+    memory = MemoryModel(
+        dtype_bytes=d, world_size=1, batch_size=batch, seq_len=train_seq, calib_batch_size=size["calib_batch"],
+        calib_seq_len=seq - 1, activation_checkpointing=False, activation_offloading=False, fsdp_cpu_offload=False,
+        separate_units=(), optimizer_bytes=2.0 * d, chunked_loss=True, num_output_chunks=num_output_chunks,
+    )
+    return {
+        "prune_iterations": memory.pruning(arch, optimizer_state=False)["peak"] / 2**30,
+        "train_steps": memory.training(pruned_arch)["peak"] / 2**30,
+    }
 
 
 def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -> Dict[str, Any]:
@@ -93,6 +114,8 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
     log(f"recovery tokens/s: ours {ours['tokens_per_s']:.0f}, stock {stock['tokens_per_s']:.0f}, ratio {ratio:.3f} "
         f"(rebuild {rebuild_s:.2f}s); peak memory: prune {prune_peak:.2f} GB, train {train_peak:.2f} GB")
     widths = sorted({layer.intermediate_dim for layer in pruned_arch.layers})
+    planned = planned_peaks_gib(arch, pruned_arch, size, dtype, loss_fn.num_output_chunks)
+    log(f"planner: prune {planned['prune_iterations']:.2f} GiB, train {planned['train_steps']:.2f} GiB")
     return {
         "shape": size["shape"], "device": device, "dtype": dtype, "build_seconds": build_s,
         "settings": {**size, "target_sparsity": TARGET_SPARSITY},
@@ -102,11 +125,13 @@ def run(device: str, dtype: str, dry_run: bool, work: Path, assets: Path, log) -
         "mlp_widths": widths,
         "recovery": {"ours": ours, "stock": stock, "ratio": ratio},
         "peak_memory_gb": {"prune_iterations": prune_peak, "train_steps": train_peak, "kind": peak_memory_kind(device)},
+        "planned_peak_gib": planned,
         "targets": {
             "loop_seconds": {"value": loop_s, "target": f"<= {TARGET_LOOP_SECONDS}", "met": loop_s <= TARGET_LOOP_SECONDS},
             "recovery_ratio": {"value": ratio, "target": f">= {TARGET_RATIO}", "met": ratio >= TARGET_RATIO},
         },
         "summary": f"{iterations} iterations {loop_s:.1f}s (target <= {TARGET_LOOP_SECONDS:.0f}), iteration/fwd+bwd "
                    f"{ov['ratio']:.2f}; recovery ours/stock {ratio:.3f} (target >= {TARGET_RATIO}); peak "
-                   f"{prune_peak:.1f} GB prune vs {train_peak:.1f} GB train",
+                   f"{prune_peak:.1f} GB prune vs {train_peak:.1f} GB train (planner {planned['prune_iterations']:.1f} / "
+                   f"{planned['train_steps']:.1f})",
     }

@@ -123,9 +123,11 @@ def test_gpu_prune_loop_cpu_sized(bench, tmp_path, monkeypatch):
                  train=(2, 16), train_steps=1)
     monkeypatch.setitem(bench.gpu_prune_loop.SIZES, "dry_run", sizes)
     res = bench.gpu_prune_loop.run("cpu", "fp32", True, tmp_path, tmp_path, lambda s: None)
-    for key in ("overhead", "recovery", "peak_memory_gb", "loop_seconds", "rebuild_seconds", "targets", "summary"):
+    for key in ("overhead", "recovery", "peak_memory_gb", "planned_peak_gib", "loop_seconds", "rebuild_seconds",
+                "targets", "summary"):
         assert key in res, key
     assert {"ours", "stock", "ratio"} <= set(res["recovery"]) and res["recovery"]["ratio"] > 0
+    assert all(v > 0 for v in res["planned_peak_gib"].values())
     json.dumps(res)
 
 
