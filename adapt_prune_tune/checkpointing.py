@@ -74,15 +74,19 @@ def checkpoint_tag(step: int, prunes: int) -> str:
 
 def tag_step(tag: str) -> int:
     """The training step a checkpoint directory name records (the inverse of ``checkpoint_tag``)."""
+    return _tag_numbers(tag)[0]
+
+
+def _tag_numbers(tag: str) -> Tuple[int, int]:
     match = _TAG.match(tag)
     if match is None:
         raise ValueError(f"{tag!r} is not a checkpoint name (step_<7+ digits>_prune_<4+ digits>)")
-    return int(match.group(1))
+    step, prunes = match.groups()
+    return int(step), int(prunes)
 
 
 def _run_order(path: Path) -> Tuple[int, int]:
-    step, prunes = _TAG.match(path.name).groups()
-    return int(step), int(prunes)
+    return _tag_numbers(path.name)
 
 
 class CheckpointError(RuntimeError):

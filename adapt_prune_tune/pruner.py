@@ -39,6 +39,7 @@ from adapt_prune_tune.importance import (
 )
 from adapt_prune_tune.models import DecoderArch, LayerArch, arch_from_model
 from adapt_prune_tune.scoring import (
+    coupled_param_names,
     layer_scores,
     needs_gradients,
     scores_from_totals,
@@ -195,10 +196,9 @@ def scored_parameters(arch: DecoderArch) -> Set[str]:
     """Model-level names of the parameters whose gradients the Taylor scores read: the
     projections (and attention biases) of every layer; never the embeddings, norms or output."""
     return {
-        f"layers.{i}.{s.param}"
+        f"layers.{i}.{name}"
         for i, layer in enumerate(arch.layers)
-        for group_set in layer_group_sets(layer, arch.head_dim, arch.attn_bias).values()
-        for s in group_set.slices
+        for name in coupled_param_names(layer_group_sets(layer, arch.head_dim, arch.attn_bias))
     }
 
 
